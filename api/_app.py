@@ -1,0 +1,233 @@
+"""The Litestar application: ``create_app(settings)``.
+
+Routes: ``POST /api/v1/messaging/test`` (owner test sends, see ``_testsend``),
+``GET /health``, ``GET /metrics`` (Prometheus text), the OpenAPI document at
+``/schema/openapi.json`` and its docs page at ``/schema``.
+
+Lifetime: at startup the app opens one psycopg pool (without waiting for the
+database, so the API starts and ``/health`` can say 503 while PostgreSQL is down)
+and builds the channels, unless the caller injected its own; at shutdown it closes
+the pool and the channels it built. Injected channels belong to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import msgspec
+import psycopg
+from litestar import Litestar, Request, Response, Router, get
+from litestar.exceptions import TooManyRequestsException, ValidationException
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from api._auth import jwt_auth, rate_limit
+from api._metrics import ApiMetrics
+from api._testsend import DB_ERRORS, ApiContext, send_test_message
+from dispatcher.channels.base import Channel
+from outbox._db import connect_kwargs, deadline_connection_class
+from outbox._settings import Settings
+from outbox._templates import TemplateCatalog
+
+log = logging.getLogger("outbox.api")
+
+HEALTH_TIMEOUT = 2.0
+"""Seconds ``/health`` waits for the database before answering 503."""
+DEFAULT_RATE_LIMIT = 10
+"""Test sends per caller and minute."""
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """``/health``: the API answers; whether the database does too."""
+
+    status: str
+    database: str
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("SET statement_timeout = '5s'")
+    await conn.execute("SET application_name = 'outbox-api'")
+
+
+RECONNECT_TIMEOUT = 10.0
+"""Seconds a pool keeps retrying one lost connection with growing pauses. After
+that it gives up on it and connects afresh when a request needs a connection, so
+the API is back within moments of PostgreSQL, even after a long outage (psycopg's
+pauses double without bound: with a long give-up time, a 30 s outage could keep
+``/health`` at 503 for another 30 s)."""
+
+
+def _pool(settings: Settings) -> AsyncConnectionPool[Any]:
+    return AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=4,
+        open=False,
+        kwargs={"autocommit": True, **connect_kwargs(settings), "connect_timeout": 2},
+        configure=_configure,
+        check=AsyncConnectionPool.check_connection,
+        reconnect_timeout=RECONNECT_TIMEOUT,
+        connection_class=deadline_connection_class(settings.db_timeout),
+    )
+
+
+@get(
+    "/health",
+    exclude_from_auth=True,
+    summary="Liveness and database reachability",
+    responses={503: ResponseSpec(data_container=Health, description="PostgreSQL does not answer")},
+)
+async def health(request: Request[Any, Any, Any]) -> Response[Health]:
+    """200 ``{"status": "ok", "database": "ok"}``; 503 when PostgreSQL does not answer."""
+    context: ApiContext = request.app.state["outbox"]
+    # The check runs as its own task: a silent (half-open) connection cannot hold the
+    # answer beyond HEALTH_TIMEOUT; the task finishes (or fails) in the background.
+    check = asyncio.create_task(_ping(context.pool))
+    done, _ = await asyncio.wait({check}, timeout=HEALTH_TIMEOUT + 0.5)
+    error: BaseException | None
+    if done:
+        error = check.exception()
+    else:
+        check.cancel()
+        _pending_checks.add(check)
+        check.add_done_callback(_forget_check)
+        error = TimeoutError("no answer in time")
+    if error is not None:
+        if not isinstance(error, DB_ERRORS):
+            raise error
+        log.warning("health: database unavailable error=%s", type(error).__name__)
+        return Response(Health(status="unavailable", database="unreachable"), status_code=503)
+    return Response(Health(status="ok", database="ok"))
+
+
+_pending_checks: set[asyncio.Task[None]] = set()
+
+
+async def _ping(pool: AsyncConnectionPool[Any]) -> None:
+    async with pool.connection(timeout=HEALTH_TIMEOUT) as conn:
+        await conn.execute("SELECT 1")
+
+
+def _forget_check(task: asyncio.Task[None]) -> None:
+    _pending_checks.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure is expected, not worth a warning
+
+
+@get(
+    "/metrics",
+    exclude_from_auth=True,
+    media_type=CONTENT_TYPE_LATEST,
+    summary="Prometheus metrics (database gauges read at scrape time)",
+)
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    """Render the API's registry in Prometheus text format."""
+    context: ApiContext = request.app.state["outbox"]
+    api_metrics: ApiMetrics = request.app.state["metrics"]
+    await api_metrics.queue.refresh(context.pool)
+    return generate_latest(api_metrics.registry)
+
+
+def _unprocessable(request: Request[Any, Any, Any], error: ValidationException) -> Response[Any]:
+    """Answer schema violations with 422 (Litestar's default is 400)."""
+    body: dict[str, Any] = {"status_code": 422, "detail": error.detail}
+    if error.extra:
+        body["extra"] = error.extra
+    return Response(body, status_code=422)
+
+
+def _too_many(request: Request[Any, Any, Any], error: TooManyRequestsException) -> Response[Any]:
+    """429 with ``Retry-After`` (seconds until the caller's window frees a call)."""
+    headers = dict(error.headers or {})
+    reset = headers.get("RateLimit-Reset", "60")
+    headers["Retry-After"] = str(max(1, int(reset))) if reset.lstrip("-").isdigit() else "60"
+    body = {"status_code": 429, "detail": error.detail}
+    return Response(body, status_code=429, headers=headers)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    channels: Mapping[str, Channel] | None = None,
+    channel_factory: Callable[[Settings], Mapping[str, Channel]] | None = None,
+    catalog: TemplateCatalog | None = None,
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT,
+) -> Litestar:
+    """Build the API for ``settings``.
+
+    ``channels`` replaces the channels built from settings, and the app does not
+    close them (their owner does). ``channel_factory(settings)`` is called at
+    startup instead of :func:`~dispatcher.channels.build_channels`, in the app's
+    event loop, and the app closes what it returns at shutdown. Raises
+    :class:`~outbox.ConfigurationError` when ``OUTBOX_API_JWT_SECRET`` is empty.
+    """
+    auth = jwt_auth(settings.api_jwt_secret.reveal())
+    api_metrics = ApiMetrics.create()
+    templates = catalog or TemplateCatalog(settings.templates_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = _pool(settings)
+        await pool.open(wait=False)
+        owned: Mapping[str, Channel] = {}
+        if channels is None:
+            from dispatcher.channels import build_channels
+
+            owned = (channel_factory or build_channels)(settings)
+        app.state["outbox"] = ApiContext(
+            settings=settings,
+            catalog=templates,
+            channels=channels if channels is not None else owned,
+            pool=pool,
+        )
+        app.state["metrics"] = api_metrics
+        try:
+            yield
+        finally:
+            for channel in owned.values():
+                try:
+                    await channel.aclose()
+                except Exception:  # closing one must not keep the others open
+                    log.exception("channel close failed channel=%s", channel.name)
+            await pool.close()
+
+    messaging = Router(
+        path="/api/v1",
+        route_handlers=[send_test_message],
+        middleware=[rate_limit(rate_limit_per_minute).middleware],
+    )
+    return Litestar(
+        route_handlers=[messaging, health, metrics],
+        lifespan=[lifespan],
+        # JWTAuth.on_app_init would also mark /health and /metrics as secured in the
+        # schema; the middleware and the scheme are wired here, the requirement is
+        # declared on the one secured route.
+        middleware=[auth.middleware],
+        exception_handlers={
+            ValidationException: _unprocessable,
+            TooManyRequestsException: _too_many,
+        },
+        openapi_config=OpenAPIConfig(
+            title="outbox API",
+            version=_version(),
+            description="Owner test sends, health and metrics of the outbox.",
+            path="/schema",
+            components=[auth.openapi_components],
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+        debug=False,
+    )
+
+
+def _version() -> str:
+    try:
+        return version("outbox")
+    except PackageNotFoundError:
+        return "0"

@@ -1,0 +1,322 @@
+"""``POST /api/v1/messaging/test``: render and send one message now, for the owner.
+
+The request never touches the queue: it renders with the dispatcher's renderer and
+awaits the dispatcher's channel code directly, then logs one ``outbox.attempt`` row
+with ``is_test = true``. Answers:
+
+===  ===========================================================================
+200  ``{status: "sent", message_id, delivery_time_ms, error: null}``
+502  ``{status: "failed", ...}``: the provider did not accept it; ``error`` says why
+400  unknown template, missing or unusable variables, no address on that channel
+404  no ``outbox.recipient`` row for ``user_id``
+422  the body does not match the schema; 413 over 64 KiB; 401/403/429 see ``_auth``
+503  the database does not answer
+===  ===========================================================================
+
+Test message ids are negative (``-microseconds since the epoch``, strictly
+decreasing within a process), so they never collide with queued messages, whose
+ids are positive identities, and the email ``Message-ID`` stays unique per send.
+Provider side effects (a blocked bot, a bounced address, a gone push subscription,
+a migrated chat) are written to the recipient just as the dispatcher would. No
+cluster rate limit or circuit breaker applies: the endpoint has its own limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+import psycopg
+import psycopg_pool
+from litestar import Request, Response, post
+from litestar.exceptions import ClientException, NotFoundException, ServiceUnavailableException
+from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody
+from litestar.security.jwt import Token
+from psycopg_pool import AsyncConnectionPool
+
+from api._auth import SECURITY_SCHEME, owner_only
+from dispatcher._routing import RecipientRecord
+from dispatcher.channels.base import (
+    Channel,
+    DeletePushSubscription,
+    DisableTelegram,
+    Effect,
+    Envelope,
+    MarkEmailUndeliverable,
+    Outcome,
+    RateLimited,
+    Sent,
+    TransientFailure,
+    UpdateTelegramChat,
+)
+from dispatcher.rendering import render
+from outbox._errors import InvalidMessage, TemplateRenderError
+from outbox._queries import QUERIES
+from outbox._settings import Settings
+from outbox._templates import TemplateCatalog
+
+log = logging.getLogger("outbox.api")
+
+MAX_BODY_BYTES = 64 * 1024
+SEND_TIMEOUT = 30.0
+DB_TIMEOUT = 5.0
+MAX_ERROR_LENGTH = 2000
+DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError, TimeoutError)
+
+
+class MessagingTestRequest(msgspec.Struct, kw_only=True):
+    """What to send, to whom, on which channel."""
+
+    user_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    channel: Literal["email", "telegram", "push"]
+    template_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    template_vars: dict[str, Any]
+
+
+class MessagingTestResult(msgspec.Struct, kw_only=True):
+    """The provider's verdict on one test send."""
+
+    status: Literal["sent", "failed"]
+    message_id: int
+    delivery_time_ms: float
+    error: str | None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Litestar's error answer: the status code, a detail, sometimes more."""
+
+    status_code: int
+    detail: str
+    extra: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiContext:
+    """What the handlers share for the app's lifetime (built at startup)."""
+
+    settings: Settings
+    catalog: TemplateCatalog
+    channels: Mapping[str, Channel]
+    pool: AsyncConnectionPool[Any]
+
+
+_id_lock = threading.Lock()
+_last_id = 0
+
+
+def next_test_message_id() -> int:
+    """Return a negative id, unique and strictly decreasing within this process."""
+    global _last_id
+    with _id_lock:
+        candidate = -(time.time_ns() // 1000)
+        _last_id = min(candidate, _last_id - 1)
+        return _last_id
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_ERROR_LENGTH:
+        return text
+    return text[: MAX_ERROR_LENGTH - 1] + "…"
+
+
+def address_problem(record: RecipientRecord, channel: str) -> str | None:
+    """Why ``record`` cannot be reached on ``channel``, or None when it can."""
+    if channel in record.disabled_channels:
+        return f"the user disabled {channel}"
+    addresses = record.addresses()
+    if channel == "email" and addresses.email is None:
+        return "the user has no deliverable email address"
+    if channel == "telegram" and addresses.telegram_chat_id is None:
+        return "the user has no Telegram chat (none stored, or the bot is blocked)"
+    if channel == "push" and not addresses.push_subscriptions:
+        return "the user has no push subscription"
+    return None
+
+
+async def _load_recipient(pool: AsyncConnectionPool[Any], user_id: str) -> RecipientRecord | None:
+    try:
+        async with pool.connection(timeout=DB_TIMEOUT) as conn:
+            cursor = await conn.execute(QUERIES["recipients"], {"user_ids": [user_id]})
+            row = await cursor.fetchone()
+    except DB_ERRORS as error:
+        log.warning("test send: recipient lookup failed error=%s", type(error).__name__)
+        raise ServiceUnavailableException("the database is unavailable") from error
+    return None if row is None else RecipientRecord.from_row(row)
+
+
+async def _record(
+    pool: AsyncConnectionPool[Any],
+    params: dict[str, Any],
+    user_id: str,
+    effects: tuple[Effect, ...],
+) -> None:
+    """Log the attempt and apply the provider's effects.
+
+    The send already happened, so database trouble here is logged, not answered.
+    """
+    try:
+        async with pool.connection(timeout=DB_TIMEOUT) as conn, conn.transaction():
+            await conn.execute(QUERIES["api_log_test_attempt"], params)
+            for effect in effects:
+                await _apply_effect(conn, user_id, effect)
+    except DB_ERRORS as error:
+        log.warning(
+            "test send: attempt not logged id=%s error=%s",
+            params["message_id"],
+            type(error).__name__,
+        )
+
+
+async def _apply_effect(conn: psycopg.AsyncConnection[Any], user_id: str, effect: Effect) -> None:
+    match effect:
+        case DisableTelegram():
+            await conn.execute(QUERIES["effect_disable_telegram"], {"user_id": user_id})
+        case MarkEmailUndeliverable():
+            await conn.execute(QUERIES["effect_email_undeliverable"], {"user_id": user_id})
+        case UpdateTelegramChat(chat_id=chat_id):
+            await conn.execute(
+                QUERIES["effect_telegram_chat"], {"user_id": user_id, "chat_id": chat_id}
+            )
+        case DeletePushSubscription(endpoint=endpoint):
+            await conn.execute(
+                QUERIES["effect_delete_subscription"], {"user_id": user_id, "endpoint": endpoint}
+            )
+
+
+async def _send(channel: Channel | None, envelope: Envelope) -> Outcome:
+    if channel is None:
+        return TransientFailure(
+            error_class="channel_unconfigured", error=f"no {envelope.channel} channel is configured"
+        )
+    try:
+        return await asyncio.wait_for(channel.send(envelope), SEND_TIMEOUT)
+    except TimeoutError:
+        return TransientFailure(
+            error_class="timeout", error=f"no answer within {SEND_TIMEOUT:.0f} s"
+        )
+    except Exception as error:  # a channel must not raise; answer 502, not 500
+        log.exception("test send: channel raised channel=%s", envelope.channel)
+        return TransientFailure(error_class="internal", error=type(error).__name__)
+
+
+def _error_of(outcome: Outcome) -> tuple[str | None, str | None]:
+    if isinstance(outcome, Sent):
+        return None, None
+    if isinstance(outcome, RateLimited):
+        return "rate_limited", f"{outcome.error} (retry after {outcome.retry_after:.0f} s)"
+    return outcome.error_class, outcome.error
+
+
+def _errors(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=ErrorBody, description=description)
+
+
+@post(
+    "/messaging/test",
+    guards=[owner_only],
+    security=[{SECURITY_SCHEME: []}],
+    request_max_body_size=MAX_BODY_BYTES,
+    status_code=200,
+    operation_id="sendTestMessage",
+    summary="Send a test message to a user now (owner only)",
+    description=__doc__.split("\n\n")[1] if __doc__ else None,
+    responses={
+        400: _errors("Unknown template, missing variables, or no address on the channel"),
+        401: _errors("No token, or a bad, expired or unsigned one"),
+        403: _errors("The token's role is not owner"),
+        404: _errors("No recipient with that user_id"),
+        413: _errors("The body is over 64 KiB"),
+        422: _errors("The body does not match the schema"),
+        429: _errors("Too many calls by this caller; see Retry-After"),
+        502: ResponseSpec(
+            data_container=MessagingTestResult,
+            description="The provider did not accept the message",
+        ),
+        503: _errors("The database is unavailable"),
+    },
+)
+async def send_test_message(
+    data: JSONBody[MessagingTestRequest], request: Request[Token, Token, Any]
+) -> Response[MessagingTestResult]:
+    """Render ``template_name`` with ``template_vars`` and send it to ``user_id`` now."""
+    context: ApiContext = request.app.state["outbox"]
+    try:
+        context.catalog.validate(data.channel, data.template_name, data.template_vars)
+    except InvalidMessage as error:
+        raise ClientException(str(error)) from error
+    record = await _load_recipient(context.pool, data.user_id)
+    if record is None:
+        raise NotFoundException(f"no recipient with user_id {data.user_id!r}")
+    problem = address_problem(record, data.channel)
+    if problem is not None:
+        raise ClientException(problem)
+    message_id = next_test_message_id()
+    try:
+        content = render(
+            context.catalog,
+            data.channel,
+            data.template_name,
+            data.template_vars,
+            message_id=message_id,
+            lane="transactional",
+            platform_base_url=context.settings.platform_base_url,
+        )
+    except TemplateRenderError as error:
+        raise ClientException(str(error)) from error
+    envelope = Envelope(
+        message_id=message_id,
+        lane="transactional",
+        channel=data.channel,
+        user_id=data.user_id,
+        template=data.template_name,
+        attempt=1,
+        recipient=record.addresses(),
+        content=content,
+    )
+    started = time.perf_counter()
+    outcome = await _send(context.channels.get(data.channel), envelope)
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    error_class, provider_error = _error_of(outcome)
+    sent = isinstance(outcome, Sent)
+    caller = request.user.sub if isinstance(request.user, Token) else "?"
+    await _record(
+        context.pool,
+        {
+            "message_id": message_id,
+            "channel": data.channel,
+            "user_id": data.user_id,
+            "template": data.template_name,
+            "outcome": "sent" if sent else "failed",
+            "error_class": error_class,
+            "error": _clip(provider_error),
+            "duration_ms": duration_ms,
+            "caller": _clip(f"api:{caller}"),
+        },
+        data.user_id,
+        outcome.effects,
+    )
+    metrics = request.app.state.get("metrics")
+    if metrics is not None:
+        metrics.test_sends.labels(channel=data.channel, status="sent" if sent else "failed").inc()
+    log.info(
+        "test send id=%d channel=%s template=%s outcome=%s%s",
+        message_id,
+        data.channel,
+        data.template_name,
+        "sent" if sent else "failed",
+        f" error_class={error_class}" if error_class else "",
+    )
+    result = MessagingTestResult(
+        status="sent" if sent else "failed",
+        message_id=message_id,
+        delivery_time_ms=duration_ms,
+        error=_clip(provider_error),
+    )
+    return Response(result, status_code=200 if sent else 502)

@@ -1,0 +1,121 @@
+"""One benchmark worker process: ``python -m bench._worker SYSTEM ARGS...``.
+
+It imports everything and connects, prints ``ready``, waits for a line on stdin,
+then drains and exits, so that the coordinator times the draining alone.
+
+- ``outbox ARGS...``: the real ``outbox dispatch ARGS...`` command line
+  (``outbox.cli.main``), with its imports done before ``go``;
+- ``pgqueuer URL BATCH DRIVER``: a pgqueuer ``QueueManager`` with a no-op
+  entrypoint in drain mode, on ``asyncpg`` (its fastest driver) or ``psycopg``;
+- ``procrastinate URL CONCURRENCY``: a procrastinate worker with a no-op task
+  that stops once the queue is empty (``wait=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+_cpu_at_go = 0.0
+
+
+def _cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _ready() -> None:
+    global _cpu_at_go
+    _cpu_at_go = _cpu()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+
+
+def _outbox(argv: list[str]) -> int:
+    import dispatcher._dispatcher
+    import dispatcher.channels
+    import dispatcher.cli
+    import outbox.cli
+    from outbox._settings import Settings
+
+    dispatcher.channels.build_channels(Settings.from_env())  # imports the plugins
+    outbox.cli.build_parser()  # imports every subcommand's module
+    _ready()
+    return outbox.cli.main(["dispatch", *argv])
+
+
+async def _pgqueuer(url: str, batch_size: int, driver: str) -> int:
+    from pgqueuer import Queries, QueueManager
+    from pgqueuer.domain.types import QueueExecutionMode
+
+    if driver == "asyncpg":
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        queries = Queries.from_asyncpg_connection(conn)
+    else:
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        queries = Queries.from_psycopg_connection(conn)
+    manager = QueueManager(queries)
+
+    @manager.entrypoint("noop")
+    async def noop(job: object) -> None:
+        return None
+
+    _ready()
+    await manager.run(batch_size=batch_size, mode=QueueExecutionMode.drain)
+    await conn.close()
+    return 0
+
+
+def procrastinate_app(url: str):  # type: ignore[no-untyped-def]
+    """A procrastinate app with the no-op task ``noop``."""
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    @app.task(name="noop", queue="bench")
+    async def noop() -> None:
+        return None
+
+    return app
+
+
+async def _procrastinate(url: str, concurrency: int) -> int:
+    app = procrastinate_app(url)
+    async with app.open_async():
+        await app.check_connection_async()
+        _ready()
+        await app.run_worker_async(
+            queues=["bench"], wait=False, concurrency=concurrency, install_signal_handlers=False
+        )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    system, rest = argv[0], argv[1:]
+    if system == "outbox":
+        return _outbox(rest)
+    if system == "pgqueuer":
+        return asyncio.run(_pgqueuer(rest[0], int(rest[1]), rest[2]))
+    if system == "procrastinate":
+        return asyncio.run(_procrastinate(rest[0], int(rest[1])))
+    print(f"unknown system {system!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    import resource
+
+    code = main(sys.argv[1:])
+    # the coordinator reads these: peak resident memory (kB) and the CPU seconds
+    # spent after "go" (imports and connecting excluded)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sys.stdout.write(f"maxrss {peak}\ncpu {_cpu() - _cpu_at_go}\n")
+    sys.stdout.flush()
+    raise SystemExit(code)

@@ -1,0 +1,342 @@
+"""``python -m bench drain``: how fast a backlog drains, against pgqueuer and procrastinate.
+
+``--count`` messages (default 100,000) are pending before the workers start; the
+clock runs from "go" (every worker process imported and connected) until the last
+process has exited because nothing is left. outbox runs the real ``outbox dispatch
+--until-idle`` command with the full pipeline (claim, recipients, render, send,
+batched ack that deletes the row and writes the attempt log) on a channel that
+accepts instantly (``bench._sink``); pgqueuer and procrastinate drain the same count
+of no-op jobs with the same number of processes. Each message has its own vars (a
+distinct price), so nothing is rendered twice.
+
+Target: outbox at least 2x pgqueuer's rate with the same process count.
+Also reported: peak RSS of each outbox dispatcher (target under 150 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from bench._common import (
+    Summary,
+    Target,
+    Workers,
+    add_common_arguments,
+    dispatcher_env,
+    fresh_database,
+    print_header,
+    report,
+    scalar,
+    seed_messages,
+    seed_recipients,
+    summarize,
+    table,
+    vacuum,
+    write_json,
+)
+from bench._worker import procrastinate_app
+
+SYSTEMS = ("outbox", "pgqueuer", "procrastinate")
+USERS = 1000
+
+
+@dataclass
+class Figures:
+    """Rates (messages/s) and peak RSS (MB) per (system, processes)."""
+
+    rates: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    rss: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    cpu_us: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    """Worker processes' CPU time per message (all processes together), microseconds."""
+
+    def rate(self, system: str, processes: int) -> Summary | None:
+        values = self.rates.get((system, processes))
+        return summarize(values) if values else None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench drain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--count", type=int, default=100_000, help="messages (%(default)s)")
+    parser.add_argument("--processes", default="1,2", help="process counts (%(default)s)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="(%(default)s)")
+    parser.add_argument(
+        "--channel",
+        default="push",
+        choices=("push", "email", "telegram"),
+        help="channel (and so renderer) of the messages (%(default)s)",
+    )
+    parser.add_argument(
+        "--template", default="price_alert", choices=("price_alert", "position_failure_sl")
+    )
+    parser.add_argument(
+        "--shared-vars",
+        action="store_true",
+        help="every message has the same vars (a fan-out alert): the render cache hits",
+    )
+    parser.add_argument(
+        "--dispatch-args",
+        default="",
+        help="extra flags for outbox dispatch, e.g. '--batch-size 200'",
+    )
+    parser.add_argument(
+        "--pgqueuer-batch-size",
+        type=int,
+        default=100,
+        help="pgqueuer dequeue batch (%(default)s; its default is 10)",
+    )
+    parser.add_argument(
+        "--pgqueuer-driver",
+        default="asyncpg",
+        choices=("asyncpg", "psycopg"),
+        help="pgqueuer's database driver (%(default)s)",
+    )
+    parser.add_argument(
+        "--procrastinate-count",
+        type=int,
+        default=None,
+        help="jobs for procrastinate (default: --count)",
+    )
+    parser.add_argument(
+        "--procrastinate-concurrency",
+        type=int,
+        default=32,
+        help="async jobs per procrastinate worker (%(default)s)",
+    )
+    parser.add_argument("--keep-logs", metavar="DIR", help="write worker logs here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.count, args.rounds, args.processes = min(args.count, 500), 1, "1"
+    return args
+
+
+# ------------------------------------------------------------------------ setup
+
+
+def install_competitors(url: str, systems: set[str]) -> None:
+    async def install() -> None:
+        if "pgqueuer" in systems:
+            from pgqueuer import Queries
+
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+            try:
+                await Queries.from_psycopg_connection(conn).install()
+            finally:
+                await conn.close()
+        if "procrastinate" in systems:
+            app = procrastinate_app(url)
+            async with app.open_async():
+                await app.schema_manager.apply_schema_async()
+
+    asyncio.run(install())
+
+
+def seed(system: str, url: str, count: int, args: argparse.Namespace) -> None:
+    if system == "outbox":
+        seed_messages(
+            url,
+            count,
+            channel=args.channel,
+            template=args.template,
+            users=USERS,
+            shared_vars=args.shared_vars,
+        )
+        vacuum(url, "outbox.message", "outbox.attempt")
+        return
+
+    async def enqueue() -> None:
+        if system == "pgqueuer":
+            from pgqueuer import Queries
+
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+            try:
+                queries = Queries.from_psycopg_connection(conn)
+                for first in range(0, count, 10_000):
+                    n = min(10_000, count - first)
+                    await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+            finally:
+                await conn.close()
+        else:
+            app = procrastinate_app(url)
+            async with app.open_async():
+                task = app.tasks["noop"]
+                for first in range(0, count, 10_000):
+                    n = min(10_000, count - first)
+                    await task.batch_defer_async(*({} for _ in range(n)))
+
+    asyncio.run(enqueue())
+    vacuum(url, "pgqueuer" if system == "pgqueuer" else "procrastinate_jobs")
+
+
+def worker_argv(system: str, url: str, args: argparse.Namespace) -> list[str]:
+    if system == "outbox":
+        return ["outbox", "--until-idle", *args.dispatch_args.split()]
+    if system == "pgqueuer":
+        return ["pgqueuer", url, str(args.pgqueuer_batch_size), args.pgqueuer_driver]
+    return ["procrastinate", url, str(args.procrastinate_concurrency)]
+
+
+def left_over(system: str, url: str) -> int:
+    """Work not done after the run (must be 0)."""
+    if system == "outbox":
+        return int(scalar(url, "SELECT count(*) FROM outbox.message"))
+    if system == "pgqueuer":
+        return int(scalar(url, "SELECT count(*) FROM pgqueuer"))
+    return int(
+        scalar(url, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')")
+    )
+
+
+def one_run(
+    system: str, processes: int, url: str, count: int, args: argparse.Namespace
+) -> tuple[float, list[float], float]:
+    """Drain ``count`` with ``processes`` workers.
+
+    Returns messages/s, the peak RSS (MB) of each process, and the worker processes'
+    CPU time per message (microseconds, after "go"), which noise from other load on
+    the machine inflates much less than the wall-clock rate.
+    """
+    seed(system, url, count, args)
+    env = dispatcher_env(url)
+    log_dir = Path(args.keep_logs) if args.keep_logs else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    workers = Workers([worker_argv(system, url, args)] * processes, env, log_dir)
+    try:
+        workers.ready()
+        started = workers.go()
+        finished = workers.wait(timeout=max(600.0, count / 50))
+    except BaseException:
+        workers.kill()
+        raise
+    rest = left_over(system, url)
+    if rest:
+        raise RuntimeError(f"{system}: {rest} jobs left after the workers exited")
+    if system == "outbox":
+        sent = int(scalar(url, "SELECT count(*) FROM outbox.attempt WHERE outcome = 'sent'"))
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("TRUNCATE outbox.attempt")
+        if sent != count:
+            raise RuntimeError(f"outbox: {sent} sent attempts logged, expected {count}")
+    cpu_us = sum(workers.cpu_seconds) / count * 1e6
+    return count / (finished - started), workers.peak_rss_mb, cpu_us
+
+
+def run(args: argparse.Namespace) -> Figures:
+    systems = [s for s in args.systems.split(",") if s]
+    process_counts = [int(p) for p in args.processes.split(",") if p]
+    figures = Figures()
+    with fresh_database(args.database_url, "drain") as url:
+        seed_recipients(url, USERS)
+        install_competitors(url, set(systems))
+        for round_ in range(1, args.rounds + 1):
+            for processes in process_counts:
+                for system in systems:
+                    count = args.count
+                    if system == "procrastinate" and args.procrastinate_count:
+                        count = min(count, args.procrastinate_count)
+                    rate, rss, cpu_us = one_run(system, processes, url, count, args)
+                    figures.cpu_us.setdefault((system, processes), []).append(cpu_us)
+                    figures.rates.setdefault((system, processes), []).append(rate)
+                    if system == "outbox":
+                        figures.rss.setdefault((system, processes), []).append(max(rss))
+                    print(
+                        f"  round {round_}: {system} x{processes}: {rate:,.0f}/s"
+                        + (f", peak RSS {max(rss):.0f} MB" if system == "outbox" else ""),
+                        flush=True,
+                    )
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    facts = print_header(
+        "drain",
+        args,
+        f"{args.count:,} messages, channel {args.channel}, "
+        f"template {args.template}, rounds {args.rounds}",
+    )
+    figures = run(args)
+    systems = [s for s in args.systems.split(",") if s]
+    process_counts = [int(p) for p in args.processes.split(",") if p]
+    rows = []
+    targets = []
+    for processes in process_counts:
+        ours = figures.rate("outbox", processes)
+        pgq = figures.rate("pgqueuer", processes)
+        for system in systems:
+            rate = figures.rate(system, processes)
+            if rate is None:
+                continue
+            ratio = paired = ""
+            if ours and system != "outbox":
+                ratio = f"{ours.median / rate.median:.2f}x"
+                pairs = [
+                    o / r
+                    for o, r in zip(
+                        figures.rates[("outbox", processes)],
+                        figures.rates[(system, processes)],
+                        strict=True,
+                    )
+                ]
+                paired = f"{min(pairs):.2f}..{max(pairs):.2f}"
+            cpu = summarize(figures.cpu_us[(system, processes)]).median
+            rows.append(
+                [system, processes, rate.cell(), f"{rate.spread:.0%}", ratio, paired, f"{cpu:.0f}"]
+            )
+        if ours and pgq:
+            targets.append(
+                Target(
+                    f"outbox / pgqueuer, {processes} process(es)",
+                    ours.median / pgq.median,
+                    2.0,
+                    unit="x",
+                )
+            )
+    print(
+        table(
+            [
+                "system",
+                "processes",
+                "messages/s median (min..max)",
+                "spread",
+                "outbox is",
+                "per-round ratio",
+                "worker CPU us/msg",
+            ],
+            rows,
+            "Drain rate",
+        )
+    )
+    rss_rows = [[p, summarize(v).cell("{:.0f}")] for (_, p), v in sorted(figures.rss.items())]
+    if rss_rows:
+        print(
+            table(
+                ["dispatchers", "peak RSS per dispatcher, MB (min..max)"],
+                rss_rows,
+                "Dispatcher memory",
+            )
+        )
+        worst = max(max(v) for v in figures.rss.values())
+        targets.append(
+            Target("peak dispatcher RSS (worst round)", worst, 150, at_least=False, unit=" MB")
+        )
+    write_json(
+        args.json,
+        {
+            "machine": facts,
+            "args": vars(args),
+            "rates": {f"{s}x{p}": v for (s, p), v in figures.rates.items()},
+            "rss_mb": {f"{s}x{p}": v for (s, p), v in figures.rss.items()},
+        },
+    )
+    return report(targets, check=args.check, quick=args.quick)

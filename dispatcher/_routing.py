@@ -1,0 +1,122 @@
+"""Who can be reached where: recipients, preferences, quiet hours and fallback order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dispatcher.channels.base import CHANNELS, PushSubscription, Recipient
+
+DEFAULT_FALLBACK_ORDER: tuple[str, ...] = ("push", "email", "telegram")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipientRecord:
+    """A row of ``outbox.recipient`` with its push subscriptions."""
+
+    user_id: str
+    email: str | None = None
+    telegram_chat_id: int | None = None
+    timezone: str = "UTC"
+    quiet_hours: tuple[time, time] | None = None
+    disabled_channels: frozenset[str] = frozenset()
+    campaign_opt_out: bool = False
+    fallback_order: tuple[str, ...] | None = None
+    email_undeliverable: bool = False
+    telegram_blocked: bool = False
+    subscriptions: tuple[PushSubscription, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RecipientRecord:
+        """Build from a row of the ``recipients`` query."""
+        (
+            user_id,
+            email,
+            chat_id,
+            timezone,
+            quiet_start,
+            quiet_end,
+            disabled,
+            opt_out,
+            order,
+            undeliverable,
+            blocked,
+            subscriptions,
+        ) = row
+        subs = json.loads(subscriptions) if isinstance(subscriptions, str) else subscriptions
+        return cls(
+            user_id=user_id,
+            email=email,
+            telegram_chat_id=chat_id,
+            timezone=timezone or "UTC",
+            quiet_hours=(quiet_start, quiet_end) if quiet_start is not None else None,
+            disabled_channels=frozenset(disabled or ()),
+            campaign_opt_out=bool(opt_out),
+            fallback_order=tuple(order) if order else None,
+            email_undeliverable=bool(undeliverable),
+            telegram_blocked=bool(blocked),
+            subscriptions=tuple(
+                PushSubscription(endpoint=e, p256dh=p, auth=a) for e, p, a in subs or ()
+            ),
+        )
+
+    def addresses(self) -> Recipient:
+        """What a channel may use: bounced emails and blocked chats are left out."""
+        return Recipient(
+            user_id=self.user_id,
+            email=None if self.email_undeliverable else self.email,
+            telegram_chat_id=None if self.telegram_blocked else self.telegram_chat_id,
+            push_subscriptions=self.subscriptions,
+        )
+
+    def quiet_until(self, now: datetime) -> datetime | None:
+        """The end of the quiet window ``now`` falls in (user's timezone), or None."""
+        if self.quiet_hours is None:
+            return None
+        try:
+            zone = ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            zone = ZoneInfo("UTC")
+        local = now.astimezone(zone)
+        start, end = self.quiet_hours
+        today_end = datetime.combine(local.date(), end, tzinfo=zone)
+        clock = local.time()
+        if start == end:
+            return None
+        if start < end:  # e.g. 13:00-15:00
+            return today_end if start <= clock < end else None
+        # across midnight, e.g. 22:00-07:00
+        if clock >= start:
+            return today_end + timedelta(days=1)
+        if clock < end:
+            return today_end
+        return None
+
+
+def next_channel(
+    current: str, fallback: Sequence[str] | None, recipient: RecipientRecord | None
+) -> tuple[str, tuple[str, ...]] | None:
+    """The channel to try after ``current`` and the ones left after it, or None.
+
+    An explicit ``fallback`` list on the message wins; otherwise the user's
+    preferred order, else push, email, telegram. Channels the user disabled are
+    passed over.
+
+    The list left after the last channel is that channel itself (which it skips),
+    never empty: the follow-up row stores an empty list as NULL, and NULL means "the
+    default order", which would send an unreachable user's message round in circles.
+    """
+    if fallback is not None:
+        remaining = [c for c in fallback if c != current]
+    else:
+        order = (recipient.fallback_order if recipient else None) or DEFAULT_FALLBACK_ORDER
+        remaining = [c for c in order if c != current and c in CHANNELS]
+    disabled = recipient.disabled_channels if recipient else frozenset()
+    remaining = [c for c in remaining if c not in disabled]
+    if not remaining:
+        return None
+    return remaining[0], tuple(remaining[1:]) or (remaining[0],)

@@ -1,0 +1,172 @@
+"""Prometheus counters of one dispatcher replica, fed by the dispatcher's observer hooks.
+
+:class:`DispatcherMetrics` is the ``observer`` of a :class:`~dispatcher.Dispatcher`.
+The dispatcher calls it synchronously from its event loop:
+
+- ``sent(message, outcome, duration_ms)`` after every provider call;
+- ``acked(batch, result)`` after every flush of finishing writes, with the ids the
+  flush really finished (``result.finished``: the rows whose lease it still held);
+- ``claimed(messages)`` after every claim (optional: without it, messages that
+  finish without reaching a channel, such as an unknown recipient, are not
+  labelled and so not counted as enqueued).
+
+What each series counts (docs/metrics.md says why):
+
+``messages_enqueued_total{priority,channel}``
+    committed messages, counted once each when the replica holding the current
+    lease writes the message's terminal outcome (``sent``, ``dead``, ``skipped`` or
+    ``fallback``). A rolled-back enqueue never produced a row, so it never counts;
+    the lease fencing makes exactly one replica finish a row. ``priority`` is the
+    lane (``transactional`` or ``campaign``): numeric priorities are unbounded.
+``messages_sent_total{channel,type}``
+    provider acceptances; ``type`` is the template name.
+``message_fail_total{reason,channel}``
+    every attempt that did not end in ``Sent`` (``reason`` is the error class,
+    ``rate_limited`` for a provider's slow-down), plus messages that died without
+    reaching a channel (``unknown_recipient``, ``template``).
+``message_send_duration_seconds{channel}``
+    the duration of every provider call, whatever its outcome.
+``position_failure_alerts_sent_total{type,channel}``
+    provider acceptances of ``position_failure_entry|sl|tp`` (type ``entry|sl|tp``).
+
+The gauges derived from the database (queue depth, dead letters, oldest pending
+age) are served by the API only, so that N replicas do not export N copies.
+Nothing here reads settings secrets; labels hold channel, lane, template and error
+class names only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+
+from dispatcher._acks import AckBatch, AckResult, FinishDead, FinishRequeue
+from dispatcher.channels.base import Outcome, RateLimited, Sent
+
+if TYPE_CHECKING:
+    from dispatcher._dispatcher import Claimed
+    from outbox._settings import Settings
+
+POSITION_FAILURE_TYPES = {
+    "position_failure_entry": "entry",
+    "position_failure_sl": "sl",
+    "position_failure_tp": "tp",
+}
+"""Template name -> ``type`` label of ``position_failure_alerts_sent_total``."""
+
+SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds; provider calls range from a loopback millisecond to a 30 s SMTP timeout."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Seen:
+    lane: str
+    channel: str
+    template: str
+    sent: bool = False
+    """A provider call was made during the current lease (failures counted then)."""
+
+
+class DispatcherMetrics:
+    """Counters for one dispatcher process; pass it as ``Dispatcher(observer=...)``.
+
+    ``registry`` defaults to prometheus_client's process-wide registry, which
+    :func:`serve_metrics` exposes; create at most one instance per registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        self.enqueued = Counter(
+            "messages_enqueued_total",
+            "Committed messages (counted at their terminal outcome)",
+            ["priority", "channel"],
+            registry=self.registry,
+        )
+        self.sent_total = Counter(
+            "messages_sent_total",
+            "Messages accepted by the provider",
+            ["channel", "type"],
+            registry=self.registry,
+        )
+        self.failed = Counter(
+            "message_fail_total",
+            "Delivery attempts that did not end in Sent",
+            ["reason", "channel"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "message_send_duration_seconds",
+            "Duration of provider calls",
+            ["channel"],
+            buckets=SEND_BUCKETS,
+            registry=self.registry,
+        )
+        self.position_failures = Counter(
+            "position_failure_alerts_sent_total",
+            "Position-failure alerts accepted by the provider",
+            ["type", "channel"],
+            registry=self.registry,
+        )
+        # Messages of the current leases, by id: what ``acked`` needs to label them.
+        self._seen: dict[int, _Seen] = {}
+
+    # ------------------------------------------------------------------ hooks
+
+    def claimed(self, messages: Iterable[Claimed]) -> None:
+        """Remember the labels of freshly claimed messages until they are acknowledged."""
+        for message in messages:
+            self._seen[message.id] = _Seen(
+                lane=message.lane, channel=message.channel, template=message.template
+            )
+
+    def sent(self, message: Claimed, outcome: Outcome, duration_ms: float) -> None:
+        """Count one provider call and its outcome."""
+        self._seen[message.id] = _Seen(
+            lane=message.lane, channel=message.channel, template=message.template, sent=True
+        )
+        self.duration.labels(channel=message.channel).observe(max(duration_ms, 0.0) / 1000)
+        if isinstance(outcome, Sent):
+            self.sent_total.labels(channel=message.channel, type=message.template).inc()
+            kind = POSITION_FAILURE_TYPES.get(message.template)
+            if kind is not None:
+                self.position_failures.labels(type=kind, channel=message.channel).inc()
+            return
+        reason = "rate_limited" if isinstance(outcome, RateLimited) else outcome.error_class
+        self.failed.labels(reason=reason, channel=message.channel).inc()
+
+    def acked(self, batch: AckBatch, result: AckResult) -> None:
+        """Count the messages whose terminal outcome this flush committed.
+
+        A requeued message is not finished yet; a message whose lease was lost is
+        finished by the replica that holds the new lease, and counted there.
+        """
+        for finish in batch.finishes:
+            seen = self._seen.pop(finish.lease.id, None)
+            if seen is None or finish.lease.id not in result.finished:
+                continue
+            if isinstance(finish, FinishRequeue):
+                continue
+            self.enqueued.labels(priority=seen.lane, channel=seen.channel).inc()
+            if isinstance(finish, FinishDead) and not seen.sent:
+                # died before any provider call (unknown recipient, template error)
+                self.failed.labels(reason=finish.error_class, channel=seen.channel).inc()
+
+
+def serve_metrics(
+    port: int,
+    settings: Settings,
+    *,
+    addr: str = "0.0.0.0",  # noqa: S104
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Serve ``registry`` (default: the process registry) as Prometheus text on ``port``.
+
+    Starts prometheus_client's HTTP server in a daemon thread and returns. The
+    dispatcher exports its own counters only: the database-derived gauges come from
+    the API's ``/metrics`` (docs/metrics.md), so ``settings`` is not read today.
+    """
+    del settings
+    start_http_server(port, addr=addr, registry=REGISTRY if registry is None else registry)

@@ -1,0 +1,304 @@
+"""Render a stored message into what its channel sends.
+
+:func:`render` is a pure function of the catalog, the template and its variables
+(plus the renderer's own context: ``message_id``, ``lane``, ``platform_base_url``).
+So a failure repeats on every retry: every failure raises
+:class:`~outbox.TemplateRenderError`, which the dispatcher records as permanent
+(dead, error class ``template``). Messages written through ``outbox.enqueue`` were
+validated already; this is the safety net for rows written with raw SQL.
+
+Per channel:
+
+- email: the HTML template with HTML autoescaping; the subject is its ``<title>``;
+  the text part is ``email/<name>.txt.j2`` when present, else derived from the HTML.
+- telegram: MarkdownV2 where every variable is escaped (:mod:`dispatcher.markdown`);
+  the text must parse, and is split into parts of at most 4096 characters.
+- push: a JSON object (``title``, ``body``, ``icon``, ``badge``, ``data.url``) where
+  every variable is escaped for the inside of a JSON string; at most 3993 bytes
+  once encoded; its ``Topic`` is derived from the template and key variables.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from typing import Any
+
+from jinja2 import Template
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from dispatcher import markdown
+from dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
+from dispatcher.html_text import extract_title, html_to_text
+from outbox._errors import OutboxError, TemplateRenderError
+from outbox._templates import TemplateCatalog
+
+PUSH_PAYLOAD_LIMIT = 3993
+"""Bytes of JSON a Web Push message may carry (4096 minus encryption overhead)."""
+TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
+"""Variables that identify what a push message is about, for its ``Topic``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Environments:
+    html: ImmutableSandboxedEnvironment
+    text: ImmutableSandboxedEnvironment
+    telegram: ImmutableSandboxedEnvironment
+    push: ImmutableSandboxedEnvironment
+    compiled: dict[tuple[int, str], Template] = field(default_factory=dict)
+    """(environment id, loader name) -> the compiled template."""
+
+    def render(
+        self, env: ImmutableSandboxedEnvironment, name: str, context: Mapping[str, Any]
+    ) -> str:
+        """Render template ``name`` of ``env`` (one of ours) with ``context``.
+
+        What ``Template.render`` does, minus its per-call costs: the environment's
+        template cache is a locked LRU, and every call copies the template's
+        globals (a ``ChainMap``, slow to iterate) into the new context. Both are
+        done once per template here; the context is still a fresh dict per call.
+        """
+        key = (id(env), name)
+        template = self.compiled.get(key)
+        if template is None:
+            template = env.get_template(name)
+            # Jinja keeps a template's globals in a ChainMap that every context
+            # creation iterates; these environments never change their globals.
+            template.globals = dict(template.globals)
+            template = self.compiled.setdefault(key, template)
+        ctx = template.new_context({**template.globals, **context}, shared=True)
+        try:
+            return env.concat(template.root_render_func(ctx))
+        except Exception:
+            env.handle_exception()  # re-raises with the template's line numbers
+            raise
+
+
+_cache: weakref.WeakKeyDictionary[TemplateCatalog, _Environments] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_string(value: object) -> str:
+    """Escape ``value`` for the inside of a JSON string literal (as ``json.dumps``)."""
+    return encode_basestring(str(value))[1:-1]
+
+
+def _environments(catalog: TemplateCatalog) -> _Environments:
+    """Return the catalog's rendering environments (built once; they cache templates)."""
+    with _cache_lock:
+        found = _cache.get(catalog)
+        if found is None:
+            found = _Environments(
+                html=catalog.create_environment(autoescape=True),
+                text=catalog.create_environment(),
+                telegram=catalog.create_environment(
+                    finalize=markdown.finalize, filters=markdown.FILTERS
+                ),
+                push=catalog.create_environment(finalize=_json_string),
+            )
+            _cache[catalog] = found
+        return found
+
+
+def render(
+    catalog: TemplateCatalog,
+    channel: str,
+    template: str,
+    vars: Mapping[str, Any],
+    *,
+    message_id: int | None,
+    lane: str,
+    platform_base_url: str,
+) -> RenderedEmail | RenderedTelegram | RenderedPush:
+    """Render ``template`` with ``vars`` for ``channel``.
+
+    ``message_id``, ``lane`` and ``platform_base_url`` are available to templates
+    under those names and take precedence over variables of the same name.
+    Raises :class:`~outbox.TemplateRenderError` for anything that prevents a valid
+    message: unknown template, missing variable, a template error or a sandbox
+    violation, MarkdownV2 that would not parse, a push payload too large.
+    """
+    if not isinstance(vars, Mapping):
+        raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
+    context = {
+        **vars,
+        "message_id": message_id,
+        "lane": lane,
+        "platform_base_url": platform_base_url,
+    }
+    try:
+        catalog.validate(channel, template, vars)
+        environments = _environments(catalog)
+        if channel == "email":
+            return _render_email(catalog, environments, template, context)
+        if channel == "telegram":
+            return _render_telegram(catalog, environments, template, context)
+        return _render_push(catalog, environments, template, context)
+    except TemplateRenderError:
+        raise
+    except Exception as error:  # rendering is pure: any failure would repeat
+        raise TemplateRenderError(f"{template} ({channel}): {error}") from error
+
+
+def _render_email(
+    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+) -> RenderedEmail:
+    files = catalog.files("email", template)
+    html = envs.render(envs.html, files.main, context).strip() + "\n"
+    subject = extract_title(html)
+    if not subject:
+        raise TemplateRenderError(f"{template} (email): the HTML has no <title> for the subject")
+    if files.text is not None:
+        text = envs.render(envs.text, files.text, context).strip() + "\n"
+    else:
+        text = html_to_text(html)
+    return RenderedEmail(subject=subject, html=html, text=text)
+
+
+def _render_telegram(
+    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+) -> RenderedTelegram:
+    text = envs.render(envs.telegram, catalog.files("telegram", template).main, context)
+    if not text.strip():
+        raise TemplateRenderError(f"{template} (telegram): the text is empty")
+    try:
+        parts = markdown.split(text)
+    except markdown.MarkdownV2Error as error:
+        raise TemplateRenderError(f"{template} (telegram): invalid MarkdownV2: {error}") from error
+    return RenderedTelegram(parts=parts)
+
+
+def _render_push(
+    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+) -> RenderedPush:
+    raw = envs.render(envs.push, catalog.files("push", template).main, context)
+    try:
+        payload = json.loads(raw)
+    except ValueError as error:
+        raise TemplateRenderError(
+            f"{template} (push): the template is not JSON: {error}"
+        ) from error
+    problem = _push_problem(payload)
+    if problem:
+        raise TemplateRenderError(f"{template} (push): {problem}")
+    body = _COMPACT_JSON.encode(payload).encode("utf-8")
+    if len(body) > PUSH_PAYLOAD_LIMIT:
+        raise TemplateRenderError(
+            f"{template} (push): the payload is {len(body)} bytes; Web Push allows at most"
+            f" {PUSH_PAYLOAD_LIMIT} (shorten the variables or the template)"
+        )
+    return RenderedPush(payload=payload, body=body, topic=push_topic(template, context))
+
+
+def _push_problem(payload: object) -> str | None:
+    """Describe what is wrong with a push payload's shape; None when nothing is."""
+    if not isinstance(payload, dict):
+        return "the payload must be a JSON object"
+    if not isinstance(payload.get("title"), str) or not payload["title"].strip():
+        return "the payload needs a non-empty string 'title'"
+    if not isinstance(payload.get("body"), str):
+        return "the payload needs a string 'body'"
+    for key in ("icon", "badge"):
+        if key in payload and not isinstance(payload[key], str):
+            return f"'{key}' must be a string"
+    data = payload.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+        return "the payload needs 'data' with a string 'url'"
+    return None
+
+
+def push_topic(template: str, vars: Mapping[str, Any]) -> str | None:
+    """Return a stable Web Push ``Topic`` for a message: 32 URL-safe base64 characters.
+
+    Derived from the template name and the :data:`TOPIC_KEYS` variables present,
+    so a newer alert about the same approval, ticket or instrument replaces an
+    undelivered older one. ``None`` when no key variable is present.
+    """
+    keys = [[key, vars[key]] for key in TOPIC_KEYS if key in vars]
+    if not keys:
+        return None
+    material = json.dumps([template, keys], ensure_ascii=False, sort_keys=True, default=str)
+    digest = hashlib.sha256(material.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
+
+
+class RenderCache:
+    """Renders each distinct message once per dispatcher.
+
+    A campaign, or one alert fanned out to many users, carries the same variables
+    for every recipient; rendering is pure, so the result can be shared. The key is
+    the channel, the template and ``vars_key`` (the text of the message's jsonb,
+    which PostgreSQL writes in one canonical form), plus ``message_id`` and
+    ``lane`` when the template reads them. Failures are not cached. When full, the
+    cache starts over (cheaper than keeping an LRU order on every hit).
+    """
+
+    def __init__(
+        self, catalog: TemplateCatalog, *, platform_base_url: str, max_entries: int = 2048
+    ) -> None:
+        self.catalog = catalog
+        self.platform_base_url = platform_base_url
+        self.max_entries = max_entries
+        self._rendered: dict[
+            tuple[object, ...], RenderedEmail | RenderedTelegram | RenderedPush
+        ] = {}
+        self.hits = 0
+
+    def render(
+        self,
+        channel: str,
+        template: str,
+        vars: Mapping[str, Any],
+        *,
+        vars_key: str | None,
+        message_id: int,
+        lane: str,
+    ) -> RenderedEmail | RenderedTelegram | RenderedPush:
+        """:func:`render`, or what it returned for the same message content before."""
+        if vars_key is None:
+            return render(
+                self.catalog,
+                channel,
+                template,
+                vars,
+                message_id=message_id,
+                lane=lane,
+                platform_base_url=self.platform_base_url,
+            )
+        try:
+            used = self.catalog.variables(channel, template).context
+        except OutboxError as error:
+            raise TemplateRenderError(f"{template} ({channel}): {error}") from error
+        key = (
+            channel,
+            template,
+            vars_key,
+            message_id if "message_id" in used else None,
+            lane if "lane" in used else None,
+        )
+        found = self._rendered.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        found = render(
+            self.catalog,
+            channel,
+            template,
+            vars,
+            message_id=message_id,
+            lane=lane,
+            platform_base_url=self.platform_base_url,
+        )
+        if len(self._rendered) >= self.max_entries:
+            self._rendered.clear()
+        self._rendered[key] = found
+        return found

@@ -1,0 +1,472 @@
+-- outbox: the current state of the database schema.
+--
+-- This file is the truth about what a migrated database looks like. Alembic
+-- revisions in migrations/ are the history that gets an existing database here;
+-- tests/integration/test_migrations.py asserts that both produce the same catalog.
+--
+-- Everything lives in the schema `outbox`. Three roles are created (cluster-wide,
+-- NOLOGIN, granted to login roles by the operator):
+--   outbox_producer    may call outbox.enqueue / outbox.enqueue_many, nothing else
+--   outbox_dispatcher  claims, finishes and logs messages; reads recipients
+--   outbox_inspector   reads the operator views, nothing else
+
+CREATE SCHEMA outbox;
+COMMENT ON SCHEMA outbox IS 'Transactional outbox for trading notifications';
+
+DO $roles$
+DECLARE
+    role_name text;
+BEGIN
+    -- Roles belong to the cluster: two databases migrated at the same time may race
+    -- to create them, and the loser waits for the winner, then finds them there.
+    FOREACH role_name IN ARRAY ARRAY['outbox_producer', 'outbox_dispatcher', 'outbox_inspector']
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = role_name) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
+END
+$roles$;
+
+-- ---------------------------------------------------------------------------
+-- The hot table. Delivered rows are deleted, so it only holds work that is
+-- pending, in flight or dead.
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.message (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    lane            text        NOT NULL,
+    priority        smallint    NOT NULL,
+    channel         text        NOT NULL,
+    user_id         text        NOT NULL,
+    template        text        NOT NULL,
+    vars            jsonb       NOT NULL DEFAULT '{}',
+    fallback        text[],
+    status          text        NOT NULL DEFAULT 'pending',
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    lease_token     uuid,
+    leased_until    timestamptz,
+    leased_by       text,
+    last_error      text,
+    error_class     text,
+    idempotency_key text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    dead_at         timestamptz,
+    CONSTRAINT message_lane_check CHECK (lane IN ('transactional', 'campaign')),
+    CONSTRAINT message_priority_in_lane CHECK (
+        (lane = 'transactional' AND priority BETWEEN 0 AND 99)
+        OR (lane = 'campaign' AND priority BETWEEN 100 AND 199)
+    ),
+    CONSTRAINT message_channel_check CHECK (channel IN ('email', 'telegram', 'push')),
+    CONSTRAINT message_user_id_check CHECK (user_id <> '' AND length(user_id) <= 255),
+    CONSTRAINT message_template_check CHECK (template ~ '^[a-z0-9_]{1,100}$'),
+    CONSTRAINT message_vars_is_object CHECK (jsonb_typeof(vars) = 'object'),
+    CONSTRAINT message_fallback_channels CHECK (
+        fallback IS NULL OR fallback <@ ARRAY['email', 'telegram', 'push']::text[]
+    ),
+    CONSTRAINT message_status_check CHECK (status IN ('pending', 'sending', 'dead')),
+    CONSTRAINT message_attempts_check CHECK (attempts >= 0),
+    -- a lease exists exactly while the message is being sent
+    CONSTRAINT message_lease_iff_sending CHECK (
+        (status = 'sending') = (lease_token IS NOT NULL)
+        AND (lease_token IS NULL) = (leased_until IS NULL)
+    ),
+    CONSTRAINT message_dead_at_iff_dead CHECK ((status = 'dead') = (dead_at IS NOT NULL))
+);
+COMMENT ON TABLE outbox.message IS
+    'Messages waiting, in flight or dead; delivered messages are deleted (see outbox.attempt)';
+
+-- The claim reads this index only: dead and leased rows are not in it.
+CREATE INDEX message_claim_idx ON outbox.message (priority, next_attempt_at, id)
+    WHERE status = 'pending';
+-- Leases that expired (a dispatcher died) are found through this one.
+CREATE INDEX message_lease_idx ON outbox.message (leased_until)
+    WHERE status = 'sending';
+CREATE INDEX message_dead_idx ON outbox.message (dead_at)
+    WHERE status = 'dead';
+
+-- ---------------------------------------------------------------------------
+-- Idempotency keys outlive delivered messages, so they have their own table.
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.idempotency_key (
+    key        text        PRIMARY KEY,
+    message_id bigint      NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT idempotency_key_length CHECK (key <> '' AND length(key) <= 255)
+);
+CREATE INDEX idempotency_key_created_idx ON outbox.idempotency_key (created_at);
+
+-- ---------------------------------------------------------------------------
+-- The delivery log: one row per attempt and outcome. Append-only.
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.attempt (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id    bigint      NOT NULL,
+    lane          text        NOT NULL,
+    channel       text        NOT NULL,
+    user_id       text        NOT NULL,
+    template      text        NOT NULL,
+    attempt       integer     NOT NULL,
+    outcome       text        NOT NULL,
+    error_class   text,
+    error         text,
+    duration_ms   double precision,
+    dispatcher_id text,
+    is_test       boolean     NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT attempt_outcome_check CHECK (
+        outcome IN ('sent', 'retry', 'dead', 'skipped', 'fallback', 'deferred', 'failed')
+    )
+);
+COMMENT ON TABLE outbox.attempt IS 'Append-only delivery log, one row per attempt and outcome';
+CREATE INDEX attempt_message_idx ON outbox.attempt (message_id);
+CREATE INDEX attempt_created_idx ON outbox.attempt USING brin (created_at);
+
+-- ---------------------------------------------------------------------------
+-- Recipients and their addresses and preferences.
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.recipient (
+    user_id                text        PRIMARY KEY,
+    email                  text,
+    telegram_chat_id       bigint,
+    timezone               text        NOT NULL DEFAULT 'UTC',
+    quiet_hours_start      time,
+    quiet_hours_end        time,
+    disabled_channels      text[]      NOT NULL DEFAULT '{}',
+    campaign_opt_out       boolean     NOT NULL DEFAULT false,
+    fallback_order         text[],
+    email_undeliverable_at timestamptz,
+    telegram_blocked_at    timestamptz,
+    created_at             timestamptz NOT NULL DEFAULT now(),
+    updated_at             timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT recipient_user_id_check CHECK (user_id <> '' AND length(user_id) <= 255),
+    CONSTRAINT recipient_email_check CHECK (
+        email IS NULL OR (email ~ '^[^@\s]+@[^@\s]+$' AND length(email) <= 254)
+    ),
+    CONSTRAINT recipient_quiet_hours_pair CHECK (
+        (quiet_hours_start IS NULL) = (quiet_hours_end IS NULL)
+    ),
+    CONSTRAINT recipient_disabled_channels_check CHECK (
+        disabled_channels <@ ARRAY['email', 'telegram', 'push']::text[]
+    ),
+    CONSTRAINT recipient_fallback_order_check CHECK (
+        fallback_order IS NULL OR fallback_order <@ ARRAY['email', 'telegram', 'push']::text[]
+    )
+);
+
+CREATE TABLE outbox.push_subscription (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id      text        NOT NULL,
+    endpoint     text        NOT NULL UNIQUE,
+    p256dh       text        NOT NULL,
+    auth         text        NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    CONSTRAINT push_subscription_endpoint_https CHECK (
+        endpoint ~ '^https://' AND length(endpoint) <= 2048
+    )
+);
+CREATE INDEX push_subscription_user_idx ON outbox.push_subscription (user_id);
+
+-- ---------------------------------------------------------------------------
+-- Dispatcher coordination.
+-- ---------------------------------------------------------------------------
+
+-- Idle dispatchers register here before they wait on LISTEN; producers only pay
+-- for a NOTIFY while this table has a row (see outbox.enqueue).
+CREATE TABLE outbox.sleeper (
+    dispatcher_id text        PRIMARY KEY,
+    since         timestamptz NOT NULL DEFAULT now()
+);
+
+-- Token buckets shared by every dispatcher replica (rate limits per channel,
+-- per bot, per chat).
+CREATE TABLE outbox.rate_limit (
+    key        text             PRIMARY KEY,
+    tokens     double precision NOT NULL,
+    updated_at timestamptz      NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Channel-wide circuit breaker: while paused_until is in the future no
+-- dispatcher sends on the channel except one probe.
+CREATE TABLE outbox.channel_state (
+    channel      text        PRIMARY KEY,
+    failures     integer     NOT NULL DEFAULT 0,
+    paused_until timestamptz,
+    last_error   text,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT channel_state_channel_check CHECK (channel IN ('email', 'telegram', 'push'))
+);
+
+-- ---------------------------------------------------------------------------
+-- The producer interface: callable from any language.
+-- ---------------------------------------------------------------------------
+
+-- Internal: insert one message, honouring the idempotency key. Returns the id of
+-- the message (the first one's, when the key was already used in the window).
+CREATE FUNCTION outbox._insert_message(
+    p_channel text, p_template text, p_user_id text, p_vars jsonb, p_lane text,
+    p_idempotency_key text, p_send_at timestamptz, p_priority smallint,
+    p_fallback text[], p_dedup_window interval
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id       bigint;
+    v_existing bigint;
+BEGIN
+    IF p_lane IS NULL OR p_lane NOT IN ('transactional', 'campaign') THEN
+        RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign', p_lane
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_channel IS NULL OR p_channel NOT IN ('email', 'telegram', 'push') THEN
+        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram or push', p_channel
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_user_id IS NULL OR p_user_id = '' THEN
+        RAISE EXCEPTION 'outbox: user_id must be a non-empty string' USING ERRCODE = '22023';
+    END IF;
+
+    IF p_idempotency_key IS NOT NULL THEN
+        SELECT message_id INTO v_existing
+          FROM outbox.idempotency_key
+         WHERE key = p_idempotency_key AND created_at > now() - p_dedup_window;
+        IF FOUND THEN
+            RETURN v_existing;
+        END IF;
+    END IF;
+
+    INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars,
+                                fallback, next_attempt_at, idempotency_key)
+    VALUES (p_lane,
+            coalesce(p_priority, CASE p_lane WHEN 'transactional' THEN 0 ELSE 100 END),
+            p_channel, p_user_id, p_template, coalesce(p_vars, '{}'::jsonb), p_fallback,
+            greatest(coalesce(p_send_at, now()), now()), p_idempotency_key)
+    RETURNING id INTO v_id;
+
+    IF p_idempotency_key IS NOT NULL THEN
+        -- A concurrent transaction may have taken the key since the look-up above;
+        -- the unique index makes us wait for it, and then the first one wins.
+        INSERT INTO outbox.idempotency_key AS k (key, message_id)
+        VALUES (p_idempotency_key, v_id)
+        ON CONFLICT (key) DO UPDATE
+            SET message_id = excluded.message_id, created_at = now()
+            WHERE k.created_at <= now() - p_dedup_window
+        RETURNING message_id INTO v_existing;
+        IF v_existing IS NULL THEN
+            DELETE FROM outbox.message WHERE id = v_id;
+            SELECT message_id INTO v_existing
+              FROM outbox.idempotency_key WHERE key = p_idempotency_key;
+            RETURN v_existing;
+        END IF;
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- Wake sleeping dispatchers, but only if one is asleep: under load nobody sleeps
+-- and producers' commits never take NOTIFY's global lock.
+CREATE FUNCTION outbox._wake_dispatchers() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM outbox.sleeper) THEN
+        PERFORM pg_notify('outbox_wakeup', '');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION outbox.enqueue(
+    channel text,
+    template text,
+    user_id text,
+    vars jsonb,
+    lane text DEFAULT 'transactional',
+    idempotency_key text DEFAULT NULL,
+    send_at timestamptz DEFAULT NULL,
+    priority smallint DEFAULT NULL,
+    fallback text[] DEFAULT NULL,
+    dedup_window interval DEFAULT '24 hours'
+) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    v_id := outbox._insert_message(channel, template, user_id, vars, lane, idempotency_key,
+                                   send_at, priority, fallback, dedup_window);
+    IF send_at IS NULL OR send_at <= now() THEN
+        PERFORM outbox._wake_dispatchers();
+    END IF;
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint,
+                                   text[], interval) IS
+    'Write a message in the caller''s transaction; returns its id (or the first id for a repeated idempotency key)';
+
+-- Many messages of one template in one statement (campaigns). vars_list holds
+-- either one object for everybody or one object per user id.
+CREATE FUNCTION outbox.enqueue_many(
+    channel text,
+    template text,
+    user_ids text[],
+    vars_list jsonb[],
+    lane text DEFAULT 'campaign',
+    send_at timestamptz DEFAULT NULL,
+    priority smallint DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF lane IS NULL OR lane NOT IN ('transactional', 'campaign') THEN
+        RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign', lane
+            USING ERRCODE = '22023';
+    END IF;
+    IF channel IS NULL OR channel NOT IN ('email', 'telegram', 'push') THEN
+        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram or push', channel
+            USING ERRCODE = '22023';
+    END IF;
+    IF cardinality(vars_list) NOT IN (1, cardinality(user_ids)) THEN
+        RAISE EXCEPTION 'outbox: vars_list must hold 1 or % objects, not %',
+            cardinality(user_ids), cardinality(vars_list) USING ERRCODE = '22023';
+    END IF;
+
+    INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars,
+                                next_attempt_at)
+    SELECT enqueue_many.lane,
+           coalesce(enqueue_many.priority,
+                    CASE enqueue_many.lane WHEN 'transactional' THEN 0 ELSE 100 END),
+           enqueue_many.channel, u.user_id, enqueue_many.template,
+           CASE WHEN cardinality(vars_list) = 1 THEN vars_list[1] ELSE vars_list[u.ord] END,
+           greatest(coalesce(enqueue_many.send_at, now()), now())
+      FROM unnest(user_ids) WITH ORDINALITY AS u(user_id, ord);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+
+    IF send_at IS NULL OR send_at <= now() THEN
+        PERFORM outbox._wake_dispatchers();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The operator interface.
+-- ---------------------------------------------------------------------------
+CREATE VIEW outbox.dead_letter AS
+SELECT id, lane, channel, user_id, template, attempts, error_class, last_error,
+       created_at, dead_at, vars
+  FROM outbox.message
+ WHERE status = 'dead';
+COMMENT ON VIEW outbox.dead_letter IS 'One row per dead message; redrive with outbox.retry_dead';
+
+CREATE VIEW outbox.queue_stats AS
+SELECT lane, channel, status,
+       count(*)::bigint AS count,
+       min(CASE status WHEN 'dead' THEN dead_at ELSE created_at END) AS oldest_at,
+       extract(epoch FROM now() - min(CASE status WHEN 'dead' THEN dead_at
+                                                  ELSE created_at END))::double precision
+           AS oldest_age_seconds
+  FROM outbox.message
+ GROUP BY lane, channel, status;
+COMMENT ON VIEW outbox.queue_stats IS 'Per lane, channel and status: count and age of the oldest';
+
+CREATE FUNCTION outbox.retry_dead(ids bigint[] DEFAULT NULL) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE outbox.message
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), dead_at = NULL,
+           last_error = NULL, error_class = NULL
+     WHERE status = 'dead' AND (ids IS NULL OR id = ANY (ids));
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM outbox._wake_dispatchers();
+    END IF;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION outbox.retry_dead(bigint[]) IS
+    'Dead messages back to pending with attempts reset; NULL means all; returns the count';
+
+CREATE FUNCTION outbox.purge_dead(older_than interval) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'outbox: older_than must be a non-negative interval'
+            USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM outbox.message WHERE status = 'dead' AND dead_at < now() - older_than;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION outbox.purge_dead(interval) IS
+    'Delete dead messages that died longer ago than older_than; returns the count';
+
+CREATE FUNCTION outbox.prune_history(older_than interval) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '1 hour' THEN
+        RAISE EXCEPTION 'outbox: older_than must be at least 1 hour' USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM outbox.attempt WHERE created_at < now() - older_than;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    DELETE FROM outbox.idempotency_key WHERE created_at < now() - older_than;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION outbox.prune_history(interval) IS
+    'Retention: delete attempt rows and idempotency keys older than older_than';
+
+-- ---------------------------------------------------------------------------
+-- Privileges. Functions are executable by PUBLIC by default; take that back.
+-- ---------------------------------------------------------------------------
+REVOKE ALL ON SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA outbox TO outbox_producer, outbox_dispatcher, outbox_inspector;
+
+GRANT EXECUTE ON FUNCTION
+    outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval),
+    outbox.enqueue_many(text, text, text[], jsonb[], text, timestamptz, smallint)
+    TO outbox_producer, outbox_dispatcher;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON
+    outbox.message, outbox.sleeper, outbox.rate_limit, outbox.channel_state,
+    outbox.push_subscription
+    TO outbox_dispatcher;
+GRANT SELECT, UPDATE ON outbox.recipient TO outbox_dispatcher;
+GRANT SELECT, INSERT ON outbox.attempt TO outbox_dispatcher;
+GRANT SELECT ON outbox.dead_letter, outbox.queue_stats TO outbox_dispatcher;
+GRANT EXECUTE ON FUNCTION
+    outbox.retry_dead(bigint[]), outbox.purge_dead(interval), outbox.prune_history(interval),
+    outbox._wake_dispatchers()
+    TO outbox_dispatcher;
+
+GRANT SELECT ON outbox.dead_letter, outbox.queue_stats TO outbox_inspector;

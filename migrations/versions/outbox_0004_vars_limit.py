@@ -1,0 +1,23 @@
+"""A size limit on vars for producers that call the SQL functions directly.
+
+Revision ID: outbox_0004
+Revises: outbox_0003
+Create Date: 2026-11-22
+"""
+
+from __future__ import annotations
+
+from outbox._migrate import run_sql_file
+
+revision = "outbox_0004"
+down_revision = "outbox_0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_file(__file__, "upgrade")
+
+
+def downgrade() -> None:
+    run_sql_file(__file__, "downgrade")

@@ -1,0 +1,52 @@
+"""outbox: a transactional outbox inside PostgreSQL for trading notifications.
+
+Write a message in the same transaction as the business change::
+
+    import outbox
+
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE positions SET state = 'close_failed' WHERE id = %s", [pid])
+        outbox.enqueue(conn, user_id="u42", channel="email",
+                       template="position_failure_sl", vars={...})
+
+Rollback means no message; commit means delivery, at least once. outbox never
+begins, commits, rolls back or flushes the caller's transaction.
+"""
+
+from outbox._campaign import CampaignResult, enqueue_campaign, enqueue_campaign_async
+from outbox._enqueue import enqueue, enqueue_async
+from outbox._errors import (
+    ConfigurationError,
+    InvalidMessage,
+    MissingTemplateVariables,
+    OutboxError,
+    TemplateRenderError,
+    UnknownTemplate,
+)
+from outbox._recipients import (
+    add_push_subscription,
+    add_push_subscription_async,
+    upsert_recipient,
+    upsert_recipient_async,
+)
+from outbox._settings import Settings
+
+__all__ = [
+    "CampaignResult",
+    "ConfigurationError",
+    "InvalidMessage",
+    "MissingTemplateVariables",
+    "OutboxError",
+    "Settings",
+    "TemplateRenderError",
+    "UnknownTemplate",
+    "add_push_subscription",
+    "add_push_subscription_async",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_campaign",
+    "enqueue_campaign_async",
+    "upsert_recipient",
+    "upsert_recipient_async",
+]
+__version__ = "0.1.0"

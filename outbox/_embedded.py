@@ -1,0 +1,53 @@
+"""An embedded PostgreSQL from PyPI (pgserver), for the demo and the test suite.
+
+pgserver ships PostgreSQL binaries in its wheel and runs the server on a Unix
+socket inside the data folder, as root or not (as root it runs the server under a
+dedicated system user). Install it with the ``embedded`` extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from outbox._errors import ConfigurationError
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedPostgres:
+    """A running embedded server and how to reach it."""
+
+    server: Any
+    socket_dir: str
+    port: int
+    user: str
+
+    def url(self, dbname: str = "postgres") -> str:
+        """A libpq URL for ``dbname`` on this server."""
+        return f"postgresql://{self.user}@/{dbname}?host={self.socket_dir}&port={self.port}"
+
+    def stop(self) -> None:
+        """Stop the server (its data folder stays unless it was started to delete)."""
+        self.server.cleanup()
+
+
+def start_embedded(data_dir: Path, *, delete_on_stop: bool = False) -> EmbeddedPostgres:
+    """Start (or reuse) an embedded PostgreSQL with its data in ``data_dir``."""
+    try:
+        from pgserver.postgres_server import get_server
+    except ImportError:
+        raise ConfigurationError(
+            "no PostgreSQL configured and pgserver is not installed: "
+            "pip install 'outbox[embedded]' or set OUTBOX_DATABASE_URL"
+        ) from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir, cleanup_mode="delete" if delete_on_stop else "stop")
+    parts = urlsplit(server.get_uri())
+    query = parse_qs(parts.query)
+    socket_dir = query.get("host", [parts.hostname or ""])[0]
+    port = int(query.get("port", [parts.port or 5432])[0])
+    return EmbeddedPostgres(
+        server=server, socket_dir=socket_dir, port=port, user=parts.username or "postgres"
+    )

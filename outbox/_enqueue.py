@@ -1,0 +1,275 @@
+"""Write messages inside the caller's transaction.
+
+The contract, repeated in every public docstring: rows go through the caller's
+connection or session; outbox never begins, commits, rolls back or flushes the
+caller's transaction. Every argument is checked in Python *before* a statement is
+sent, so an :class:`~outbox.InvalidMessage` leaves the transaction usable and
+nothing written. Rollback means no message; commit means delivery, at least once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from outbox._db import fetch_one, fetch_one_async
+from outbox._errors import InvalidMessage
+from outbox._templates import default_catalog
+
+CHANNELS = ("email", "telegram", "push")
+LANES = ("transactional", "campaign")
+PRIORITY_RANGES = {"transactional": range(0, 100), "campaign": range(100, 200)}
+MAX_VARS_BYTES = 256 * 1024
+MAX_ID_LENGTH = 255
+DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
+_TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,100}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageSpec:
+    """A validated enqueue request, ready to be bound to the ``enqueue`` statement."""
+
+    channel: str
+    template: str
+    user_id: str
+    vars_json: str
+    lane: str
+    idempotency_key: str | None
+    send_at: datetime | None
+    priority: int | None
+    fallback: tuple[str, ...] | None
+    dedup_window: timedelta
+
+    def params(self) -> dict[str, Any]:
+        """Parameters of the ``enqueue`` statement in ``sql/queries.sql``."""
+        return {
+            "channel": self.channel,
+            "template": self.template,
+            "user_id": self.user_id,
+            "vars": self.vars_json,
+            "lane": self.lane,
+            "idempotency_key": self.idempotency_key,
+            "send_at": self.send_at,
+            "priority": self.priority,
+            "fallback": list(self.fallback) if self.fallback is not None else None,
+            "dedup_window": self.dedup_window,
+        }
+
+
+def check_text(name: str, value: object, *, max_length: int = MAX_ID_LENGTH) -> str:
+    """Return ``value`` if it is a non-empty string PostgreSQL can store, else raise."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidMessage(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise InvalidMessage(f"{name} is {len(value)} characters long; the limit is {max_length}")
+    if "\x00" in value:
+        raise InvalidMessage(f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"{name} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def check_channel(channel: object) -> str:
+    """Return ``channel`` if it names a known channel, else raise."""
+    if channel not in CHANNELS:
+        raise InvalidMessage(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+    return str(channel)
+
+
+def check_lane(lane: object) -> str:
+    """Return ``lane`` if it names a known lane, else raise."""
+    if lane not in LANES:
+        raise InvalidMessage(f"unknown lane {lane!r}; expected one of {', '.join(LANES)}")
+    return str(lane)
+
+
+def check_template_name(template: object) -> str:
+    """Return ``template`` if it is a well-formed template name, else raise."""
+    if not isinstance(template, str) or not _TEMPLATE_NAME.match(template):
+        raise InvalidMessage(
+            f"template name {template!r} must be 1-100 characters of a-z, 0-9 and _"
+        )
+    return template
+
+
+def encode_vars(vars: object) -> str:
+    """Serialise template variables to JSON text that PostgreSQL's jsonb accepts."""
+    if not isinstance(vars, Mapping):
+        raise InvalidMessage(f"vars must be a mapping, not {type(vars).__name__}")
+    for key in vars:
+        if not isinstance(key, str):
+            raise InvalidMessage(f"vars keys must be strings, not {type(key).__name__}")
+    try:
+        text = json.dumps(vars, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        raise InvalidMessage(f"vars are not JSON-serialisable: {error}") from None
+    if "\\u0000" in text:
+        raise InvalidMessage("vars contain a NUL character, which PostgreSQL cannot store")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidMessage("vars contain invalid Unicode (a lone surrogate)") from None
+    if size > MAX_VARS_BYTES:
+        raise InvalidMessage(f"vars are {size} bytes as JSON; the limit is {MAX_VARS_BYTES}")
+    return text
+
+
+def check_priority(lane: str, priority: object) -> int | None:
+    """Return ``priority`` if it lies within the lane's range, else raise."""
+    if priority is None:
+        return None
+    allowed = PRIORITY_RANGES[lane]
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in allowed:
+        raise InvalidMessage(
+            f"priority {priority!r} is outside the {lane} lane's range "
+            f"{allowed.start}..{allowed.stop - 1}"
+        )
+    return priority
+
+
+def check_send_at(send_at: object) -> datetime | None:
+    """Return ``send_at`` if it is a timezone-aware datetime (or None), else raise."""
+    if send_at is None:
+        return None
+    if not isinstance(send_at, datetime):
+        raise InvalidMessage(f"send_at must be a datetime, not {type(send_at).__name__}")
+    if send_at.tzinfo is None or send_at.utcoffset() is None:
+        raise InvalidMessage("send_at must be timezone-aware (e.g. datetime.now(UTC))")
+    return send_at
+
+
+def check_fallback(fallback: object, channel: str) -> tuple[str, ...] | None:
+    """Return the fallback channels as a tuple (or None for the user's default order)."""
+    if fallback is None:
+        return None
+    if isinstance(fallback, str) or not isinstance(fallback, Sequence):
+        raise InvalidMessage("fallback must be a list of channel names")
+    result = tuple(check_channel(item) for item in fallback)
+    if channel in result:
+        raise InvalidMessage(f"fallback must not repeat the message's own channel {channel!r}")
+    if len(set(result)) != len(result):
+        raise InvalidMessage("fallback lists a channel twice")
+    return result
+
+
+def build_message(
+    *,
+    user_id: object,
+    channel: object,
+    template: object,
+    vars: object,
+    lane: object = "transactional",
+    idempotency_key: object = None,
+    send_at: object = None,
+    fallback: object = None,
+    priority: object = None,
+    dedup_window: timedelta = DEFAULT_DEDUP_WINDOW,
+    validate_template: bool = True,
+) -> MessageSpec:
+    """Validate one enqueue request; raise :class:`InvalidMessage` on any problem."""
+    checked_channel = check_channel(channel)
+    checked_lane = check_lane(lane)
+    checked_user = check_text("user_id", user_id)
+    checked_template = check_template_name(template)
+    vars_json = encode_vars(vars)
+    key = None if idempotency_key is None else check_text("idempotency_key", idempotency_key)
+    if validate_template:
+        assert isinstance(vars, Mapping)
+        default_catalog().validate(checked_channel, checked_template, vars)
+    return MessageSpec(
+        channel=checked_channel,
+        template=checked_template,
+        user_id=checked_user,
+        vars_json=vars_json,
+        lane=checked_lane,
+        idempotency_key=key,
+        send_at=check_send_at(send_at),
+        priority=check_priority(checked_lane, priority),
+        fallback=check_fallback(fallback, checked_channel),
+        dedup_window=dedup_window,
+    )
+
+
+def enqueue(
+    conn: Any,
+    *,
+    user_id: str,
+    channel: str,
+    template: str,
+    vars: Mapping[str, Any],
+    lane: str = "transactional",
+    idempotency_key: str | None = None,
+    send_at: datetime | None = None,
+    fallback: Sequence[str] | None = None,
+    priority: int | None = None,
+) -> int:
+    """Write one message in the caller's transaction and return its id.
+
+    ``conn`` is a psycopg ``Connection`` or a SQLAlchemy ``Session`` or
+    ``Connection``. The message exists if and only if the caller's transaction
+    commits; outbox never begins, commits, rolls back or flushes it.
+
+    A repeated ``idempotency_key`` within 24 hours (delivered messages included)
+    writes nothing and returns the first message's id. ``fallback`` lists the
+    channels to try, in order, if this one cannot reach the user (default: the
+    user's preferred order). ``priority`` orders messages within the lane (lower
+    is sooner; transactional 0-99, campaign 100-199).
+
+    Raises :class:`~outbox.InvalidMessage` (unknown channel, lane or template,
+    missing template variables, vars that are not JSON, an empty user id) before
+    anything is sent to the database, so the transaction stays usable.
+    """
+    spec = build_message(
+        user_id=user_id,
+        channel=channel,
+        template=template,
+        vars=vars,
+        lane=lane,
+        idempotency_key=idempotency_key,
+        send_at=send_at,
+        fallback=fallback,
+        priority=priority,
+    )
+    row = fetch_one(conn, "enqueue", spec.params())
+    assert row is not None
+    return int(row[0])
+
+
+async def enqueue_async(
+    conn: Any,
+    *,
+    user_id: str,
+    channel: str,
+    template: str,
+    vars: Mapping[str, Any],
+    lane: str = "transactional",
+    idempotency_key: str | None = None,
+    send_at: datetime | None = None,
+    fallback: Sequence[str] | None = None,
+    priority: int | None = None,
+) -> int:
+    """Asynchronous :func:`enqueue` for psycopg ``AsyncConnection`` and SQLAlchemy
+    ``AsyncSession`` or ``AsyncConnection``; same contract, same SQL.
+    """
+    spec = build_message(
+        user_id=user_id,
+        channel=channel,
+        template=template,
+        vars=vars,
+        lane=lane,
+        idempotency_key=idempotency_key,
+        send_at=send_at,
+        fallback=fallback,
+        priority=priority,
+    )
+    row = await fetch_one_async(conn, "enqueue", spec.params())
+    assert row is not None
+    return int(row[0])

@@ -1,0 +1,275 @@
+"""Settings: one object per process, built from ``OUTBOX_*`` variables at start-up.
+
+Nothing here reads the environment at import time; call :meth:`Settings.from_env`
+once in the entry point and pass the object down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from outbox._errors import ConfigurationError
+
+SmtpTls = Literal["none", "starttls", "tls"]
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_PUSH_ALLOWED_HOSTS = (
+    "fcm.googleapis.com",
+    "android.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "*.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "web.push.apple.com",
+    "*.push.apple.com",
+)
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value; call only where it is handed to a provider."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """At most ``count`` events per ``per_seconds``."""
+
+    count: int
+    per_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.count <= 0 or self.per_seconds <= 0:
+            raise ConfigurationError("a rate limit needs a positive count and period")
+
+    @property
+    def per_second(self) -> float:
+        """The sustained rate in events per second."""
+        return self.count / self.per_seconds
+
+
+_RATE = re.compile(r"^\s*([a-z_]+)\s*=\s*(\d+)\s*/\s*(\d*)\s*([smh])\s*$")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+RATE_LIMIT_KEYS = ("email", "telegram", "telegram_chat", "push")
+DEFAULT_RATE_LIMITS = "email=100/m,telegram=20/s,telegram_chat=1/s"
+
+
+def parse_rate_limits(text: str) -> dict[str, RateLimit]:
+    """Parse ``email=100/m,telegram=20/s,telegram_chat=1/s`` (or ``off``)."""
+    if text.strip().lower() == "off":
+        return {}
+    limits: dict[str, RateLimit] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = _RATE.match(item)
+        if not match:
+            raise ConfigurationError(
+                f"OUTBOX_RATE_LIMITS: cannot read {item!r}; expected e.g. 'telegram=20/s'"
+            )
+        key, count, multiple, unit = match.groups()
+        if key not in RATE_LIMIT_KEYS:
+            raise ConfigurationError(
+                f"OUTBOX_RATE_LIMITS: unknown key {key!r}; expected one of {RATE_LIMIT_KEYS}"
+            )
+        period = float(multiple or 1) * _UNIT_SECONDS[unit]
+        limits[key] = RateLimit(count=int(count), per_seconds=period)
+    return limits
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``90``, ``90s``, ``15m``, ``2h`` or ``7d`` into seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise ConfigurationError(f"cannot read duration {text!r}; expected e.g. 30s, 15m, 7d")
+    value, unit = match.groups()
+    return float(value) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigurationError(
+            f"OUTBOX_RETRY_DELAYS: cannot read {text!r}; expected seconds like 1,2,4,8,16"
+        ) from None
+    if not delays or any(d < 0 for d in delays):
+        raise ConfigurationError("OUTBOX_RETRY_DELAYS needs at least one non-negative delay")
+    return delays
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "1", "true", "yes"):
+        return True
+    if raw in ("off", "0", "false", "no"):
+        return False
+    raise ConfigurationError(f"{name} must be on or off, not {raw!r}")
+
+
+def _list(raw: str | None) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every ``OUTBOX_*`` setting, validated."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: Secret = field(default_factory=lambda: Secret(""))
+    smtp_from: str = "alerts@localhost"
+    smtp_tls: SmtpTls = "none"
+    smtp_allowed_senders: tuple[str, ...] = ()
+    smtp_timeout: float = 30.0
+
+    telegram_bot_token: Secret = field(default_factory=lambda: Secret(""))
+    telegram_api_url: str = "https://api.telegram.org"
+
+    vapid_private_key: Secret = field(default_factory=lambda: Secret(""))
+    vapid_public_key: str = ""
+    vapid_subject: str = "mailto:alerts@localhost"
+    push_allowed_hosts: tuple[str, ...] = DEFAULT_PUSH_ALLOWED_HOSTS
+    push_timeout: float = 10.0
+    push_ttl: int = 3600
+
+    api_jwt_secret: Secret = field(default_factory=lambda: Secret(""))
+    templates_dir: Path | None = None
+    platform_base_url: str = "https://platform.example.com"
+
+    retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    max_attempts: int = 5
+    lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    rate_limits: Mapping[str, RateLimit] = field(
+        default_factory=lambda: parse_rate_limits(DEFAULT_RATE_LIMITS)
+    )
+    dispatcher_id: str | None = None
+    listen: bool = True
+    db_timeout: float = 15.0
+    """Seconds one database round trip of the dispatcher or the API may take before
+    the connection is treated as dead (cancelled, closed, replaced)."""
+    listen_database_url: str | None = None
+    """A direct connection for LISTEN when ``database_url`` goes through a
+    transaction-pooling PgBouncer (LISTEN needs a session of its own)."""
+    prepared_statements: bool = True
+    """Off behind PgBouncer in transaction mode (before 1.21): no server-side
+    prepared statements on the dispatcher's and the API's connections."""
+
+    def __post_init__(self) -> None:
+        if self.smtp_tls not in ("none", "starttls", "tls"):
+            raise ConfigurationError(
+                f"OUTBOX_SMTP_TLS must be none, starttls or tls, not {self.smtp_tls!r}"
+            )
+        if self.max_attempts < 1:
+            raise ConfigurationError("OUTBOX_MAX_ATTEMPTS must be at least 1")
+        if self.lease_seconds < 1:
+            raise ConfigurationError("OUTBOX_LEASE_SECONDS must be at least 1")
+        if self.db_timeout <= 0:
+            raise ConfigurationError("OUTBOX_DB_TIMEOUT must be positive")
+
+    @property
+    def allowed_senders(self) -> tuple[str, ...]:
+        """Addresses allowed in ``From``; the configured sender is always one."""
+        return self.smtp_allowed_senders or (self.smtp_from,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``OUTBOX_*`` variables (``os.environ`` by default)."""
+        env = os.environ if environ is None else environ
+        get = env.get
+        tls = (get("OUTBOX_SMTP_TLS") or "none").strip().lower()
+        templates_dir = get("OUTBOX_TEMPLATES_DIR")
+        hosts = _list(get("OUTBOX_PUSH_ALLOWED_HOSTS"))
+        return cls(
+            database_url=get("OUTBOX_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            smtp_host=get("OUTBOX_SMTP_HOST") or "127.0.0.1",
+            smtp_port=_int(env, "OUTBOX_SMTP_PORT", 465 if tls == "tls" else 25, 1),
+            smtp_username=get("OUTBOX_SMTP_USERNAME") or None,
+            smtp_password=Secret(get("OUTBOX_SMTP_PASSWORD") or ""),
+            smtp_from=get("OUTBOX_SMTP_FROM") or "alerts@localhost",
+            smtp_tls=tls,  # type: ignore[arg-type]  # validated in __post_init__
+            smtp_allowed_senders=_list(get("OUTBOX_SMTP_ALLOWED_SENDERS")),
+            smtp_timeout=_float(env, "OUTBOX_SMTP_TIMEOUT", 30.0, 0.1),
+            telegram_bot_token=Secret(get("OUTBOX_TELEGRAM_BOT_TOKEN") or ""),
+            telegram_api_url=(get("OUTBOX_TELEGRAM_API_URL") or "https://api.telegram.org").rstrip(
+                "/"
+            ),
+            vapid_private_key=Secret(get("OUTBOX_VAPID_PRIVATE_KEY") or ""),
+            vapid_public_key=get("OUTBOX_VAPID_PUBLIC_KEY") or "",
+            vapid_subject=get("OUTBOX_VAPID_SUBJECT") or "mailto:alerts@localhost",
+            push_allowed_hosts=hosts or DEFAULT_PUSH_ALLOWED_HOSTS,
+            push_timeout=_float(env, "OUTBOX_PUSH_TIMEOUT", 10.0, 0.1),
+            push_ttl=_int(env, "OUTBOX_PUSH_TTL", 3600, 0),
+            api_jwt_secret=Secret(get("OUTBOX_API_JWT_SECRET") or ""),
+            templates_dir=Path(templates_dir) if templates_dir else None,
+            platform_base_url=(
+                get("OUTBOX_PLATFORM_BASE_URL") or "https://platform.example.com"
+            ).rstrip("/"),
+            retry_delays=_delays(get("OUTBOX_RETRY_DELAYS") or "1,2,4,8,16"),
+            max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 5, 1),
+            lease_seconds=_float(env, "OUTBOX_LEASE_SECONDS", 30.0, 1.0),
+            poll_interval=_float(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
+            rate_limits=parse_rate_limits(get("OUTBOX_RATE_LIMITS") or DEFAULT_RATE_LIMITS),
+            dispatcher_id=get("OUTBOX_DISPATCHER_ID") or None,
+            listen=(get("OUTBOX_LISTEN") or "on").strip().lower() not in ("off", "0", "false"),
+            db_timeout=_float(env, "OUTBOX_DB_TIMEOUT", 15.0, 0.1),
+            listen_database_url=get("OUTBOX_LISTEN_DATABASE_URL") or None,
+            prepared_statements=_switch(env, "OUTBOX_PREPARED_STATEMENTS", True),
+        )

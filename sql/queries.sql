@@ -1,0 +1,477 @@
+-- Named statements used by outbox (producer side) and the dispatcher.
+-- Each block: a `-- name --` header, a line saying what it does, the statement.
+-- Casts are written CAST(x AS t) so the same text also works through
+-- SQLAlchemy's text() with :name placeholders.
+
+-- ===================================================================== producer
+
+-- enqueue --
+-- Write one message in the caller's transaction; returns its id.
+SELECT outbox.enqueue(
+    %(channel)s, %(template)s, %(user_id)s, CAST(%(vars)s AS jsonb), %(lane)s,
+    %(idempotency_key)s, CAST(%(send_at)s AS timestamptz), CAST(%(priority)s AS smallint),
+    CAST(%(fallback)s AS text[]), CAST(%(dedup_window)s AS interval)
+)
+
+-- enqueue_many --
+-- Write one message per user id in one statement; returns the count written.
+SELECT outbox.enqueue_many(
+    %(channel)s, %(template)s, CAST(%(user_ids)s AS text[]), CAST(%(vars_list)s AS jsonb[]),
+    %(lane)s, CAST(%(send_at)s AS timestamptz), CAST(%(priority)s AS smallint)
+)
+
+-- upsert_recipient --
+-- Insert or update a recipient; only the columns passed as non-null change.
+INSERT INTO outbox.recipient AS r (
+    user_id, email, telegram_chat_id, timezone, quiet_hours_start, quiet_hours_end,
+    disabled_channels, campaign_opt_out, fallback_order
+) VALUES (
+    %(user_id)s, %(email)s, %(telegram_chat_id)s, coalesce(%(timezone)s, 'UTC'),
+    CAST(%(quiet_hours_start)s AS time), CAST(%(quiet_hours_end)s AS time),
+    coalesce(CAST(%(disabled_channels)s AS text[]), '{}'),
+    coalesce(%(campaign_opt_out)s, false), CAST(%(fallback_order)s AS text[])
+)
+ON CONFLICT (user_id) DO UPDATE SET
+    email = coalesce(excluded.email, r.email),
+    email_undeliverable_at = CASE
+        WHEN excluded.email IS DISTINCT FROM r.email AND %(email)s IS NOT NULL THEN NULL
+        ELSE r.email_undeliverable_at END,
+    telegram_chat_id = coalesce(excluded.telegram_chat_id, r.telegram_chat_id),
+    telegram_blocked_at = CASE
+        WHEN %(telegram_chat_id)s IS NOT NULL THEN NULL ELSE r.telegram_blocked_at END,
+    timezone = coalesce(%(timezone)s, r.timezone),
+    quiet_hours_start = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_start
+                             ELSE r.quiet_hours_start END,
+    quiet_hours_end = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_end
+                           ELSE r.quiet_hours_end END,
+    disabled_channels = coalesce(CAST(%(disabled_channels)s AS text[]), r.disabled_channels),
+    campaign_opt_out = coalesce(%(campaign_opt_out)s, r.campaign_opt_out),
+    fallback_order = coalesce(CAST(%(fallback_order)s AS text[]), r.fallback_order),
+    updated_at = now()
+
+-- add_push_subscription --
+-- Store a browser subscription (endpoint unique: a re-subscription moves it).
+INSERT INTO outbox.push_subscription (user_id, endpoint, p256dh, auth)
+VALUES (%(user_id)s, %(endpoint)s, %(p256dh)s, %(auth)s)
+ON CONFLICT (endpoint) DO UPDATE
+    SET user_id = excluded.user_id, p256dh = excluded.p256dh, auth = excluded.auth,
+        created_at = now()
+RETURNING id
+
+-- ===================================================================== operator
+
+-- queue_stats --
+-- Depth and age of the oldest message per lane, channel and status.
+SELECT lane, channel, status, count, oldest_age_seconds
+  FROM outbox.queue_stats
+ ORDER BY lane DESC, channel, status
+
+-- dead_letters --
+-- The newest dead messages first.
+SELECT id, lane, channel, user_id, template, attempts, error_class, last_error, dead_at
+  FROM outbox.dead_letter
+ ORDER BY dead_at DESC, id DESC
+ LIMIT %(limit)s
+
+-- dead_letter --
+-- One dead message with its vars.
+SELECT id, lane, channel, user_id, template, attempts, error_class, last_error,
+       created_at, dead_at, vars
+  FROM outbox.dead_letter
+ WHERE id = %(id)s
+
+-- message_history --
+-- Every attempt logged for one message, oldest first.
+SELECT created_at, attempt, outcome, error_class, error, duration_ms, dispatcher_id
+  FROM outbox.attempt
+ WHERE message_id = %(id)s
+ ORDER BY id
+
+-- retry_dead --
+-- Dead messages back to pending (NULL ids: all of them).
+SELECT outbox.retry_dead(CAST(%(ids)s AS bigint[]))
+
+-- purge_dead --
+-- Delete dead messages older than the interval.
+SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
+
+-- =================================================================== dispatcher
+
+-- claim_batch --
+-- Lease up to %(batch_size)s due messages (most urgent first) plus messages whose
+-- lease expired because their dispatcher died; paused channels are left alone.
+-- Every claim passes a fresh %(lease_token)s: the token fences this claim's
+-- messages, so a stale finish (a lease lost and claimed again) matches nothing.
+-- Each row comes with its recipient (the columns of `recipients`, NULL when the
+-- user is unknown), so claiming a batch is one round trip. vars come back as text:
+-- jsonb's canonical text is also the dispatcher's render cache key.
+WITH async_commit AS (
+    -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
+    -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
+    SELECT set_config('synchronous_commit', 'off', true)
+), paused AS (
+    -- channels whose circuit breaker is open
+    SELECT coalesce(array_agg(channel), '{}') AS channels
+      FROM outbox.channel_state WHERE paused_until > now()
+), due AS (
+    -- pending and due, in claim order, through message_claim_idx
+    SELECT m.id FROM outbox.message m, paused
+     WHERE m.status = 'pending' AND m.next_attempt_at <= now()
+       AND m.channel <> ALL (paused.channels)
+     ORDER BY m.priority, m.next_attempt_at, m.id
+     LIMIT %(batch_size)s
+     FOR UPDATE OF m SKIP LOCKED
+), expired AS (
+    -- in flight, but nobody renewed the lease: the dispatcher is gone
+    SELECT m.id FROM outbox.message m
+     WHERE m.status = 'sending' AND m.leased_until < now()
+     ORDER BY m.leased_until
+     LIMIT %(batch_size)s
+     FOR UPDATE OF m SKIP LOCKED
+), claimed AS (
+    -- the lease
+    UPDATE outbox.message m
+       SET status = 'sending',
+           lease_token = CAST(%(lease_token)s AS uuid),
+           leased_until = now() + make_interval(secs => %(lease_seconds)s),
+           leased_by = %(dispatcher_id)s
+     WHERE m.id = ANY (ARRAY(SELECT id FROM due UNION ALL SELECT id FROM expired))
+    RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
+              m.fallback, m.attempts
+)
+SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template, CAST(c.vars AS text),
+       c.fallback, c.attempts,
+       r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
+       r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
+       r.email_undeliverable_at IS NOT NULL,
+       r.telegram_blocked_at IS NOT NULL,
+       coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
+                   FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
+  FROM claimed c
+ CROSS JOIN async_commit
+  LEFT JOIN outbox.recipient r ON r.user_id = c.user_id
+
+-- recipients --
+-- Addresses, preferences and push subscriptions of the given users (the claim
+-- returns the same columns with each message).
+SELECT r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
+       r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
+       r.email_undeliverable_at IS NOT NULL AS email_undeliverable,
+       r.telegram_blocked_at IS NOT NULL AS telegram_blocked,
+       coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
+                   FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
+           AS subscriptions
+  FROM outbox.recipient r
+ WHERE r.user_id = ANY (CAST(%(user_ids)s AS text[]))
+
+-- extend_leases --
+-- Heartbeat: push the lease of our in-flight messages forward.
+UPDATE outbox.message m
+   SET leased_until = now() + make_interval(secs => %(lease_seconds)s)
+  FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[])) AS l(id, token)
+ WHERE m.id = l.id AND m.lease_token = l.token
+RETURNING m.id
+
+-- finish_sent --
+-- Delivered: delete the rows we still lease and log one 'sent' attempt each.
+WITH done AS (
+    DELETE FROM outbox.message m
+     USING unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]),
+                  CAST(%(durations)s AS float8[])) AS d(id, token, duration_ms)
+     WHERE m.id = d.id AND m.lease_token = d.token
+    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, d.duration_ms
+)
+INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                            duration_ms, dispatcher_id)
+SELECT id, lane, channel, user_id, template, attempts + 1, 'sent', duration_ms,
+       %(dispatcher_id)s
+  FROM done
+RETURNING message_id
+
+-- finish_requeue --
+-- Back to pending at now() + delay: retries (attempt burned) and deferrals
+-- (rate limit, quiet hours, outage: not burned). Logs one attempt row each.
+WITH f AS (
+    SELECT * FROM unnest(
+        CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(delays)s AS float8[]),
+        CAST(%(burn)s AS boolean[]), CAST(%(outcomes)s AS text[]),
+        CAST(%(error_classes)s AS text[]), CAST(%(errors)s AS text[]),
+        CAST(%(durations)s AS float8[])
+    ) AS f(id, token, delay, burn, outcome, error_class, error, duration_ms)
+), moved AS (
+    UPDATE outbox.message m
+       SET status = 'pending',
+           attempts = m.attempts + CASE WHEN f.burn THEN 1 ELSE 0 END,
+           next_attempt_at = now() + make_interval(secs => f.delay),
+           lease_token = NULL, leased_until = NULL, leased_by = NULL,
+           last_error = coalesce(f.error, m.last_error),
+           error_class = coalesce(f.error_class, m.error_class)
+      FROM f
+     WHERE m.id = f.id AND m.lease_token = f.token
+    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, f.burn, f.outcome,
+              f.error_class, f.error, f.duration_ms
+)
+INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                            error_class, error, duration_ms, dispatcher_id)
+SELECT id, lane, channel, user_id, template,
+       CASE WHEN burn THEN attempts ELSE attempts + 1 END,
+       outcome, error_class, error, duration_ms, %(dispatcher_id)s
+  FROM moved
+RETURNING message_id
+
+-- finish_dead --
+-- Dead letters: permanent failures and exhausted retries, kept for operators.
+WITH f AS (
+    SELECT * FROM unnest(
+        CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]),
+        CAST(%(error_classes)s AS text[]), CAST(%(errors)s AS text[]),
+        CAST(%(durations)s AS float8[])
+    ) AS f(id, token, error_class, error, duration_ms)
+), died AS (
+    UPDATE outbox.message m
+       SET status = 'dead', attempts = m.attempts + 1, dead_at = now(),
+           lease_token = NULL, leased_until = NULL, leased_by = NULL,
+           last_error = f.error, error_class = f.error_class
+      FROM f
+     WHERE m.id = f.id AND m.lease_token = f.token
+    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, f.error_class,
+              f.error, f.duration_ms
+)
+INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                            error_class, error, duration_ms, dispatcher_id)
+SELECT id, lane, channel, user_id, template, attempts, 'dead', error_class, error,
+       duration_ms, %(dispatcher_id)s
+  FROM died
+RETURNING message_id
+
+-- finish_handoff --
+-- Skipped or handed to another channel: delete the row, log the outcome, and write
+-- the follow-up message (if any) in the same statement.
+WITH f AS (
+    SELECT * FROM unnest(
+        CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(outcomes)s AS text[]),
+        CAST(%(error_classes)s AS text[]), CAST(%(errors)s AS text[]),
+        CAST(%(next_channels)s AS text[]), CAST(%(next_fallbacks)s AS text[]),
+        CAST(%(durations)s AS float8[])
+    ) AS f(id, token, outcome, error_class, error, next_channel, next_fallback, duration_ms)
+), gone AS (
+    DELETE FROM outbox.message m
+     USING f
+     WHERE m.id = f.id AND m.lease_token = f.token
+    RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
+              m.attempts, m.idempotency_key, f.outcome, f.error_class, f.error,
+              f.next_channel, f.next_fallback, f.duration_ms
+), logged AS (
+    INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
+                                outcome, error_class, error, duration_ms, dispatcher_id)
+    SELECT id, lane, channel, user_id, template, attempts + 1, outcome, error_class, error,
+           duration_ms, %(dispatcher_id)s
+      FROM gone
+)
+INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars, fallback)
+SELECT lane, priority, next_channel, user_id, template, vars,
+       CAST(string_to_array(nullif(next_fallback, ''), ',') AS text[])
+  FROM gone
+ WHERE next_channel IS NOT NULL
+RETURNING id
+
+-- release_leases --
+-- Shutdown: give unfinished messages back without burning an attempt.
+UPDATE outbox.message m
+   SET status = 'pending', lease_token = NULL, leased_until = NULL, leased_by = NULL
+  FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[])) AS l(id, token)
+ WHERE m.id = l.id AND m.lease_token = l.token
+RETURNING m.id
+
+-- register_sleeper --
+-- About to wait on LISTEN: ask producers to notify us, forget long-gone sleepers.
+WITH stale AS (
+    DELETE FROM outbox.sleeper
+     WHERE since < now() - make_interval(secs => %(stale_seconds)s)
+       AND dispatcher_id <> %(dispatcher_id)s
+)
+INSERT INTO outbox.sleeper (dispatcher_id) VALUES (%(dispatcher_id)s)
+ON CONFLICT (dispatcher_id) DO UPDATE SET since = now()
+
+-- unregister_sleeper --
+-- Awake and busy: producers need not notify on our account.
+DELETE FROM outbox.sleeper WHERE dispatcher_id = %(dispatcher_id)s
+
+-- next_due --
+-- Seconds until the next pending message is due, and whether any is in flight.
+-- A loose index scan of message_claim_idx: one descent per distinct priority to find
+-- it, one more for its earliest message; never a scan of the pending rows.
+WITH RECURSIVE priorities AS (
+    -- the lowest priority with a pending message, then the next higher, and so on
+    (SELECT priority FROM outbox.message WHERE status = 'pending'
+      ORDER BY priority LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.priority FROM outbox.message m
+             WHERE m.status = 'pending' AND m.priority > p.priority
+             ORDER BY m.priority LIMIT 1)
+      FROM priorities p
+     WHERE p.priority IS NOT NULL
+)
+SELECT CAST(extract(epoch FROM min(
+           (SELECT m.next_attempt_at FROM outbox.message m
+             WHERE m.status = 'pending' AND m.priority = p.priority
+             ORDER BY m.next_attempt_at LIMIT 1)) - now()) AS float8),
+       EXISTS (SELECT 1 FROM outbox.message WHERE status = 'sending')
+  FROM priorities p
+ WHERE p.priority IS NOT NULL
+
+-- effect_disable_telegram --
+-- The user blocked the bot.
+UPDATE outbox.recipient SET telegram_blocked_at = now(), updated_at = now()
+ WHERE user_id = %(user_id)s
+
+-- effect_email_undeliverable --
+-- The mail server refused the user's address.
+UPDATE outbox.recipient SET email_undeliverable_at = now(), updated_at = now()
+ WHERE user_id = %(user_id)s
+
+-- effect_telegram_chat --
+-- The chat migrated to a supergroup.
+UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
+ WHERE user_id = %(user_id)s
+
+-- effect_delete_subscription --
+-- The push service says the subscription is gone.
+DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
+
+-- take_token --
+-- Reserve one send from a token bucket shared by every replica; a negative result
+-- means the reservation starts -tokens/rate seconds from now.
+INSERT INTO outbox.rate_limit AS b (key, tokens, updated_at)
+VALUES (%(key)s, %(burst)s - 1, clock_timestamp())
+ON CONFLICT (key) DO UPDATE
+   SET tokens = least(%(burst)s,
+                      b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at)
+                                 * %(rate)s) - 1,
+       updated_at = clock_timestamp()
+RETURNING tokens
+
+-- return_token --
+-- Give back a reservation that will not be used.
+UPDATE outbox.rate_limit SET tokens = tokens + 1 WHERE key = %(key)s
+
+-- open_breaker --
+-- A channel-wide outage: pause the channel for every replica, longer each time.
+INSERT INTO outbox.channel_state AS s (channel, failures, paused_until, last_error, updated_at)
+VALUES (%(channel)s, 1, now() + make_interval(secs => %(base_seconds)s), %(error)s, now())
+ON CONFLICT (channel) DO UPDATE
+   SET failures = s.failures + CASE WHEN s.paused_until > now() THEN 0 ELSE 1 END,
+       paused_until = greatest(
+           s.paused_until,
+           now() + make_interval(secs => least(%(max_seconds)s,
+                                               %(base_seconds)s * 2 ^ least(s.failures, 10)))),
+       last_error = %(error)s, updated_at = now()
+RETURNING extract(epoch FROM paused_until - now())
+
+-- close_breaker --
+-- The channel delivered again: forget its outage.
+UPDATE outbox.channel_state SET failures = 0, paused_until = NULL, last_error = NULL,
+       updated_at = now()
+ WHERE channel = %(channel)s AND failures > 0
+
+-- ========================================================================== api
+
+-- api_pending_lag --
+-- Per lane: seconds the oldest due pending message has waited since it became due
+-- (scheduled and backed-off messages count from their due time, not creation).
+SELECT lane, CAST(extract(epoch FROM now() - min(next_attempt_at)) AS double precision)
+  FROM outbox.message
+ WHERE status = 'pending' AND next_attempt_at <= now()
+ GROUP BY lane
+
+-- api_log_test_attempt --
+-- Log one synchronous test send of the owner's API: is_test, never a queued message.
+INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                            error_class, error, duration_ms, dispatcher_id, is_test)
+VALUES (%(message_id)s, 'transactional', %(channel)s, %(user_id)s, %(template)s, 1,
+        %(outcome)s, %(error_class)s, %(error)s, %(duration_ms)s, %(caller)s, true)
+
+-- ================================================ dispatcher: shared limits (v2)
+-- Rate limits as send calendars and recipient paces, and a circuit breaker whose
+-- state every replica shares (dispatcher/_limits.py explains both).
+
+-- hold_pace --
+-- Lock one recipient's pace row for this transaction (created on first use); return
+-- the earliest moment its next send may go out and the database's clock, both in
+-- epoch seconds.
+INSERT INTO outbox.rate_limit AS p (key, tokens, updated_at)
+VALUES (%(key)s, 0, '-infinity')
+ON CONFLICT (key) DO UPDATE SET tokens = 0
+RETURNING CAST(extract(epoch FROM greatest(p.updated_at, clock_timestamp())) AS float8),
+          CAST(extract(epoch FROM clock_timestamp()) AS float8)
+
+-- hold_calendar --
+-- Take turns on one send calendar until the end of this transaction, so that
+-- replicas never race for the same slot.
+SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))
+
+-- set_pace --
+-- The recipient's next send may go out at %(next_at)s (epoch seconds).
+UPDATE outbox.rate_limit SET updated_at = to_timestamp(%(next_at)s) WHERE key = %(key)s
+
+-- take_slot --
+-- Take the first free slot of a send calendar at or after %(not_before)s (epoch
+-- seconds); slots lie %(interval)s seconds apart on a fixed grid and hold one send
+-- each. Returns the slot's key, its time (epoch) and the seconds until it; no row
+-- when none is free within %(horizon)s slots. Run under hold_calendar.
+WITH start AS (
+    -- the first grid point at or after both the wanted time and now
+    SELECT CAST(ceil(greatest(CAST(%(not_before)s AS float8),
+                              extract(epoch FROM clock_timestamp()))
+                     / %(interval)s) AS bigint) AS n
+)
+INSERT INTO outbox.rate_limit (key, tokens, updated_at)
+SELECT %(prefix)s || g.n, 0, to_timestamp(g.n * CAST(%(interval)s AS float8))
+  FROM start, generate_series(start.n, start.n + %(horizon)s) AS g(n)
+ WHERE NOT EXISTS (SELECT 1 FROM outbox.rate_limit r WHERE r.key = %(prefix)s || g.n)
+ ORDER BY g.n
+ LIMIT 1
+ON CONFLICT (key) DO NOTHING
+RETURNING key, CAST(extract(epoch FROM updated_at) AS float8),
+          CAST(extract(epoch FROM updated_at - clock_timestamp()) AS float8)
+
+-- release_slots --
+-- Give back calendar slots that a deferred message will not use.
+DELETE FROM outbox.rate_limit WHERE key = ANY (CAST(%(keys)s AS text[]))
+
+-- forget_past_slots --
+-- Calendar slots and recipient paces in the past constrain nothing: drop them.
+DELETE FROM outbox.rate_limit
+ WHERE (starts_with(key, 'slot:') OR starts_with(key, 'pace:'))
+   AND updated_at < clock_timestamp() - interval '10 seconds'
+
+-- trip_breaker --
+-- A channel-wide outage seen by any replica pauses the channel for all of them. A
+-- report while it is paused already (a send that began earlier) changes nothing but
+-- the error; each probe that fails after a pause doubles the next pause.
+INSERT INTO outbox.channel_state AS s (channel, failures, paused_until, last_error, updated_at)
+VALUES (%(channel)s, 1, now() + make_interval(secs => %(base_seconds)s), %(error)s, now())
+ON CONFLICT (channel) DO UPDATE
+   SET failures = s.failures + CASE WHEN s.paused_until > now() THEN 0 ELSE 1 END,
+       paused_until = CASE
+           WHEN s.paused_until > now() THEN s.paused_until
+           ELSE now() + make_interval(secs => least(
+               %(max_seconds)s, %(base_seconds)s * 2 ^ least(s.failures, 10)))
+       END,
+       last_error = %(error)s, updated_at = now()
+RETURNING CAST(extract(epoch FROM paused_until - now()) AS float8)
+
+-- close_breaker_after_probe --
+-- A delivery once the pause is over closes the channel's breaker for every replica
+-- (one that ends while the channel is paused may have begun before the outage and
+-- closes nothing). Returns whether the breaker is still open.
+WITH closed AS (
+    UPDATE outbox.channel_state
+       SET failures = 0, paused_until = NULL, last_error = NULL, updated_at = now()
+     WHERE channel = %(channel)s AND failures > 0
+       AND (paused_until IS NULL OR paused_until <= now())
+    RETURNING channel
+)
+SELECT EXISTS (SELECT 1 FROM outbox.channel_state
+                WHERE channel = %(channel)s AND failures > 0)
+       AND NOT EXISTS (SELECT 1 FROM closed)

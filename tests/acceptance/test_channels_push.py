@@ -1,0 +1,142 @@
+"""Web Push end to end: ``outbox dispatch`` subprocesses against a push service on loopback.
+
+The service speaks HTTPS with the test CA, verifies every VAPID token and decrypts
+every ``aes128gcm`` body with the subscription's private key, as a browser vendor's
+push service and the browser would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dispatcher.rendering import push_topic, render
+from outbox import add_push_subscription
+from outbox._templates import TemplateCatalog
+from tests.acceptance.conftest import Spawn, wait_until
+from tests.servers.environment import VAPID_SUBJECT, dispatcher_environment
+from tests.servers.push import PushServer, VapidKeys
+from tests.servers.smtp import SmtpServer
+
+ALERT = {
+    "instrument": "XAUUSD",
+    "trigger_price": "2350.00",
+    "current_price": "2351.20",
+    "condition": "above",
+}
+PushFactory = Callable[..., PushServer]
+
+
+def enqueue(admin: psycopg.Connection[Any], user: str, lane: str = "transactional") -> int:
+    row = admin.execute(
+        "SELECT outbox.enqueue('push', 'price_alert', %s, %s, %s)", [user, Jsonb(ALERT), lane]
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def history(admin: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
+    return admin.execute(
+        "SELECT channel, outcome, error_class, attempt FROM outbox.attempt"
+        " WHERE user_id = %s ORDER BY id",
+        [user],
+    ).fetchall()
+
+
+def test_the_push_service_accepts_the_vapid_token_and_decrypts_the_rendered_json(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    push_server_factory: PushFactory,
+    vapid_keys: VapidKeys,
+) -> None:
+    push = push_server_factory(tls=True)
+    browser = push.subscribe(application_server_key=vapid_keys.public_raw)
+    admin.execute("INSERT INTO outbox.recipient (user_id) VALUES ('u1')")
+    add_push_subscription(admin, "u1", browser.info)
+    alert_id = enqueue(admin, "u1")
+    enqueue(admin, "u1", lane="campaign")
+    spawn_dispatcher(**dispatcher_environment(vapid=vapid_keys))
+
+    wait_until(lambda: len(push.messages) == 2, 30, "two push messages")
+    expected = render(
+        TemplateCatalog(None),
+        "push",
+        "price_alert",
+        ALERT,
+        message_id=alert_id,
+        lane="transactional",
+        platform_base_url="https://platform.example.com",
+    )
+    alert, campaign = sorted(push.messages, key=lambda m: m.urgency != "high")
+    assert alert.json() == expected.payload  # type: ignore[union-attr]
+    assert alert.json()["data"]["url"] == "https://platform.example.com/dashboard/positions"
+    assert alert.endpoint == browser.endpoint
+    assert alert.vapid_public_key == vapid_keys.public_raw
+    claims = alert.vapid_claims
+    assert claims["aud"] == push.url and claims["sub"] == VAPID_SUBJECT
+    assert time.time() < claims["exp"] <= time.time() + 24 * 3600
+    assert alert.urgency == "high" and campaign.urgency == "normal"
+    assert alert.topic == push_topic("price_alert", ALERT) == campaign.topic
+    assert alert.ttl == 3600
+    assert [r.status for r in push.requests] == [201, 201]
+    wait_until(lambda: len(history(admin, "u1")) == 2, 10, "the acks")
+    assert history(admin, "u1") == [("push", "sent", None, 1)] * 2
+
+
+def test_a_410_deletes_the_subscription_and_the_alert_arrives_by_email(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    push_server_factory: PushFactory,
+    vapid_keys: VapidKeys,
+    smtp_server: SmtpServer,
+) -> None:
+    push = push_server_factory(tls=True)
+    browser = push.subscribe(application_server_key=vapid_keys.public_raw)
+    push.expire(browser)
+    admin.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@example.com')")
+    add_push_subscription(admin, "u1", browser.info)
+    enqueue(admin, "u1")
+    spawn_dispatcher(**dispatcher_environment(vapid=vapid_keys, smtp=smtp_server))
+
+    [mail] = smtp_server.wait_for_messages(1, timeout=30)
+    assert mail.rcpt_tos == ("u1@example.com",)
+    assert mail.message["Subject"] == "Price alert: XAUUSD above 2350.00"
+    assert [r.status for r in push.requests] == [410]
+    wait_until(lambda: len(history(admin, "u1")) == 2, 10, "the ack by email")
+    assert history(admin, "u1") == [
+        ("push", "fallback", "push_gone", 1),
+        ("email", "sent", None, 1),
+    ]
+    assert admin.execute("SELECT count(*) FROM outbox.push_subscription").fetchone() == (0,)
+
+
+def test_an_endpoint_on_a_host_that_is_not_allowed_receives_no_request(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    push_server_factory: PushFactory,
+    vapid_keys: VapidKeys,
+) -> None:
+    push = push_server_factory(tls=True)  # https://127.0.0.1:port, allowed
+    elsewhere = push_server_factory(tls=True, host="localhost")  # a host not on the list
+    admin.execute("INSERT INTO outbox.recipient (user_id) VALUES ('only_elsewhere'), ('both')")
+    add_push_subscription(admin, "only_elsewhere", elsewhere.subscribe().info)
+    add_push_subscription(admin, "both", elsewhere.subscribe().info)
+    add_push_subscription(admin, "both", push.subscribe().info)
+    refused_id = enqueue(admin, "only_elsewhere")
+    enqueue(admin, "both")
+    spawn_dispatcher(**dispatcher_environment(vapid=vapid_keys, push_allowed_hosts=("127.0.0.1",)))
+
+    wait_until(lambda: len(push.messages) == 1, 30, "the allowed subscription's message")
+    wait_until(lambda: len(history(admin, "only_elsewhere")) == 1, 10, "the refusal")
+    # the push server has the message before the batched ack commits its attempt row
+    wait_until(lambda: len(history(admin, "both")) == 1, 10, "the acknowledgement")
+    assert history(admin, "both") == [("push", "sent", None, 1)]
+    assert history(admin, "only_elsewhere") == [("push", "dead", "push_endpoint_not_allowed", 1)]
+    dead = admin.execute("SELECT id, last_error FROM outbox.dead_letter").fetchone()
+    assert dead is not None and dead[0] == refused_id
+    assert "localhost" in dead[1] and "/wpush/" not in dead[1]  # the path is a capability
+    assert elsewhere.requests == [], "a refused endpoint was contacted"

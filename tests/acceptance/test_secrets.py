@@ -1,0 +1,295 @@
+"""No secret leaks: a full run with distinctive secrets, then grep everything.
+
+The SMTP password, the bot token, the VAPID private key and the JWT secret are set
+to distinctive values. A dispatcher subprocess (debug logging, metrics port) and
+the API subprocess run against real loopback servers through successes and
+failures: sent messages, an SMTP 550, an SMTP login refused after the password
+changed on the server, Telegram 500 and "chat not found", an expired push
+subscription, API calls with good, forged and missing tokens. Then every place a
+secret could end up is searched for each secret and its encodings: both processes'
+output, the CLI's output, the API's answers, every row of ``outbox.attempt``,
+``outbox.message``, ``outbox.channel_state`` and the dead letters, and the metrics
+of both processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import psycopg
+import pytest
+
+import outbox
+from tests.acceptance.conftest import ROOT, wait_until
+from tests.servers.push import PushServer, VapidKeys
+from tests.servers.smtp import SmtpServer
+from tests.servers.telegram import TelegramServer
+from tests.servers.tls import loopback_certificate
+from tests.support.pg_cluster import free_port
+
+OUTBOX = str(Path(sys.executable).with_name("outbox"))
+SMTP_USER = "outbox-mailer"
+SMTP_PASSWORD = "smtp-Pw-7f3a9c1e-NEVER-SHOW"
+BOT_TOKEN = "987654321:AAH-botToken-Zq8x7w6v5u4t3s2r1p0o"
+JWT_SECRET = "jwt-Signing-Key-4e5f6a7b8c9d0e1f-NEVER-SHOW"
+SENDER = "alerts@outbox.test"
+ALERT = {
+    "instrument": "EURUSD",
+    "trigger_price": "1.085",
+    "current_price": "1.086",
+    "condition": "above",
+}
+
+
+def encodings(secret: str) -> set[str]:
+    """The secret, its parts and the ways a protocol or log could encode it."""
+    raw = secret.encode()
+    forms = {
+        secret,
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        raw.hex(),
+    }
+    if ":" in secret:  # a bot token: the part after the colon is the secret
+        forms.add(secret.split(":", 1)[1])
+    return forms
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[SmtpServer, TelegramServer, PushServer]]:
+    smtp = SmtpServer(username=SMTP_USER, password=SMTP_PASSWORD).start()
+    telegram = TelegramServer(token=BOT_TOKEN).start()
+    push = PushServer(tls=True).start()
+    try:
+        yield smtp, telegram, push
+    finally:
+        smtp.stop()
+        telegram.stop()
+        push.stop()
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([OUTBOX, *args], env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(10)
+
+
+def token(secret: str, role: str = "owner") -> str:
+    return jwt.encode(
+        {"sub": "owner", "role": role, "exp": int(time.time()) + 600}, secret, algorithm="HS256"
+    )
+
+
+@pytest.mark.timeout(150)
+def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
+    database_url: str,
+    admin: psycopg.Connection[Any],
+    servers: tuple[SmtpServer, TelegramServer, PushServer],
+    tmp_path: Path,
+) -> None:
+    smtp, telegram, push = servers
+    keys = VapidKeys.generate()
+    secrets = {
+        "SMTP password": SMTP_PASSWORD,
+        "bot token": BOT_TOKEN,
+        "VAPID private key": keys.private_raw,
+        "JWT secret": JWT_SECRET,
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OUTBOX_DATABASE_URL": database_url,
+        "OUTBOX_SMTP_HOST": smtp.host,
+        "OUTBOX_SMTP_PORT": str(smtp.port),
+        "OUTBOX_SMTP_TLS": "none",
+        "OUTBOX_SMTP_USERNAME": SMTP_USER,
+        "OUTBOX_SMTP_PASSWORD": SMTP_PASSWORD,
+        "OUTBOX_SMTP_FROM": SENDER,
+        "OUTBOX_TELEGRAM_BOT_TOKEN": BOT_TOKEN,
+        "OUTBOX_TELEGRAM_API_URL": telegram.url,
+        "OUTBOX_VAPID_PRIVATE_KEY": keys.private_raw,
+        "OUTBOX_VAPID_PUBLIC_KEY": keys.public_raw,
+        "OUTBOX_VAPID_SUBJECT": "mailto:ops@outbox.test",
+        "OUTBOX_PUSH_ALLOWED_HOSTS": "127.0.0.1",
+        "OUTBOX_API_JWT_SECRET": JWT_SECRET,
+        "OUTBOX_RATE_LIMITS": "off",
+        "OUTBOX_RETRY_DELAYS": "0.2",
+        "OUTBOX_MAX_ATTEMPTS": "2",
+        "OUTBOX_POLL_INTERVAL": "0.2",
+        # plain SMTP (AUTH allowed) and Telegram on loopback; push over TLS with the test CA
+        "OUTBOX_TEST_CA_FILE": str(loopback_certificate().ca_file),
+        "OUTBOX_CHANNEL_PLUGINS": "push=tests.support.ca_plugins:push_channel",
+    }
+    good = push.subscribe(application_server_key=keys.public_raw)
+    gone = push.subscribe(application_server_key=keys.public_raw)
+    push.expire(gone)
+    smtp.respond("bounce@example.com", "550 5.1.1 no such user")
+    telegram.fail(500, 500, times=None)
+    telegram.chat_not_found(404)
+    outbox.upsert_recipient(admin, "good", email="good@example.com", telegram_chat_id=100)
+    outbox.upsert_recipient(admin, "bounce", email="bounce@example.com", telegram_chat_id=500)
+    outbox.upsert_recipient(admin, "lost", telegram_chat_id=404)
+    outbox.add_push_subscription(admin, "good", good.info)
+    outbox.add_push_subscription(admin, "lost", gone.info)
+    for user, channel in [
+        ("good", "email"),
+        ("good", "telegram"),
+        ("good", "push"),
+        ("bounce", "email"),
+        ("bounce", "telegram"),
+        ("lost", "telegram"),
+        ("lost", "push"),
+    ]:
+        outbox.enqueue(
+            admin, user_id=user, channel=channel, template="price_alert", vars=ALERT, fallback=[]
+        )
+
+    metrics_port, api_port = free_port(), free_port()
+    dispatcher = start(
+        ["-v", "dispatch", "--metrics-port", str(metrics_port)], env, tmp_path / "dispatcher.log"
+    )
+    api = start(["-v", "api", "--port", str(api_port)], env, tmp_path / "api.log")
+    answers: list[str] = []
+    try:
+        wait_until(
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM outbox.message WHERE status <> 'dead'"
+                ).fetchone()
+                == (0,)
+            ),
+            60,
+            "the first round to finish",
+        )
+        # the password changes on the server: the next login is refused (535)
+        smtp.password = "rotated-on-the-server"
+        smtp.disconnect_clients()
+        outbox.enqueue(admin, user_id="good", channel="email", template="price_alert", vars=ALERT)
+        wait_until(
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM outbox.attempt WHERE error_class = 'smtp_auth'"
+                ).fetchone()
+                != (0,)
+            ),
+            30,
+            "a refused SMTP login",
+        )
+
+        api_url = f"http://127.0.0.1:{api_port}"
+        wait_until(lambda: _get(f"{api_url}/health") == 200, 30, "the API")
+        body = {
+            "user_id": "good",
+            "channel": "telegram",
+            "template_name": "price_alert",
+            "template_vars": ALERT,
+        }
+        for headers in (
+            {"Authorization": f"Bearer {token(JWT_SECRET)}"},
+            {"Authorization": f"Bearer {token('a-forged-key-of-the-attacker-0123456789')}"},
+            {"Authorization": f"Bearer {token(JWT_SECRET, role='viewer')}"},
+            {},
+        ):
+            response = httpx.post(
+                f"{api_url}/api/v1/messaging/test", json=body, headers=headers, timeout=10
+            )
+            answers.append(f"{response.status_code} {response.headers} {response.text}")
+        statuses = [int(a.split()[0]) for a in answers]
+        assert statuses == [200, 401, 403, 401], answers
+        telegram.fail(100, 500, times=None)  # the API's provider error text, too
+        response = httpx.post(
+            f"{api_url}/api/v1/messaging/test",
+            json=body,
+            headers={"Authorization": f"Bearer {token(JWT_SECRET)}"},
+            timeout=30,
+        )
+        answers.append(f"{response.status_code} {response.text}")
+        assert response.status_code == 502, response.text
+        for path in ("/metrics", "/schema/openapi.json"):
+            answers.append(httpx.get(f"{api_url}{path}", timeout=10).text)
+        answers.append(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
+    finally:
+        assert stop(dispatcher) == 0
+        stop(api)
+
+    cli = [
+        subprocess.run(
+            [OUTBOX, *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for args in (["stats"], ["dlq", "list"], ["-v", "dlq", "list"])
+    ]
+    dead_ids = [row[0] for row in admin.execute("SELECT id FROM outbox.dead_letter")]
+    cli += [
+        subprocess.run(
+            [OUTBOX, "dlq", "show", str(i)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for i in dead_ids
+    ]
+    rows = [
+        str(row[0])
+        for table in (
+            "outbox.attempt",
+            "outbox.message",
+            "outbox.channel_state",
+            "outbox.dead_letter",
+            "outbox.recipient",
+        )
+        for row in admin.execute(f"SELECT row_to_json(t)::text FROM {table} t")
+    ]
+    places = {
+        "dispatcher output": (tmp_path / "dispatcher.log").read_text(errors="replace"),
+        "API output": (tmp_path / "api.log").read_text(errors="replace"),
+        "API answers and metrics": "\n".join(answers),
+        "CLI output": "\n".join(r.stdout + r.stderr for r in cli),
+        "database rows": "\n".join(rows),
+    }
+    # the run did exercise the failure paths whose texts we search
+    classes = {r[0] for r in admin.execute("SELECT DISTINCT error_class FROM outbox.attempt")}
+    assert {"smtp_5xx", "smtp_auth", "telegram_5xx", "telegram_chat_not_found"} <= classes
+    assert len(smtp.messages) >= 1 and len(push.messages) == 1
+    assert "DEBUG" in places["dispatcher output"], "the dispatcher did not log at debug level"
+    leaks = [
+        f"{name} ({form[:6]}...) in {place}"
+        for name, secret in secrets.items()
+        for form in encodings(secret)
+        for place, text in places.items()
+        if form in text
+    ]
+    assert not leaks, leaks
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -1,0 +1,121 @@
+"""Rate limits and the circuit breaker inside a running dispatcher (real PostgreSQL and
+a real Bot API server on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dispatcher import Dispatcher, DispatcherOptions
+from dispatcher.channels.telegram import TelegramChannel
+from outbox import Settings
+from outbox._settings import parse_rate_limits
+from tests.servers.telegram import TelegramServer
+from tests.support.channels import RecordingChannel
+
+ENTRY = {
+    "instrument": "EURUSD",
+    "side": "buy",
+    "entry_price": "1.0850",
+    "volume": "0.5",
+    "approval_id": "apr-1",
+    "error_reason": "margin check failed",
+}
+LONG_REASON = " ".join(f"reason{i}." for i in range(1000))  # three Telegram parts
+
+
+def enqueue(admin: psycopg.Connection[Any], user: str, channel: str, **vars: str) -> int:
+    row = admin.execute(
+        "SELECT outbox.enqueue(%s, 'position_failure_entry', %s, %s)",
+        [channel, user, Jsonb({**ENTRY, **vars})],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@asynccontextmanager
+async def running(dispatcher: Dispatcher) -> AsyncIterator[Dispatcher]:
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        yield dispatcher
+    finally:
+        dispatcher.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_each_part_of_a_split_telegram_message_waits_for_its_own_turn_in_the_chat(
+    database_url: str, admin: psycopg.Connection[Any], telegram_server: TelegramServer
+) -> None:
+    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', 77)")
+    long_id = enqueue(admin, "u1", "telegram", error_reason=LONG_REASON)
+    short_id = enqueue(admin, "u1", "telegram")
+    settings = Settings(
+        database_url=database_url,
+        poll_interval=0.2,
+        rate_limits=parse_rate_limits("telegram=20/s,telegram_chat=1/s"),
+        **telegram_server.settings_overrides(),
+    )
+    channel = TelegramChannel(settings, transport=httpx.AsyncHTTPTransport())
+    dispatcher = Dispatcher(
+        settings, {"telegram": channel}, options=DispatcherOptions(until_idle=True)
+    )
+    await asyncio.wait_for(dispatcher.run(), 30)
+
+    requests = telegram_server.requests
+    assert [r.status for r in requests] == [200] * 4
+    arrivals = [r.received_at for r in requests]
+    assert min(b - a for a, b in itertools.pairwise(arrivals)) >= 1.0, arrivals
+    assert telegram_server.max_per_second(77) == 1
+    texts = [m.plain_text for m in telegram_server.messages_for(77)]
+    long_parts = [t for t in texts if "reason" in t]
+    assert len(long_parts) == 3 and "reason999." in long_parts[-1]
+    sent = admin.execute(
+        "SELECT message_id FROM outbox.attempt WHERE outcome = 'sent' ORDER BY message_id"
+    ).fetchall()
+    assert sent == [(long_id,), (short_id,)]
+    slots = admin.execute(
+        "SELECT count(*) FROM outbox.rate_limit WHERE starts_with(key, 'slot:telegram:')"
+    ).fetchone()
+    assert slots == (4,), "every request takes a slot of the bot's calendar"
+
+
+async def test_a_breaker_tripped_by_another_replica_is_closed_by_this_ones_delivery(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    admin.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@example.com')")
+    admin.execute(
+        "INSERT INTO outbox.channel_state (channel, failures, paused_until, last_error)"
+        " VALUES ('email', 3, now() + interval '1 second', 'connection refused')"
+    )
+    enqueue(admin, "u1", "email")
+    channel = RecordingChannel("email")
+    settings = replace(Settings(database_url=database_url, rate_limits={}), poll_interval=0.2)
+    async with running(Dispatcher(settings, {"email": channel})):
+        await asyncio.sleep(0.5)
+        assert channel.sent == [], "a paused channel was claimed"
+        await wait_for(lambda: len(channel.sent) == 1)
+        await wait_for(
+            lambda: (
+                admin.execute(
+                    "SELECT failures, paused_until, last_error FROM outbox.channel_state"
+                ).fetchall()
+                == [(0, None, None)]
+            )
+        )

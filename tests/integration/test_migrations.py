@@ -1,0 +1,114 @@
+"""schema.sql and the Alembic history describe the same database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox._migrate import downgrade, upgrade
+from outbox._queries import read_sql_file
+
+CATALOG_QUERIES = {
+    "columns": """
+        SELECT table_name, column_name, ordinal_position, data_type, is_nullable,
+               column_default, is_identity, identity_generation
+          FROM information_schema.columns WHERE table_schema = 'outbox'
+         ORDER BY 1, 3""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+         WHERE schemaname = 'outbox' ORDER BY 1, 2""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid),
+               p.proacl::text, p.prosecdef
+          FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace ORDER BY 1, 2""",
+    "relations": """
+        SELECT c.relname, c.relkind, c.relacl::text, c.reloptions, obj_description(c.oid),
+               CASE c.relkind WHEN 'v' THEN pg_get_viewdef(c.oid) END
+          FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace ORDER BY 1""",
+    "schema": """
+        SELECT nspname, nspacl::text, obj_description(oid) FROM pg_namespace
+         WHERE nspname = 'outbox'""",
+}
+
+
+def catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg.connect(url) as conn:
+        return {name: conn.execute(query).fetchall() for name, query in CATALOG_QUERIES.items()}
+
+
+@pytest.fixture
+def second_empty_database_url(pg_server: Any) -> Iterator[str]:
+    import uuid
+
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    name = f"outbox_empty_{uuid.uuid4().hex[:10]}"
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=name,
+    )
+    janitor.init()
+    try:
+        yield pg_server.url(name)
+    finally:
+        janitor.drop()
+
+
+def test_schema_sql_and_alembic_head_build_identical_catalogs(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(read_sql_file("schema.sql"))
+    upgrade(second_empty_database_url)
+    from_schema = catalog(empty_database_url)
+    from_migrations = catalog(second_empty_database_url)
+    assert from_schema["columns"], "the catalog query found no outbox tables"
+    for name in CATALOG_QUERIES:
+        assert from_schema[name] == from_migrations[name], f"{name} differ"
+
+
+def test_downgrade_base_leaves_nothing_of_the_schema_behind(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+    downgrade(empty_database_url, "base")
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"
+        ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'enqueue%%'"
+            " AND pronamespace <> 'pg_catalog'::regnamespace"
+        ).fetchone() == (0,)
+        version_rows = conn.execute("SELECT count(*) FROM outbox_alembic_version").fetchone()
+        assert version_rows == (0,)
+    # and it comes back cleanly
+    upgrade(empty_database_url)
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute("SELECT outbox.enqueue('email','price_alert','u','{}')").fetchone()
+
+
+def test_upgrade_twice_is_a_no_op(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+    upgrade(empty_database_url)
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute("SELECT version_num FROM outbox_alembic_version").fetchall() == [
+            ("outbox_0004",)
+        ]
+
+
+def test_the_claim_index_exists_from_the_first_revision(empty_database_url: str) -> None:
+    upgrade(empty_database_url, "outbox_0001")
+    with psycopg.connect(empty_database_url) as conn:
+        row = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'message_claim_idx'"
+        ).fetchone()
+    assert row is not None
+    assert "(priority, next_attempt_at, id) WHERE (status = 'pending'::text)" in row[0]

@@ -1,0 +1,52 @@
+"""Run the three loopback servers until Ctrl-C: ``python -m tests.servers``.
+
+Prints the ``OUTBOX_*`` variables that point a dispatcher at them, then a line for
+every message the servers accept.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tests.servers.fixtures import SENDER, TELEGRAM_TOKEN
+from tests.servers.push import PushServer, VapidKeys
+from tests.servers.smtp import SmtpServer
+from tests.servers.telegram import TelegramServer
+
+
+def main() -> None:
+    keys = VapidKeys.generate()
+    with (
+        SmtpServer() as smtp,
+        TelegramServer(token=TELEGRAM_TOKEN) as telegram,
+        PushServer() as push,
+    ):
+        browser = push.subscribe(application_server_key=keys.public_raw)
+        print(f"OUTBOX_SMTP_HOST={smtp.host}")
+        print(f"OUTBOX_SMTP_PORT={smtp.port}")
+        print(f"OUTBOX_SMTP_FROM={SENDER}")
+        print(f"OUTBOX_TELEGRAM_API_URL={telegram.url}")
+        print(f"OUTBOX_TELEGRAM_BOT_TOKEN={TELEGRAM_TOKEN}")
+        print(f"OUTBOX_VAPID_PRIVATE_KEY={keys.private_raw}")
+        print(f"OUTBOX_VAPID_PUBLIC_KEY={keys.public_raw}")
+        print(f"OUTBOX_PUSH_ALLOWED_HOSTS={push.host}")
+        print("OUTBOX_CHANNEL_PLUGINS=push=tests.servers.plugins:push_channel")
+        print(f"# a push subscription: {browser.info}")
+        seen = (0, 0, 0)
+        try:
+            while True:
+                time.sleep(0.5)
+                mails, chats, pushes = smtp.messages, telegram.messages, push.messages
+                for mail in mails[seen[0] :]:
+                    print(f"email    {mail.rcpt_tos[0]}: {mail.message['Subject']}")
+                for chat in chats[seen[1] :]:
+                    print(f"telegram {chat.chat_id}: {chat.plain_text[:70]!r}")
+                for received in pushes[seen[2] :]:
+                    print(f"push     {received.json().get('title')!r}")
+                seen = (len(mails), len(chats), len(pushes))
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Pytest fixtures for the loopback servers (loaded by ``tests/conftest.py``).
+
+==========================  ===========================================================
+``smtp_server``             a plain recording :class:`SmtpServer` (no TLS, no AUTH)
+``smtp_server_factory``     ``factory(tls=..., username=..., password=...)`` -> started
+                            server; every server made is stopped at teardown
+``telegram_server``         a :class:`TelegramServer` for :data:`TELEGRAM_TOKEN`
+``push_server``             a plain-HTTP :class:`PushServer`
+``push_server_factory``     ``factory(tls=True)`` -> started server, stopped at teardown
+``vapid_keys``              a fresh :class:`VapidKeys` pair (raw base64url and PEM)
+``loopback_settings``       ``Settings`` pointing at all three servers, with the VAPID
+                            key and ``push_allowed_hosts=("127.0.0.1",)``
+==========================  ===========================================================
+
+All servers are function-scoped: each test gets fresh ones on new free ports, and
+they need no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from outbox._settings import Secret, Settings
+from tests.servers.push import PushServer, VapidKeys
+from tests.servers.smtp import SmtpServer
+from tests.servers.telegram import TelegramServer
+
+TELEGRAM_TOKEN = "123456789:AAE-test-token_0123456789abcdefghijkl"
+SMTP_USERNAME = "outbox-bot"
+SMTP_PASSWORD = "smtp-pa55word-never-shown"
+SENDER = "alerts@outbox.test"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_server_factory() -> Iterator[Callable[..., SmtpServer]]:
+    made: list[SmtpServer] = []
+
+    def factory(**options: Any) -> SmtpServer:
+        server = SmtpServer(**options).start()
+        made.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
+def telegram_server() -> Iterator[TelegramServer]:
+    server = TelegramServer(token=TELEGRAM_TOKEN).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def push_server() -> Iterator[PushServer]:
+    server = PushServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def push_server_factory() -> Iterator[Callable[..., PushServer]]:
+    made: list[PushServer] = []
+
+    def factory(**options: Any) -> PushServer:
+        server = PushServer(**options).start()
+        made.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
+def vapid_keys() -> VapidKeys:
+    return VapidKeys.generate()
+
+
+@pytest.fixture
+def loopback_settings(
+    smtp_server: SmtpServer,
+    telegram_server: TelegramServer,
+    push_server: PushServer,
+    vapid_keys: VapidKeys,
+) -> Settings:
+    return Settings(
+        **smtp_server.settings_overrides(),
+        smtp_from=SENDER,
+        **telegram_server.settings_overrides(),
+        vapid_private_key=Secret(vapid_keys.private_raw),
+        vapid_public_key=vapid_keys.public_raw,
+        vapid_subject="mailto:ops@outbox.test",
+        push_allowed_hosts=("127.0.0.1",),
+    )

@@ -1,0 +1,22 @@
+"""Channel factories for dispatcher subprocesses that trust one CA file.
+
+``OUTBOX_CHANNEL_PLUGINS="push=tests.support.ca_plugins:push_channel"`` with
+``OUTBOX_TEST_CA_FILE`` naming the PEM of the test process's throwaway CA
+(``tests.servers.tls.loopback_certificate().ca_file``): the production push channel,
+verifying TLS against that CA and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+import httpx
+
+from dispatcher.channels.push import PushChannel
+from outbox._settings import Settings
+
+
+def push_channel(settings: Settings) -> PushChannel:
+    context = ssl.create_default_context(cafile=os.environ["OUTBOX_TEST_CA_FILE"])
+    return PushChannel(settings, transport=httpx.AsyncHTTPTransport(verify=context))

@@ -1,0 +1,87 @@
+"""A non-editable install ships sql/, templates/ and migrations/ as package data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
+    tmp_path: Path,
+) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    (wheel,) = (tmp_path / "dist").glob("outbox-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "outbox/sql/schema.sql",
+        "outbox/sql/queries.sql",
+        "outbox/migrations/env.py",
+        "outbox/migrations/script.py.mako",
+        "outbox/migrations/versions/outbox_0001_initial.py",
+        "outbox/migrations/versions/outbox_0001_initial.upgrade.sql",
+        "outbox/migrations/versions/outbox_0001_initial.downgrade.sql",
+        "dispatcher/__init__.py",
+        "api/__init__.py",
+    ):
+        assert expected in names, f"{expected} missing from {wheel.name}"
+    assert any(n.startswith("outbox/templates/email/") and n.endswith(".j2") for n in names)
+    assert not any(n.startswith(("tests/", "sql/", "templates/", "migrations/")) for n in names)
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    probe = (
+        "import outbox, outbox._queries as q, outbox._migrate as m, pathlib;"
+        f"assert outbox.__file__.startswith({str(target)!r}), outbox.__file__;"
+        "assert 'CREATE TABLE outbox.message' in q.read_sql_file('schema.sql');"
+        "assert 'enqueue' in q.load_queries();"
+        "assert (pathlib.Path(m.version_location()) / 'outbox_0001_initial.upgrade.sql').is_file()"
+    )
+    # run from an unrelated folder so the repository is not on sys.path
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
