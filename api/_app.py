@@ -32,7 +32,12 @@ from api._auth import jwt_auth, rate_limit
 from api._metrics import ApiMetrics
 from api._testsend import DB_ERRORS, ApiContext, send_test_message
 from dispatcher.channels.base import Channel
-from outbox._db import connect_kwargs, deadline_connection_class
+from outbox._db import (
+    RECONNECT_TIMEOUT,
+    connect_kwargs,
+    deadline_connection_class,
+    reconnect_afresh,
+)
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 
@@ -56,14 +61,6 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("SET application_name = 'outbox-api'")
 
 
-RECONNECT_TIMEOUT = 10.0
-"""Seconds a pool keeps retrying one lost connection with growing pauses. After
-that it gives up on it and connects afresh when a request needs a connection, so
-the API is back within moments of PostgreSQL, even after a long outage (psycopg's
-pauses double without bound: with a long give-up time, a 30 s outage could keep
-``/health`` at 503 for another 30 s)."""
-
-
 def _pool(settings: Settings) -> AsyncConnectionPool[Any]:
     return AsyncConnectionPool(
         settings.database_url,
@@ -74,6 +71,7 @@ def _pool(settings: Settings) -> AsyncConnectionPool[Any]:
         configure=_configure,
         check=AsyncConnectionPool.check_connection,
         reconnect_timeout=RECONNECT_TIMEOUT,
+        reconnect_failed=reconnect_afresh,
         connection_class=deadline_connection_class(settings.db_timeout),
     )
 

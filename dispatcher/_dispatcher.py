@@ -74,7 +74,12 @@ from dispatcher.channels.base import (
     Unreachable,
 )
 from dispatcher.rendering import RenderCache
-from outbox._db import connect_kwargs, deadline_connection_class
+from outbox._db import (
+    RECONNECT_TIMEOUT,
+    connect_kwargs,
+    deadline_connection_class,
+    reconnect_afresh,
+)
 from outbox._errors import OutboxError, TemplateRenderError
 from outbox._queries import QUERIES
 from outbox._settings import Settings
@@ -216,7 +221,8 @@ class Dispatcher:
             open=False,
             kwargs={"autocommit": True, **connect_kwargs(self.settings)},
             configure=_configure,
-            reconnect_timeout=3600,
+            reconnect_timeout=RECONNECT_TIMEOUT,
+            reconnect_failed=reconnect_afresh,
             # a round trip that gets no answer (half-open connection) fails in bounded time
             connection_class=deadline_connection_class(self.settings.db_timeout),
         )

@@ -98,6 +98,25 @@ class DeadlineConnection(psycopg.AsyncConnection[Any]):
             ) from None
 
 
+RECONNECT_TIMEOUT = 5.0
+"""Seconds a pool retries one lost connection before starting afresh.
+
+psycopg_pool waits 1, 2, 4, 8, ... s between attempts, without bound: after a 30 s
+outage its next attempt could be another 30 s away. Pools given
+:func:`reconnect_afresh` as ``reconnect_failed`` give up on a slot after this many
+seconds and immediately start a new series at 1 s, so no pause ever exceeds a few
+seconds and service resumes within moments of PostgreSQL coming back.
+"""
+
+
+async def reconnect_afresh(pool: Any) -> None:
+    """``reconnect_failed`` callback: start a new connection attempt series now."""
+    try:
+        await pool.check()  # an empty pool grows again: a fresh attempt, 1 s pauses
+    except Exception:  # a closing pool: nothing to reconnect
+        return
+
+
 @cache
 def deadline_connection_class(deadline: float) -> type[DeadlineConnection]:
     """A :class:`DeadlineConnection` subclass for ``deadline`` seconds (pool-ready)."""
