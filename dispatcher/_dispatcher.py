@@ -203,6 +203,7 @@ class Dispatcher:
         self._limiter: RateLimiter | None = None
         self._breaker: CircuitBreaker | None = None
         self._asleep = False
+        self._registered_at = 0.0
         self.delivered = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -412,8 +413,19 @@ class Dispatcher:
             return None, False
         return (float(row[0]) if row[0] is not None else None), bool(row[1])
 
+    @property
+    def _sleeper_stale_seconds(self) -> float:
+        """A sleeper row older than this is a dispatcher that died asleep; others
+        delete it. A live sleeper renews its row three times as often.
+        """
+        return max(30.0, self.settings.poll_interval * 10)
+
     async def _set_asleep(self, asleep: bool) -> None:
-        if asleep == self._asleep or self._pool is None:
+        if self._pool is None:
+            return
+        if asleep == self._asleep and not (
+            asleep and time.monotonic() - self._registered_at > self._sleeper_stale_seconds / 3
+        ):
             return
         try:
             # The sleeper row is soft state: visible at commit whether flushed or not,
@@ -429,12 +441,14 @@ class Dispatcher:
                         QUERIES["register_sleeper"],
                         {
                             "dispatcher_id": self.id,
-                            "stale_seconds": max(30.0, self.settings.poll_interval * 10),
+                            "stale_seconds": self._sleeper_stale_seconds,
                         },
                     )
                 else:
                     await conn.execute(QUERIES["unregister_sleeper"], {"dispatcher_id": self.id})
             self._asleep = asleep
+            if asleep:
+                self._registered_at = time.monotonic()
         except (psycopg.Error, OSError, TimeoutError) as error:
             log.warning("sleeper update failed error=%s", type(error).__name__)
 

@@ -29,7 +29,10 @@ The message's outcome, from the first rule that applies:
 3. some failed transiently: ``TransientFailure``;
 4. some were gone: ``Unreachable("push_gone")``, so the message falls back;
 5. some failed permanently: ``PermanentFailure`` with that error class;
-6. none could be contacted: ``PermanentFailure("push_endpoint_not_allowed")``.
+6. none could be contacted: ``Unreachable("push_endpoint_not_allowed")``: the user has
+   no push address this service may call, so the message falls back to the next
+   channel (and is dead with that error class when there is none); the attempt log
+   keeps the refusal for the operator.
 
 A user with no subscriptions is ``Unreachable("no_address")``; without a VAPID key
 configured every send is ``Unreachable("not_configured")``. A malformed key raises
@@ -254,4 +257,4 @@ class PushChannel:
             return Unreachable(error_class="push_gone", error=summary, effects=effects)
         if permanent := by_kind.get("permanent"):
             return PermanentFailure(error_class=permanent[0].error_class, error=summary)
-        return PermanentFailure(error_class="push_endpoint_not_allowed", error=summary)
+        return Unreachable(error_class="push_endpoint_not_allowed", error=summary, effects=effects)

@@ -119,24 +119,52 @@ def test_an_endpoint_on_a_host_that_is_not_allowed_receives_no_request(
     spawn_dispatcher: Spawn,
     push_server_factory: PushFactory,
     vapid_keys: VapidKeys,
+    smtp_server: SmtpServer,
 ) -> None:
     push = push_server_factory(tls=True)  # https://127.0.0.1:port, allowed
     elsewhere = push_server_factory(tls=True, host="localhost")  # a host not on the list
     admin.execute("INSERT INTO outbox.recipient (user_id) VALUES ('only_elsewhere'), ('both')")
+    admin.execute(
+        "INSERT INTO outbox.recipient (user_id, email) VALUES ('has_email', 'he@example.com')"
+    )
     add_push_subscription(admin, "only_elsewhere", elsewhere.subscribe().info)
+    add_push_subscription(admin, "has_email", elsewhere.subscribe().info)
     add_push_subscription(admin, "both", elsewhere.subscribe().info)
     add_push_subscription(admin, "both", push.subscribe().info)
     refused_id = enqueue(admin, "only_elsewhere")
     enqueue(admin, "both")
-    spawn_dispatcher(**dispatcher_environment(vapid=vapid_keys, push_allowed_hosts=("127.0.0.1",)))
+    enqueue(admin, "has_email")
+    spawn_dispatcher(
+        **dispatcher_environment(
+            vapid=vapid_keys, smtp=smtp_server, push_allowed_hosts=("127.0.0.1",)
+        )
+    )
 
     wait_until(lambda: len(push.messages) == 1, 30, "the allowed subscription's message")
-    wait_until(lambda: len(history(admin, "only_elsewhere")) == 1, 10, "the refusal")
+    # no push address it may call, no email, no chat: push, email, telegram, dead
+    wait_until(lambda: len(history(admin, "only_elsewhere")) == 3, 20, "the refusal")
     # the push server has the message before the batched ack commits its attempt row
     wait_until(lambda: len(history(admin, "both")) == 1, 10, "the acknowledgement")
     assert history(admin, "both") == [("push", "sent", None, 1)]
-    assert history(admin, "only_elsewhere") == [("push", "dead", "push_endpoint_not_allowed", 1)]
-    dead = admin.execute("SELECT id, last_error FROM outbox.dead_letter").fetchone()
-    assert dead is not None and dead[0] == refused_id
-    assert "localhost" in dead[1] and "/wpush/" not in dead[1]  # the path is a capability
+    assert history(admin, "only_elsewhere") == [
+        ("push", "fallback", "push_endpoint_not_allowed", 1),
+        ("email", "fallback", "no_address", 1),
+        ("telegram", "dead", "not_configured", 1),  # no bot token in this test
+    ]
+    dead = admin.execute("SELECT user_id, channel FROM outbox.dead_letter").fetchall()
+    assert dead == [("only_elsewhere", "telegram")]
+    # a user with another channel still gets the alert: the refusal is a fallback
+    [mail] = smtp_server.wait_for_messages(1, timeout=30)
+    assert mail.rcpt_tos == ("he@example.com",)
+    wait_until(lambda: len(history(admin, "has_email")) == 2, 10, "the email's acknowledgement")
+    assert history(admin, "has_email") == [
+        ("push", "fallback", "push_endpoint_not_allowed", 1),
+        ("email", "sent", None, 1),
+    ]
+    refusal = admin.execute(
+        "SELECT error FROM outbox.attempt WHERE message_id = %s AND channel = 'push'",
+        [refused_id],
+    ).fetchone()
+    assert refusal is not None
+    assert "localhost" in refusal[0] and "/wpush/" not in refusal[0]  # a capability
     assert elsewhere.requests == [], "a refused endpoint was contacted"

@@ -214,3 +214,20 @@ def test_an_idle_dispatcher_wakes_fast_and_survives_its_listener_being_killed(
         15,
         "the listener to return",
     )
+
+
+def test_a_long_asleep_dispatcher_renews_its_sleeper_row(
+    admin: psycopg.Connection[Any], spawn_dispatcher: Spawn
+) -> None:
+    """Replicas delete sleeper rows older than 30 s as left behind by dead dispatchers;
+    a live one asleep for minutes must not look dead, or producers stop waking it."""
+    spawn_dispatcher(OUTBOX_POLL_INTERVAL="0.5")
+
+    def since() -> Any:
+        row = admin.execute("SELECT since FROM outbox.sleeper").fetchone()
+        return None if row is None else row[0]
+
+    wait_until(lambda: since() is not None, 30, "the dispatcher to fall asleep")
+    first = since()
+    wait_until(lambda: since() != first, 20, "the sleeper row to be renewed")
+    assert (since() - first).total_seconds() >= 9  # renewed every 10 s, not every poll

@@ -204,7 +204,7 @@ async def test_an_endpoint_on_a_host_outside_the_allowlist_is_never_contacted(
     async with channel_for(vapid_keys, push_allowed_hosts=("fcm.googleapis.com",)) as channel:
         outcome = await channel.send(push_envelope(browser.subscription))
 
-    assert isinstance(outcome, PermanentFailure)
+    assert isinstance(outcome, Unreachable)
     assert outcome.error_class == "push_endpoint_not_allowed"
     assert push_server.requests == []
 
@@ -216,7 +216,7 @@ async def test_an_http_endpoint_is_never_contacted_unless_explicitly_allowed(
     async with channel_for(vapid_keys, allow_insecure_http=False) as channel:
         outcome = await channel.send(push_envelope(browser.subscription))
 
-    assert isinstance(outcome, PermanentFailure)
+    assert isinstance(outcome, Unreachable)
     assert outcome.error_class == "push_endpoint_not_allowed"
     assert push_server.requests == []
 

@@ -276,8 +276,8 @@ async def test_push_endpoints_outside_the_allowlist_get_no_request(
             [endpoint, target.p256dh, target.auth],
         )
     admin.execute("SELECT outbox.enqueue('push', 'price_alert', 'ok', %s)", [Jsonb(ALERT)])
-    victim_id = outbox.enqueue(
-        admin, user_id="victim", channel="push", template="price_alert", vars=ALERT
+    victim_id = outbox.enqueue(  # no fallback: the refusal itself ends it
+        admin, user_id="victim", channel="push", template="price_alert", vars=ALERT, fallback=[]
     )
     settings = replace(
         loopback_settings,
