@@ -186,7 +186,9 @@ class Dispatcher:
         self._capacity = asyncio.Event()
         self._acks = AckBatch()
         self._ack_ready = asyncio.Event()
-        self._acked = asyncio.Event()  # set after every acknowledgement flush
+        # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
+        # (it may have written follow-ups, which send no NOTIFY) or stop()
+        self._wake = asyncio.Event()
         self._acking: set[int] = set()  # ids of the flush being written
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem = asyncio.Semaphore(self.options.concurrency)
@@ -212,6 +214,7 @@ class Dispatcher:
         """Ask the loop to stop claiming and shut down gracefully."""
         self._stopping.set()
         self._capacity.set()
+        self._wake.set()
 
     async def run(self) -> None:
         """Dispatch until stopped (or, with ``until_idle``, until nothing is left)."""
@@ -233,8 +236,8 @@ class Dispatcher:
         if self.settings.listen:
             # LISTEN needs a session: behind PgBouncer in transaction mode, a direct URL
             listen_url = self.settings.listen_database_url or self.settings.database_url
-            self._wakeup = Wakeup(listen_url, connect_kwargs=CONNECT_KWARGS)
-            await self._wakeup.connect()
+            self._wakeup = Wakeup(listen_url, on_wake=self._wake.set, connect_kwargs=CONNECT_KWARGS)
+            await self._wakeup.start()
         acker = asyncio.create_task(self._ack_loop(), name="outbox-acks")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="outbox-heartbeat")
         senders = [
@@ -316,7 +319,10 @@ class Dispatcher:
                 await self._sleep(1.0)
                 continue
             if claimed:
-                await self._set_asleep(False)
+                if self._asleep:
+                    # the senders first: this round trip is for producers' sake only
+                    await asyncio.sleep(0)
+                    await self._set_asleep(False)
                 continue
             if await self._idle():
                 return
@@ -379,27 +385,24 @@ class Dispatcher:
         if self._wakeup is None:
             await self._sleep(min(timeout, 0.05) if self._in_flight else timeout)
             return False
-        # Our own acknowledgements end the wait too: they may have written follow-ups
-        # (fallbacks) that send no NOTIFY, and they end an until-idle run.
-        self._acked.clear()
-        await self._wakeup.drain()
+        # Notifications, reconnects and acknowledgements from now on end the wait
+        # (earlier ones are covered by the claim below). Our own acknowledgements
+        # may have written follow-ups (fallbacks) that send no NOTIFY, and they end
+        # an until-idle run.
+        self._wake.clear()
         await self._set_asleep(True)
         # claim once more: a message committed before we registered sent no NOTIFY
         if await self._claim(self.options.batch_size):
+            await asyncio.sleep(0)  # the senders first, as in _claim_loop
             await self._set_asleep(False)
             return False
         due_in, _ = await self._next_due()
         if due_in is not None:
             timeout = max(0.0, min(timeout, due_in))
-        waiters = {
-            asyncio.create_task(self._wakeup.wait(timeout)),
-            asyncio.create_task(self._stopping.wait()),
-            asyncio.create_task(self._acked.wait()),
-        }
-        _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
         return False
 
     async def _next_due(self) -> tuple[float | None, bool]:
@@ -731,7 +734,7 @@ class Dispatcher:
         if self.observer is not None:
             self.observer.acked(batch, result)
         self._capacity.set()
-        self._acked.set()
+        self._wake.set()
 
     async def _write_acks(self, batch: AckBatch) -> AckResult:
         """Write a batch; connection trouble is retried (the leases protect the rows),

@@ -7,9 +7,14 @@ wakeup impossible is: LISTEN first (the listener is always listening), register
 as asleep, claim once more, then wait. A message committed before registration
 is found by that last claim; one committed after it sends a NOTIFY.
 
-The listener connection is checked while idle and re-established when it fails;
-:meth:`Wakeup.wait` returns at once after a reconnect so that the caller polls,
-and the fallback poll interval bounds the latency of any wakeup lost anyway.
+:class:`Wakeup` runs one long-lived task that reads the listener connection and
+calls ``on_wake`` for every notification, so a sleeping dispatcher waits on a plain
+event: no task is created or cancelled per wait, which keeps the pickup path short.
+While no notification comes, the connection is health-checked every few seconds;
+when it fails it is re-established with a growing pause (at most 5 s), and
+``on_wake`` is called after every reconnect, because a notification may have been
+lost meanwhile: the dispatcher claims once more. The fallback poll interval bounds
+the latency of any wakeup lost anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -34,15 +39,17 @@ class Wakeup:
         self,
         conninfo: str,
         *,
+        on_wake: Callable[[], None],
         connect_kwargs: dict[str, Any] | None = None,
         health_check_interval: float = 5.0,
     ) -> None:
         self._conninfo = conninfo
+        self._on_wake = on_wake
         self._connect_kwargs = connect_kwargs or {}
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._health_check_interval = health_check_interval
-        self._last_check = 0.0
         self._failures = 0
+        self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
 
     @property
@@ -50,9 +57,26 @@ class Wakeup:
         """Whether the listener connection is open (as far as we know)."""
         return self._conn is not None and not self._conn.closed
 
-    async def connect(self) -> bool:
-        """Open the connection and LISTEN; return False (and log) if that fails."""
-        await self.close()
+    async def start(self) -> bool:
+        """Connect and LISTEN, then keep listening in the background.
+
+        Returns whether the first connection succeeded; if it did not, the
+        background task keeps trying (the dispatcher polls meanwhile).
+        """
+        connected = await self._connect()
+        self._task = asyncio.create_task(self._run(), name="outbox-listener")
+        return connected
+
+    async def close(self) -> None:
+        """Stop listening and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop()
+
+    async def _connect(self) -> bool:
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo,
@@ -61,7 +85,7 @@ class Wakeup:
                 **self._connect_kwargs,
             )
             await conn.execute(f"LISTEN {CHANNEL}")
-        except psycopg.Error as error:
+        except (psycopg.Error, OSError) as error:
             self._failures += 1
             log.warning(
                 "listener connect failed attempt=%d error=%s", self._failures, type(error).__name__
@@ -69,52 +93,29 @@ class Wakeup:
             return False
         self._conn = conn
         self._failures = 0
-        self._last_check = time.monotonic()
         return True
 
-    async def close(self) -> None:
-        """Close the listener connection."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(psycopg.Error):  # already broken
-                await conn.close()
-
-    async def drain(self) -> None:
-        """Discard notifications that arrived while we were busy."""
-        if self._conn is None:
-            return
-        try:
-            async for _ in self._conn.notifies(timeout=0):
-                pass
-        except psycopg.Error:
-            await self._lost()
-
-    async def wait(self, timeout: float) -> str:
-        """Wait for a NOTIFY or ``timeout``; returns ``notified``, ``timeout`` or
-        ``reconnected`` (the caller must poll: a wakeup may have been lost).
-        """
-        if not self.connected:
-            backoff = min(0.1 * 2**self._failures, 5.0)
-            await asyncio.sleep(min(backoff, timeout))
-            if await self.connect():
+    async def _run(self) -> None:
+        while True:
+            if self._conn is None:
+                await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))
+                if not await self._connect():
+                    continue
                 self.reconnects += 1
                 log.info("listener reconnected reconnects=%d", self.reconnects)
-                return "reconnected"
-            return "timeout"
-        assert self._conn is not None
-        try:
-            async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-                return "notified"
-            if time.monotonic() - self._last_check >= self._health_check_interval:
-                self._last_check = time.monotonic()
-                await asyncio.wait_for(self._conn.execute("SELECT 1"), timeout=5)
-        except (psycopg.Error, TimeoutError, OSError) as error:
-            log.warning("listener lost error=%s", type(error).__name__)
-            await self._lost()
-            return "timeout"
-        return "timeout"
+                self._on_wake()  # a notification may have been lost: poll
+            conn = self._conn
+            assert conn is not None
+            try:
+                async for _ in conn.notifies(timeout=self._health_check_interval):
+                    self._on_wake()
+                # quiet for a while: is the connection still there?
+                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+            except (psycopg.Error, TimeoutError, OSError) as error:
+                log.warning("listener lost error=%s", type(error).__name__)
+                await self._drop()
 
-    async def _lost(self) -> None:
+    async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(psycopg.Error, TimeoutError, OSError):
