@@ -236,7 +236,7 @@ class Dispatcher:
         if self.settings.listen:
             # LISTEN needs a session: behind PgBouncer in transaction mode, a direct URL
             listen_url = self.settings.listen_database_url or self.settings.database_url
-            self._wakeup = Wakeup(listen_url, on_wake=self._wake.set, connect_kwargs=CONNECT_KWARGS)
+            self._wakeup = Wakeup(listen_url, on_wake=self._notified, connect_kwargs=CONNECT_KWARGS)
             await self._wakeup.start()
         acker = asyncio.create_task(self._ack_loop(), name="outbox-acks")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="outbox-heartbeat")
@@ -390,7 +390,9 @@ class Dispatcher:
         # may have written follow-ups (fallbacks) that send no NOTIFY, and they end
         # an until-idle run.
         self._wake.clear()
-        await self._set_asleep(True)
+        # registered only while listening: producers name one sleeper to wake, and
+        # one that cannot hear them would hold their messages until its next poll
+        await self._set_asleep(self._wakeup.connected)
         # claim once more: a message committed before we registered sent no NOTIFY
         if await self._claim(self.options.batch_size):
             await asyncio.sleep(0)  # the senders first, as in _claim_loop
@@ -404,6 +406,11 @@ class Dispatcher:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
         return False
+
+    def _notified(self, payload: str) -> None:
+        # an empty payload is for everybody; a dispatcher id only for that one
+        if not payload or payload == self.id:
+            self._wake.set()
 
     async def _next_due(self) -> tuple[float | None, bool]:
         assert self._pool is not None

@@ -7,12 +7,20 @@ wakeup impossible is: LISTEN first (the listener is always listening), register
 as asleep, claim once more, then wait. A message committed before registration
 is found by that last claim; one committed after it sends a NOTIFY.
 
+``outbox.enqueue`` wakes one sleeper: the payload is the ``dispatcher_id`` of the
+sleeper that registered or renewed its row last, and only that dispatcher claims
+(the others' wait goes on, so one message costs one claim, not one per replica).
+Writes of many messages (``enqueue_many``, ``retry_dead``) and reconnects use an
+empty payload, which wakes everybody. A dispatcher renews its sleeper row every
+``stale/3`` seconds, so one that died asleep stops being chosen within that time;
+until then a message can wait for the fallback poll.
+
 :class:`Wakeup` runs one long-lived task that reads the listener connection and
-calls ``on_wake`` for every notification, so a sleeping dispatcher waits on a plain
+calls ``on_wake`` with every notification's payload, so a sleeping dispatcher waits on a plain
 event: no task is created or cancelled per wait, which keeps the pickup path short.
 While no notification comes, the connection is health-checked every few seconds;
 when it fails it is re-established with a growing pause (at most 5 s), and
-``on_wake`` is called after every reconnect, because a notification may have been
+``on_wake("")`` is called after every reconnect, because a notification may have been
 lost meanwhile: the dispatcher claims once more. The fallback poll interval bounds
 the latency of any wakeup lost anyway.
 """
@@ -39,7 +47,7 @@ class Wakeup:
         self,
         conninfo: str,
         *,
-        on_wake: Callable[[], None],
+        on_wake: Callable[[str], None],
         connect_kwargs: dict[str, Any] | None = None,
         health_check_interval: float = 5.0,
     ) -> None:
@@ -103,12 +111,12 @@ class Wakeup:
                     continue
                 self.reconnects += 1
                 log.info("listener reconnected reconnects=%d", self.reconnects)
-                self._on_wake()  # a notification may have been lost: poll
+                self._on_wake("")  # a notification may have been lost: poll
             conn = self._conn
             assert conn is not None
             try:
-                async for _ in conn.notifies(timeout=self._health_check_interval):
-                    self._on_wake()
+                async for notify in conn.notifies(timeout=self._health_check_interval):
+                    self._on_wake(notify.payload)
                 # quiet for a while: is the connection still there?
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
             except (psycopg.Error, TimeoutError, OSError) as error:

@@ -246,6 +246,7 @@ DECLARE
     v_id       bigint;
     v_existing bigint;
     v_priority smallint;
+    v_sleeper  text;
 BEGIN
     IF enqueue.lane IS NULL OR enqueue.lane NOT IN ('transactional', 'campaign') THEN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign',
@@ -321,10 +322,16 @@ BEGIN
         END IF;
     END IF;
 
-    -- wake sleeping dispatchers (see outbox._wake_dispatchers), inlined
-    IF (enqueue.send_at IS NULL OR enqueue.send_at <= now())
-       AND EXISTS (SELECT 1 FROM outbox.sleeper) THEN
-        PERFORM pg_notify('outbox_wakeup', '');
+    -- Wake one sleeping dispatcher, the one that registered or renewed last (a
+    -- dispatcher that died asleep stops renewing and sinks): the payload names it,
+    -- the others go back to sleep without running a claim. Bulk writes
+    -- (outbox._wake_dispatchers) wake them all with an empty payload.
+    IF enqueue.send_at IS NULL OR enqueue.send_at <= now() THEN
+        SELECT s.dispatcher_id INTO v_sleeper
+          FROM outbox.sleeper s ORDER BY s.since DESC LIMIT 1;
+        IF FOUND THEN
+            PERFORM pg_notify('outbox_wakeup', v_sleeper);
+        END IF;
     END IF;
     RETURN v_id;
 END

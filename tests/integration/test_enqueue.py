@@ -381,3 +381,58 @@ def test_enqueue_does_not_flush_a_sqlalchemy_session(database_url: str) -> None:
     finally:
         engine.dispose()
     assert count_messages(database_url) == 0
+
+
+def test_enqueue_wakes_the_freshest_sleeper_and_bulk_writes_wake_all(
+    database_url: str, admin: psycopg.Connection
+) -> None:
+    """One message, one claim: the NOTIFY names one sleeping dispatcher (the one that
+    registered or renewed last); a bulk write wakes every sleeper (empty payload);
+    with nobody asleep, producers send no NOTIFY at all."""
+    alert = psycopg.types.json.Jsonb(PRICE_ALERT)
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_wakeup")
+
+        def payloads() -> list[str]:
+            return [n.payload for n in listener.notifies(timeout=0.5)]
+
+        admin.execute("SELECT outbox.enqueue('email', 'price_alert', 'u1', %s)", [alert])
+        assert payloads() == []
+
+        admin.execute(
+            "INSERT INTO outbox.sleeper (dispatcher_id, since) VALUES"
+            " ('host-a:1', now() - interval '8 seconds'), ('host-b:2', now() - interval '1 second'),"
+            " ('host-c:3', now() - interval '5 seconds')"
+        )
+        admin.execute("SELECT outbox.enqueue('email', 'price_alert', 'u1', %s)", [alert])
+        assert payloads() == ["host-b:2"]
+
+        with psycopg.connect(database_url) as producer:  # a transaction of three alerts
+            for user in ("u1", "u2", "u3"):
+                outbox.enqueue(
+                    producer,
+                    channel="email",
+                    template="price_alert",
+                    user_id=user,
+                    vars=PRICE_ALERT,
+                )
+            producer.commit()
+        assert payloads() == ["host-b:2"]  # NOTIFY folds identical payloads in one commit
+
+        later = datetime.now(UTC) + timedelta(hours=1)
+        admin.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', %s, send_at => %s)",
+            [alert, later],
+        )
+        assert payloads() == []  # not due: nobody needs waking
+
+        admin.execute(
+            "SELECT outbox.enqueue_many('email', 'price_alert', ARRAY['u1', 'u2'], ARRAY[%s])",
+            [alert],
+        )
+        assert payloads() == [""]
+        admin.execute(
+            "UPDATE outbox.message SET status = 'dead', dead_at = now() WHERE user_id = 'u2'"
+        )
+        admin.execute("SELECT outbox.retry_dead()")
+        assert payloads() == [""]

@@ -100,7 +100,7 @@ def test_upgrade_twice_is_a_no_op(empty_database_url: str) -> None:
     upgrade(empty_database_url)
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT version_num FROM outbox_alembic_version").fetchall() == [
-            ("outbox_0004",)
+            ("outbox_0005",)
         ]
 
 
