@@ -401,7 +401,8 @@ def test_enqueue_wakes_the_freshest_sleeper_and_bulk_writes_wake_all(
 
         admin.execute(
             "INSERT INTO outbox.sleeper (dispatcher_id, since) VALUES"
-            " ('host-a:1', now() - interval '8 seconds'), ('host-b:2', now() - interval '1 second'),"
+            " ('host-a:1', now() - interval '8 seconds'),"
+            " ('host-b:2', now() - interval '1 second'),"
             " ('host-c:3', now() - interval '5 seconds')"
         )
         admin.execute("SELECT outbox.enqueue('email', 'price_alert', 'u1', %s)", [alert])

@@ -39,3 +39,23 @@ def test_no_module_of_outbox_imports_dispatcher_or_api() -> None:
                 if name.split(".")[0] in ("dispatcher", "api")
             ]
     assert offenders == []
+
+
+def test_the_command_line_does_not_import_the_web_framework() -> None:
+    """Every ``outbox`` command builds the whole parser, ``outbox api`` included;
+    only ``outbox api`` itself may pay for importing Litestar (about 0.5 s)."""
+    probe = (
+        "import sys\n"
+        "from outbox.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = sorted(m for m in ('litestar', 'uvicorn') if m in sys.modules)\n"
+        "print(','.join(heavy) or 'none')\n"
+        "import api\n"
+        "api.create_app\n"
+        "print('litestar' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["none", "True"]
