@@ -41,6 +41,15 @@ from outbox._templates import TemplateCatalog
 
 PUSH_PAYLOAD_LIMIT = 3993
 """Bytes of JSON a Web Push message may carry (4096 minus encryption overhead)."""
+
+TELEGRAM_MAX_PARTS = 10
+"""Telegram messages one notification may become (40,960 characters). Vars are
+capped at 256 KiB, and a template may repeat them; a text longer than this is a
+template or producer bug, and sending it would flood the user's chat."""
+
+EMAIL_SIZE_LIMIT = 1024 * 1024
+"""Bytes of rendered HTML plus text one email may carry (SMTP servers commonly
+refuse 10-25 MB including attachments; a notification is far below this)."""
 TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
 """Variables that identify what a push message is about, for its ``Topic``."""
 
@@ -161,6 +170,12 @@ def _render_email(
         text = envs.render(envs.text, files.text, context).strip() + "\n"
     else:
         text = html_to_text(html)
+    size = len(html.encode("utf-8")) + len(text.encode("utf-8"))
+    if size > EMAIL_SIZE_LIMIT:
+        raise TemplateRenderError(
+            f"{template} (email): the HTML and text are {size} bytes; at most"
+            f" {EMAIL_SIZE_LIMIT} are sent (shorten the variables or the template)"
+        )
     return RenderedEmail(subject=subject, html=html, text=text)
 
 
@@ -174,6 +189,11 @@ def _render_telegram(
         parts = markdown.split(text)
     except markdown.MarkdownV2Error as error:
         raise TemplateRenderError(f"{template} (telegram): invalid MarkdownV2: {error}") from error
+    if len(parts) > TELEGRAM_MAX_PARTS:
+        raise TemplateRenderError(
+            f"{template} (telegram): the text needs {len(parts)} messages; at most"
+            f" {TELEGRAM_MAX_PARTS} are sent (shorten the variables or the template)"
+        )
     return RenderedTelegram(parts=parts)
 
 

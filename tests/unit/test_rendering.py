@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
-from dispatcher.rendering import PUSH_PAYLOAD_LIMIT, push_topic, render
+from dispatcher.rendering import (
+    EMAIL_SIZE_LIMIT,
+    PUSH_PAYLOAD_LIMIT,
+    TELEGRAM_MAX_PARTS,
+    push_topic,
+    render,
+)
 from outbox._errors import TemplateRenderError
 from outbox._templates import CHANNELS, TemplateCatalog
 from tests.servers.markdown_v2 import parse_markdown_v2
@@ -249,6 +255,26 @@ def test_a_long_telegram_text_is_split_into_valid_parts() -> None:
     for part in telegram.parts:
         assert len(part) <= 4096
         parse_markdown_v2(part)
+
+
+def test_a_text_of_more_than_ten_telegram_messages_is_a_render_error() -> None:
+    """256 KiB of vars would otherwise become about 64 messages in the user's chat."""
+    reason = "x" * (4096 * (TELEGRAM_MAX_PARTS + 1))
+    with pytest.raises(TemplateRenderError, match=r"needs 1[12] messages; at most 10 are sent"):
+        rendered("telegram", "position_failure_entry", error_reason=reason)
+    fits = rendered("telegram", "position_failure_entry", error_reason="x" * 30_000)
+    assert 8 <= len(fits.parts) <= TELEGRAM_MAX_PARTS
+
+
+def test_an_email_over_one_mebibyte_is_a_render_error(tmp_path: Path) -> None:
+    catalog = extra(
+        tmp_path,
+        {"email/echo.html.j2": "<title>t</title>{% for _ in range(n) %}{{ v }}{% endfor %}"},
+    )
+    with pytest.raises(TemplateRenderError, match=r"bytes; at most 1048576 are sent"):
+        rendered("email", "echo", catalog, v="y" * 200_000, n=5)
+    fits = rendered("email", "echo", catalog, v="y" * 200_000, n=2)
+    assert len(fits.html) + len(fits.text) <= EMAIL_SIZE_LIMIT
 
 
 def test_markdown_a_telegram_would_reject_is_a_render_error(tmp_path: Path) -> None:
