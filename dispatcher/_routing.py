@@ -104,11 +104,8 @@ def next_channel(
 
     An explicit ``fallback`` list on the message wins; otherwise the user's
     preferred order, else push, email, telegram. Channels the user disabled are
-    passed over.
-
-    The list left after the last channel is that channel itself (which it skips),
-    never empty: the follow-up row stores an empty list as NULL, and NULL means "the
-    default order", which would send an unreachable user's message round in circles.
+    passed over. After the last channel the list left is empty, which the follow-up
+    row stores as ``'{}'`` (no more channels), never NULL (the default order).
     """
     if fallback is not None:
         remaining = [c for c in fallback if c != current]
@@ -119,4 +116,4 @@ def next_channel(
     remaining = [c for c in remaining if c not in disabled]
     if not remaining:
         return None
-    return remaining[0], tuple(remaining[1:]) or (remaining[0],)
+    return remaining[0], tuple(remaining[1:])

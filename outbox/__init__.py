@@ -29,6 +29,7 @@ from outbox._recipients import (
     upsert_recipient,
     upsert_recipient_async,
 )
+from outbox._migrate import version_location
 from outbox._settings import Settings
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "enqueue_campaign_async",
     "upsert_recipient",
     "upsert_recipient_async",
+    "version_location",
 ]
 __version__ = "0.1.0"

@@ -270,7 +270,8 @@ WITH f AS (
 )
 INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars, fallback)
 SELECT lane, priority, next_channel, user_id, template, vars,
-       CAST(string_to_array(nullif(next_fallback, ''), ',') AS text[])
+       -- '' is an exhausted list ('{}'), never NULL: NULL means the default order
+       CAST(string_to_array(next_fallback, ',') AS text[])
   FROM gone
  WHERE next_channel IS NOT NULL
 RETURNING id
@@ -338,41 +339,6 @@ UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
 -- effect_delete_subscription --
 -- The push service says the subscription is gone.
 DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
-
--- take_token --
--- Reserve one send from a token bucket shared by every replica; a negative result
--- means the reservation starts -tokens/rate seconds from now.
-INSERT INTO outbox.rate_limit AS b (key, tokens, updated_at)
-VALUES (%(key)s, %(burst)s - 1, clock_timestamp())
-ON CONFLICT (key) DO UPDATE
-   SET tokens = least(%(burst)s,
-                      b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at)
-                                 * %(rate)s) - 1,
-       updated_at = clock_timestamp()
-RETURNING tokens
-
--- return_token --
--- Give back a reservation that will not be used.
-UPDATE outbox.rate_limit SET tokens = tokens + 1 WHERE key = %(key)s
-
--- open_breaker --
--- A channel-wide outage: pause the channel for every replica, longer each time.
-INSERT INTO outbox.channel_state AS s (channel, failures, paused_until, last_error, updated_at)
-VALUES (%(channel)s, 1, now() + make_interval(secs => %(base_seconds)s), %(error)s, now())
-ON CONFLICT (channel) DO UPDATE
-   SET failures = s.failures + CASE WHEN s.paused_until > now() THEN 0 ELSE 1 END,
-       paused_until = greatest(
-           s.paused_until,
-           now() + make_interval(secs => least(%(max_seconds)s,
-                                               %(base_seconds)s * 2 ^ least(s.failures, 10)))),
-       last_error = %(error)s, updated_at = now()
-RETURNING extract(epoch FROM paused_until - now())
-
--- close_breaker --
--- The channel delivered again: forget its outage.
-UPDATE outbox.channel_state SET failures = 0, paused_until = NULL, last_error = NULL,
-       updated_at = now()
- WHERE channel = %(channel)s AND failures > 0
 
 -- ========================================================================== api
 

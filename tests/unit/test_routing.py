@@ -13,7 +13,7 @@ def test_default_fallback_order_is_push_email_telegram() -> None:
 
 
 def test_explicit_fallback_on_the_message_wins() -> None:
-    assert next_channel("telegram", ["email"], None) == ("email", ("email",))
+    assert next_channel("telegram", ["email"], None) == ("email", ())
     assert next_channel("telegram", [], None) is None
 
 
@@ -23,7 +23,7 @@ def test_users_order_and_disabled_channels_are_honoured() -> None:
         fallback_order=("telegram", "email", "push"),
         disabled_channels=frozenset({"email"}),
     )
-    assert next_channel("push", None, user) == ("telegram", ("telegram",))
+    assert next_channel("push", None, user) == ("telegram", ())
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,11 @@ def test_a_bounced_email_and_a_blocked_chat_are_not_offered_to_channels() -> Non
     )
     addresses = user.addresses()
     assert addresses.email is None and addresses.telegram_chat_id is None
+
+
+def test_a_chain_ends_after_its_last_channel() -> None:
+    """The follow-up row keeps what is left: at the end that is nothing, not NULL
+    (NULL would mean the default order and send the message round in circles)."""
+    follow = next_channel("push", ["email"], None)
+    assert follow == ("email", ())
+    assert next_channel("email", follow[1], None) is None
