@@ -23,13 +23,13 @@ from outbox._errors import (
     TemplateRenderError,
     UnknownTemplate,
 )
+from outbox._migrate import version_location
 from outbox._recipients import (
     add_push_subscription,
     add_push_subscription_async,
     upsert_recipient,
     upsert_recipient_async,
 )
-from outbox._migrate import version_location
 from outbox._settings import Settings
 
 __all__ = [

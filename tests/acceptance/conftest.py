@@ -8,7 +8,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.support.file_recorder import FileRecorder
@@ -51,6 +53,15 @@ def spawn_dispatcher(database_url: str, recorder: FileRecorder, tmp_path: Path) 
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+def history(admin: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
+    """A user's attempt log: (channel, outcome, error_class, attempt), oldest first."""
+    return admin.execute(
+        "SELECT channel, outcome, error_class, attempt FROM outbox.attempt"
+        " WHERE user_id = %s ORDER BY id",
+        [user],
+    ).fetchall()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 from dispatcher.rendering import render
 from outbox._templates import TemplateCatalog
-from tests.acceptance.conftest import Spawn, wait_until
+from tests.acceptance.conftest import Spawn, history, wait_until
 from tests.servers.environment import dispatcher_environment
 from tests.servers.fixtures import SMTP_PASSWORD, SMTP_USERNAME
 from tests.servers.push import VapidKeys
@@ -50,14 +50,6 @@ def enqueue(
     ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def history(admin: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
-    return admin.execute(
-        "SELECT channel, outcome, error_class, attempt FROM outbox.attempt"
-        " WHERE user_id = %s ORDER BY id",
-        [user],
-    ).fetchall()
 
 
 def count(admin: psycopg.Connection[Any], sql: str, *params: Any) -> int:

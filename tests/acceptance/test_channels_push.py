@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from dispatcher.rendering import push_topic, render
 from outbox import add_push_subscription
 from outbox._templates import TemplateCatalog
-from tests.acceptance.conftest import Spawn, wait_until
+from tests.acceptance.conftest import Spawn, history, wait_until
 from tests.servers.environment import VAPID_SUBJECT, dispatcher_environment
 from tests.servers.push import PushServer, VapidKeys
 from tests.servers.smtp import SmtpServer
@@ -37,14 +37,6 @@ def enqueue(admin: psycopg.Connection[Any], user: str, lane: str = "transactiona
     ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def history(admin: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
-    return admin.execute(
-        "SELECT channel, outcome, error_class, attempt FROM outbox.attempt"
-        " WHERE user_id = %s ORDER BY id",
-        [user],
-    ).fetchall()
 
 
 def test_the_push_service_accepts_the_vapid_token_and_decrypts_the_rendered_json(

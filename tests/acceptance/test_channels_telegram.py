@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tests.acceptance.conftest import Spawn, wait_until
+from tests.acceptance.conftest import Spawn, history, wait_until
 from tests.servers.environment import dispatcher_environment
 from tests.servers.markdown_v2 import Entity
 from tests.servers.push import VapidKeys
@@ -38,14 +38,6 @@ def enqueue(
     ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def history(admin: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
-    return admin.execute(
-        "SELECT channel, outcome, error_class, attempt FROM outbox.attempt"
-        " WHERE user_id = %s ORDER BY id",
-        [user],
-    ).fetchall()
 
 
 def dispatch(spawn_dispatcher: Spawn, telegram: TelegramServer, **servers: Any) -> None:
