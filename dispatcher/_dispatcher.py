@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -193,7 +194,11 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem = asyncio.Semaphore(self.options.concurrency)
         # claimed messages whose recipients are loaded, waiting for a sender
-        self._ready: list[tuple[int, int, Claimed, RecipientRecord | None]] = []
+        # (priority, id, sequence, message, recipient): the sequence keeps two entries
+        # of one message apart (our own lease expired during an outage and our next
+        # claim took the message again), so the heap never compares Claimed objects
+        self._ready: list[tuple[int, int, int, Claimed, RecipientRecord | None]] = []
+        self._sequence = itertools.count()
         self._ready_event = asyncio.Event()
         self._sending = 0
         limits = settings.rate_limits
@@ -362,7 +367,10 @@ class Dispatcher:
                 if recipient is None:
                     recipient = RecipientRecord.from_row(row[_MESSAGE_COLUMNS:])
                     recipients[message.user_id] = recipient
-            heapq.heappush(self._ready, (message.priority, message.id, message, recipient))
+            heapq.heappush(
+                self._ready,
+                (message.priority, message.id, next(self._sequence), message, recipient),
+            )
         if claimed:
             self._ready_event.set()
             if self.observer is not None:
@@ -488,7 +496,7 @@ class Dispatcher:
                 self._ready_event.clear()
                 await self._ready_event.wait()
                 continue
-            _, _, message, recipient = heapq.heappop(self._ready)
+            _, _, _, message, recipient = heapq.heappop(self._ready)
             if message.channel in self._limited:
                 self._spawn(self._deliver(message, recipient))
                 continue
@@ -732,7 +740,9 @@ class Dispatcher:
         finally:
             self._acking = set()
         for finish in batch.finishes:
-            self._in_flight.pop(finish.lease.id, None)
+            # only this lease: the message may have been claimed again meanwhile
+            if self._in_flight.get(finish.lease.id) == finish.lease:
+                del self._in_flight[finish.lease.id]
         self.delivered += sum(
             1 for f in batch.finishes if isinstance(f, FinishSent) and f.lease.id in result.finished
         )

@@ -323,3 +323,56 @@ async def test_a_template_that_reads_message_id_is_rendered_per_message(
     }
     assert titles == {i: f"Ticket {i}" for i in titles} and len(titles) == 3
     assert dispatcher.renderer.hits == 0
+
+
+class GatedChannel(RecordingChannel):
+    """Holds every send until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        super().__init__("email")
+        self.gate = asyncio.Event()
+
+    async def send(self, envelope: Envelope) -> Outcome:
+        self.sent.append((time.time(), envelope))
+        await self.gate.wait()
+        return Sent()
+
+
+async def test_a_message_claimed_again_by_its_own_dispatcher_is_still_delivered(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    """After an outage our own leases can expire while the messages still wait in
+    the send queue, and our next claim takes them again: the queue then holds two
+    entries of one message. Once that crashed the senders (the heap compared two
+    messages), and the messages stayed in flight for ever, leases renewed."""
+    seed_users(admin, 3)
+    ids = [enqueue(admin, f"u{n}") for n in (1, 2, 3)]
+    channel = GatedChannel()
+    dispatcher = Dispatcher(
+        settings_for(database_url, poll_interval=0.05, lease_seconds=60.0),
+        {"email": channel},
+        options=DispatcherOptions(concurrency=1),
+    )
+    async with running(dispatcher):
+        await wait_for(lambda: len(channel.sent) == 1)  # one sends, two wait in the queue
+        admin.execute(  # as if the heartbeat had failed through an outage
+            "UPDATE outbox.message SET leased_until = now() - interval '1 second'"
+            " WHERE status = 'sending'"
+        )
+        # our next claim takes them again (the one being sent too)
+        await wait_for(
+            lambda: (
+                rows(admin, "SELECT count(*) FROM outbox.message WHERE leased_until > now()")
+                == [(3,)]
+            ),
+            timeout=10,
+        )
+        channel.gate.set()
+        await wait_for(lambda: rows(admin, "SELECT count(*) FROM outbox.message") == [(0,)])
+        await wait_for(lambda: not dispatcher._in_flight)
+    sent = [envelope.message_id for _, envelope in channel.sent]
+    assert set(sent) == set(ids)
+    outcomes = rows(
+        admin, "SELECT message_id, outcome FROM outbox.attempt WHERE outcome = 'sent' ORDER BY 1"
+    )
+    assert outcomes == [(i, "sent") for i in ids]  # each acknowledged once, by its new lease
