@@ -199,6 +199,8 @@ class Dispatcher:
         # claim took the message again), so the heap never compares Claimed objects
         self._ready: list[tuple[int, int, int, Claimed, RecipientRecord | None]] = []
         self._sequence = itertools.count()
+        # leases the heartbeat found taken over: their messages are not sent by us
+        self._lost: set[Lease] = set()
         self._ready_event = asyncio.Event()
         self._sending = 0
         limits = settings.rate_limits
@@ -497,6 +499,10 @@ class Dispatcher:
                 await self._ready_event.wait()
                 continue
             _, _, _, message, recipient = heapq.heappop(self._ready)
+            if message.lease in self._lost or self._in_flight.get(message.id) != message.lease:
+                # another dispatcher has it now, or our own later claim of it is queued
+                self._forget(message.lease)
+                continue
             if message.channel in self._limited:
                 self._spawn(self._deliver(message, recipient))
                 continue
@@ -741,6 +747,7 @@ class Dispatcher:
             self._acking = set()
         for finish in batch.finishes:
             # only this lease: the message may have been claimed again meanwhile
+            self._lost.discard(finish.lease)
             if self._in_flight.get(finish.lease.id) == finish.lease:
                 del self._in_flight[finish.lease.id]
         self.delivered += sum(
@@ -798,10 +805,19 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ leases
 
+    def _forget(self, lease: Lease) -> None:
+        """Drop a message whose lease another dispatcher took over, unsent."""
+        self._lost.discard(lease)
+        if self._in_flight.get(lease.id) == lease:
+            del self._in_flight[lease.id]
+            self._capacity.set()
+
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.lease_seconds / 3
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = interval
             # messages being acknowledged are deleted or requeued: nothing to extend
             leases = [lease for lease in self._in_flight.values() if lease.id not in self._acking]
             if not leases or self._pool is None:
@@ -819,17 +835,21 @@ class Dispatcher:
                     kept = {row[0] for row in await cursor.fetchall()}
             except (psycopg.Error, OSError, TimeoutError) as error:
                 log.warning("heartbeat failed error=%s", type(error).__name__)
+                # the leases run out meanwhile: try again soon, not a third of one later
+                delay = min(interval, 1.0)
                 continue
             # an acknowledgement that finished meanwhile is no lost lease
             lost = [
-                lease.id
+                lease
                 for lease in leases
                 if lease.id not in kept
-                and lease.id in self._in_flight
+                and self._in_flight.get(lease.id) == lease
                 and lease.id not in self._acking
             ]
             if lost:
-                log.warning("leases lost ids=%s", lost[:20])
+                log.warning("leases lost ids=%s", [lease.id for lease in lost][:20])
+                # queued ones are dropped unsent; one being sent is acknowledged in vain
+                self._lost.update(lost)
 
     async def _release_all(self) -> None:
         leases = list(self._in_flight.values())

@@ -376,3 +376,32 @@ async def test_a_message_claimed_again_by_its_own_dispatcher_is_still_delivered(
         admin, "SELECT message_id, outcome FROM outbox.attempt WHERE outcome = 'sent' ORDER BY 1"
     )
     assert outcomes == [(i, "sent") for i in ids]  # each acknowledged once, by its new lease
+
+
+async def test_a_queued_message_whose_lease_was_taken_over_is_not_sent_by_us(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    """The heartbeat finds a lease gone (another dispatcher claimed the message after
+    ours ran out): the copy still waiting in our queue is dropped, not sent twice."""
+    seed_users(admin, 3)
+    first, taken, third = (enqueue(admin, f"u{n}") for n in (1, 2, 3))
+    channel = GatedChannel()
+    dispatcher = Dispatcher(
+        settings_for(database_url, poll_interval=0.2, lease_seconds=1.5),
+        {"email": channel},
+        options=DispatcherOptions(concurrency=1),
+    )
+    async with running(dispatcher):
+        await wait_for(lambda: len(channel.sent) == 1)
+        assert channel.sent[0][1].message_id == first
+        admin.execute(  # what another dispatcher's claim does
+            "UPDATE outbox.message SET lease_token = gen_random_uuid(), leased_by = 'other',"
+            " leased_until = now() + interval '1 hour' WHERE id = %s",
+            [taken],
+        )
+        await wait_for(lambda: any(lease.id == taken for lease in dispatcher._lost), timeout=5)
+        channel.gate.set()
+        await wait_for(lambda: rows(admin, "SELECT id FROM outbox.message") == [(taken,)])
+        await wait_for(lambda: not dispatcher._in_flight and not dispatcher._lost)
+    assert [envelope.message_id for _, envelope in channel.sent] == [first, third]
+    assert rows(admin, "SELECT leased_by FROM outbox.message") == [("other",)]
