@@ -114,6 +114,10 @@ def run_demo(options: DemoOptions) -> int:
     )
     _prepare_directory(directory)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the demo even where SIGINT arrived ignored (a shell starts its
+    # background jobs that way, and Python then keeps it ignored): `--keep` waits
+    # for exactly that signal.
+    previous_int = signal.signal(signal.SIGINT, _terminate)
     try:
         with contextlib.ExitStack() as stack:
             # unwound in reverse: replicas and API, then sinks, then the database
@@ -171,6 +175,7 @@ def run_demo(options: DemoOptions) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _start_sinks(
