@@ -344,6 +344,8 @@ class ChaosRun:
         self.rng = random.Random(config.seed)
         self.report = ChaosReport()
         self.at_risk: set[int] = set()
+        # (from, to) wall-clock windows around PostgreSQL crashes; see _crash_postgres
+        self.crash_windows: list[tuple[float, float]] = []
         self.cluster: ThrowawayCluster | None = None
 
     def say(self, text: str) -> None:
@@ -474,6 +476,7 @@ class ChaosRun:
     async def _crash_postgres(self, url: str) -> None:
         assert self.cluster is not None
         sending = "SELECT id FROM outbox.message WHERE status = 'sending'"
+        window_start = time.time()
         self.at_risk |= await self._query_ids(url, sending, [])
         down = time.monotonic()
         await asyncio.to_thread(self.cluster.stop, "immediate")
@@ -482,6 +485,12 @@ class ChaosRun:
         self.report.postgres_down_seconds = time.monotonic() - down
         self.report.postgres_restarts += 1
         self.at_risk |= await self._query_ids(url, sending, [])
+        # Claims commit without waiting for the WAL flush (by design: a lost claim only
+        # returns messages to pending). A claim committed after the snapshot above, or
+        # one whose message was sent while the server was down, can be lost by the
+        # crash and its message sent again: a message first sent in this window was
+        # in flight at the crash too.
+        self.crash_windows.append((window_start, time.time() + 1.0))
         self.say(
             f"PostgreSQL crashed and restarted (down {self.report.postgres_down_seconds:.1f} s)"
         )
@@ -510,7 +519,16 @@ class ChaosRun:
             ledger = {r[0] for r in admin.execute("SELECT message_id FROM chaos_ledger")}
             remaining = dict(admin.execute("SELECT id, status FROM outbox.message").fetchall())
         lines = record.read_text().splitlines()
-        sends = Counter(json.loads(line)["message_id"] for line in lines if line.endswith("}"))
+        entries = [json.loads(line) for line in lines if line.endswith("}")]
+        sends = Counter(entry["message_id"] for entry in entries)
+        first_sent: dict[int, float] = {}
+        for entry in entries:
+            first_sent.setdefault(entry["message_id"], entry["received_at"])
+        self.at_risk |= {
+            mid
+            for mid, at in first_sent.items()
+            if any(start <= at <= end for start, end in self.crash_windows)
+        }
         delivered = set(sends)
         duplicated = {mid for mid, n in sends.items() if n > 1}
         report = self.report
