@@ -199,8 +199,6 @@ class Dispatcher:
         # claim took the message again), so the heap never compares Claimed objects
         self._ready: list[tuple[int, int, int, Claimed, RecipientRecord | None]] = []
         self._sequence = itertools.count()
-        # leases the heartbeat found taken over: their messages are not sent by us
-        self._lost: set[Lease] = set()
         self._ready_event = asyncio.Event()
         self._sending = 0
         limits = settings.rate_limits
@@ -443,9 +441,8 @@ class Dispatcher:
     async def _set_asleep(self, asleep: bool) -> None:
         if self._pool is None:
             return
-        if asleep == self._asleep and not (
-            asleep and time.monotonic() - self._registered_at > self._sleeper_stale_seconds / 3
-        ):
+        renew = time.monotonic() - self._registered_at > self._sleeper_stale_seconds / 3
+        if asleep == self._asleep and not (asleep and renew):
             return
         try:
             # The sleeper row is soft state: visible at commit whether flushed or not,
@@ -499,9 +496,8 @@ class Dispatcher:
                 await self._ready_event.wait()
                 continue
             _, _, _, message, recipient = heapq.heappop(self._ready)
-            if message.lease in self._lost or self._in_flight.get(message.id) != message.lease:
+            if self._in_flight.get(message.id) is not message.lease:
                 # another dispatcher has it now, or our own later claim of it is queued
-                self._forget(message.lease)
                 continue
             if message.channel in self._limited:
                 self._spawn(self._deliver(message, recipient))
@@ -747,8 +743,7 @@ class Dispatcher:
             self._acking = set()
         for finish in batch.finishes:
             # only this lease: the message may have been claimed again meanwhile
-            self._lost.discard(finish.lease)
-            if self._in_flight.get(finish.lease.id) == finish.lease:
+            if self._in_flight.get(finish.lease.id) is finish.lease:
                 del self._in_flight[finish.lease.id]
         self.delivered += sum(
             1 for f in batch.finishes if isinstance(f, FinishSent) and f.lease.id in result.finished
@@ -805,13 +800,6 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ leases
 
-    def _forget(self, lease: Lease) -> None:
-        """Drop a message whose lease another dispatcher took over, unsent."""
-        self._lost.discard(lease)
-        if self._in_flight.get(lease.id) == lease:
-            del self._in_flight[lease.id]
-            self._capacity.set()
-
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.lease_seconds / 3
         delay = interval
@@ -843,13 +831,16 @@ class Dispatcher:
                 lease
                 for lease in leases
                 if lease.id not in kept
-                and self._in_flight.get(lease.id) == lease
+                and self._in_flight.get(lease.id) is lease
                 and lease.id not in self._acking
             ]
             if lost:
                 log.warning("leases lost ids=%s", [lease.id for lease in lost][:20])
-                # queued ones are dropped unsent; one being sent is acknowledged in vain
-                self._lost.update(lost)
+                # no longer ours: a queued copy is dropped unsent by the senders, one
+                # being sent is acknowledged in vain, and the heartbeat stops on them
+                for lease in lost:
+                    del self._in_flight[lease.id]
+                self._capacity.set()
 
     async def _release_all(self) -> None:
         leases = list(self._in_flight.values())
