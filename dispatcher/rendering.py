@@ -50,6 +50,7 @@ template or producer bug, and sending it would flood the user's chat."""
 EMAIL_SIZE_LIMIT = 1024 * 1024
 """Bytes of rendered HTML plus text one email may carry (SMTP servers commonly
 refuse 10-25 MB including attachments; a notification is far below this)."""
+
 TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
 """Variables that identify what a push message is about, for its ``Topic``."""
 
@@ -170,8 +171,10 @@ def _render_email(
         text = envs.render(envs.text, files.text, context).strip() + "\n"
     else:
         text = html_to_text(html)
-    size = len(html.encode("utf-8")) + len(text.encode("utf-8"))
-    if size > EMAIL_SIZE_LIMIT:
+    # UTF-8 takes at most 4 bytes a character: only a long text needs encoding to measure
+    if (len(html) + len(text)) * 4 > EMAIL_SIZE_LIMIT and (
+        size := len(html.encode("utf-8")) + len(text.encode("utf-8"))
+    ) > EMAIL_SIZE_LIMIT:
         raise TemplateRenderError(
             f"{template} (email): the HTML and text are {size} bytes; at most"
             f" {EMAIL_SIZE_LIMIT} are sent (shorten the variables or the template)"
