@@ -4,11 +4,16 @@
 -- revisions in migrations/ are the history that gets an existing database here;
 -- tests/integration/test_migrations.py asserts that both produce the same catalog.
 --
--- Everything lives in the schema `outbox`. Three roles are created (cluster-wide,
--- NOLOGIN, granted to login roles by the operator):
---   outbox_producer    may call outbox.enqueue / outbox.enqueue_many, nothing else
---   outbox_dispatcher  claims, finishes and logs messages; reads recipients
---   outbox_inspector   reads the operator views, nothing else
+-- Everything lives in the schema `outbox`. These roles are created (cluster-wide,
+-- NOLOGIN; the login roles are granted the first five by the database's operator):
+--   outbox_producer          may call outbox.enqueue / outbox.enqueue_many, nothing else
+--   outbox_recipient_writer  creates and updates recipients and push subscriptions
+--   outbox_dispatcher        claims, finishes and logs messages; reads recipients
+--   outbox_operator          reads dead letters and delivery history; redrives, purges,
+--                            prunes (never enqueues, never reads addresses)
+--   outbox_inspector         reads the operator views, nothing else
+--   outbox_owner             owns the functions: the SECURITY DEFINER ones run with
+--                            exactly its table privileges; nobody logs in as it
 
 CREATE SCHEMA outbox;
 COMMENT ON SCHEMA outbox IS 'Transactional outbox for trading notifications';
@@ -19,7 +24,9 @@ DECLARE
 BEGIN
     -- Roles belong to the cluster: two databases migrated at the same time may race
     -- to create them, and the loser waits for the winner, then finds them there.
-    FOREACH role_name IN ARRAY ARRAY['outbox_producer', 'outbox_dispatcher', 'outbox_inspector']
+    FOREACH role_name IN ARRAY ARRAY['outbox_producer', 'outbox_dispatcher', 'outbox_inspector',
+                                     'outbox_owner', 'outbox_operator',
+                                     'outbox_recipient_writer']
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = role_name) THEN
             BEGIN
@@ -97,14 +104,17 @@ ALTER TABLE outbox.message SET (
 
 -- ---------------------------------------------------------------------------
 -- Idempotency keys outlive delivered messages, so they have their own table.
+-- A key's dedup window is fixed when it is first used: expires_at is stored with
+-- it, and no later enqueue can shorten, reset or take over the key before then.
 -- ---------------------------------------------------------------------------
 CREATE TABLE outbox.idempotency_key (
     key        text        PRIMARY KEY,
     message_id bigint      NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
     CONSTRAINT idempotency_key_length CHECK (key <> '' AND length(key) <= 255)
 );
-CREATE INDEX idempotency_key_created_idx ON outbox.idempotency_key (created_at);
+CREATE INDEX idempotency_key_expires_idx ON outbox.idempotency_key (expires_at);
 
 -- ---------------------------------------------------------------------------
 -- The delivery log: one row per attempt and outcome. Append-only.
@@ -247,6 +257,8 @@ DECLARE
     v_existing bigint;
     v_priority smallint;
     v_sleeper  text;
+    v_window   interval := coalesce(enqueue.dedup_window, interval '24 hours');
+    v_size     integer;
 BEGIN
     IF enqueue.lane IS NULL OR enqueue.lane NOT IN ('transactional', 'campaign') THEN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign',
@@ -270,10 +282,37 @@ BEGIN
     IF enqueue.vars IS NOT NULL AND jsonb_typeof(enqueue.vars) <> 'object' THEN
         RAISE EXCEPTION 'outbox: vars must be a JSON object' USING ERRCODE = '23514';
     END IF;
-    -- The Python API's limit (256 KiB), for producers that call SQL directly.
-    IF pg_column_size(enqueue.vars) > 262144 THEN
-        RAISE EXCEPTION 'outbox: vars are % bytes; the limit is 262144',
-            pg_column_size(enqueue.vars) USING ERRCODE = '54000';
+    -- The Python API's limits (256 KiB, 32 levels), for producers that call SQL
+    -- directly. pg_column_size is the real size only of an uncompressed datum: a
+    -- compressed one (vars built in a table of the caller's) is measured as text.
+    -- Small vars are never compressed, so the common enqueue pays one cheap call.
+    IF pg_column_compression(enqueue.vars) IS NULL THEN
+        v_size := pg_column_size(enqueue.vars);
+    ELSE
+        v_size := octet_length(enqueue.vars::text);
+    END IF;
+    IF v_size > 262144 THEN
+        RAISE EXCEPTION 'outbox: vars are % bytes; the limit is 262144', v_size
+            USING ERRCODE = '54000';
+    END IF;
+    -- Nesting: the top-level object is level 1. A jsonb under 256 bytes cannot hold
+    -- 33 levels (each adds at least 8 bytes), so only larger vars are walked, and
+    -- the walk never goes below level 33 however deep the document is.
+    IF v_size >= 256 AND jsonb_path_exists(enqueue.vars,
+           'strict $.**{32} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'outbox: vars are nested more than 32 levels deep; the limit is 32'
+            USING ERRCODE = '54000';
+    END IF;
+    IF enqueue.send_at IS NOT NULL
+       AND (NOT isfinite(enqueue.send_at) OR enqueue.send_at > now() + interval '365 days')
+    THEN
+        RAISE EXCEPTION 'outbox: send_at % must be a finite time at most 365 days ahead',
+            enqueue.send_at USING ERRCODE = '22023';
+    END IF;
+    -- The window is the caller's choice only for a key's first use (see below).
+    IF v_window < interval '1 second' OR v_window > interval '30 days' THEN
+        RAISE EXCEPTION 'outbox: dedup_window % must be between 1 second and 30 days',
+            v_window USING ERRCODE = '22023';
     END IF;
     v_priority := coalesce(enqueue.priority,
                            CASE enqueue.lane WHEN 'transactional' THEN 0 ELSE 100 END);
@@ -292,7 +331,7 @@ BEGIN
         SELECT k.message_id INTO v_existing
           FROM outbox.idempotency_key k
          WHERE k.key = enqueue.idempotency_key
-           AND k.created_at > now() - enqueue.dedup_window;
+           AND k.expires_at > now();
         IF FOUND THEN
             RETURN v_existing;
         END IF;
@@ -307,12 +346,15 @@ BEGIN
 
     IF enqueue.idempotency_key IS NOT NULL THEN
         -- A concurrent transaction may have taken the key since the look-up above;
-        -- the unique index makes us wait for it, and then the first one wins.
-        INSERT INTO outbox.idempotency_key AS k (key, message_id)
-        VALUES (enqueue.idempotency_key, v_id)
+        -- the unique index makes us wait for it, and then the first one wins. A key
+        -- is taken over only once its own window has passed: the caller's window
+        -- counts for a new key, never against one that is still in force.
+        INSERT INTO outbox.idempotency_key AS k (key, message_id, expires_at)
+        VALUES (enqueue.idempotency_key, v_id, now() + v_window)
         ON CONFLICT (key) DO UPDATE
-            SET message_id = excluded.message_id, created_at = now()
-            WHERE k.created_at <= now() - enqueue.dedup_window
+            SET message_id = excluded.message_id, created_at = now(),
+                expires_at = excluded.expires_at
+            WHERE k.expires_at <= now()
         RETURNING k.message_id INTO v_existing;
         IF v_existing IS NULL THEN
             DELETE FROM outbox.message m WHERE m.id = v_id;
@@ -391,10 +433,29 @@ BEGIN
     THEN
         RAISE EXCEPTION 'outbox: every vars must be a JSON object' USING ERRCODE = '23514';
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(vars_list) AS v(vars) WHERE pg_column_size(v.vars) > 262144)
+    -- The limits of outbox.enqueue (which explains them), per vars object.
+    IF EXISTS (SELECT 1 FROM unnest(vars_list) AS v(vars)
+                WHERE CASE WHEN pg_column_compression(v.vars) IS NULL
+                           THEN pg_column_size(v.vars)
+                           ELSE octet_length(v.vars::text) END > 262144)
     THEN
         RAISE EXCEPTION 'outbox: a vars object is over the limit of 262144 bytes'
             USING ERRCODE = '54000';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(vars_list) AS v(vars)
+                WHERE CASE WHEN pg_column_compression(v.vars) IS NULL
+                                AND pg_column_size(v.vars) < 256 THEN false
+                           ELSE jsonb_path_exists(v.vars,
+                               'strict $.**{32} ? (@.type() == "object" || @.type() == "array")')
+                      END)
+    THEN
+        RAISE EXCEPTION 'outbox: a vars object is nested more than 32 levels deep; the limit is 32'
+            USING ERRCODE = '54000';
+    END IF;
+    IF send_at IS NOT NULL AND (NOT isfinite(send_at) OR send_at > now() + interval '365 days')
+    THEN
+        RAISE EXCEPTION 'outbox: send_at % must be a finite time at most 365 days ahead',
+            send_at USING ERRCODE = '22023';
     END IF;
 
     INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars,
@@ -436,6 +497,7 @@ COMMENT ON VIEW outbox.queue_stats IS 'Per lane, channel and status: count and a
 
 CREATE FUNCTION outbox.retry_dead(ids bigint[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -457,6 +519,7 @@ COMMENT ON FUNCTION outbox.retry_dead(bigint[]) IS
 
 CREATE FUNCTION outbox.purge_dead(older_than interval) RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -487,12 +550,13 @@ BEGIN
     END IF;
     DELETE FROM outbox.attempt WHERE created_at < now() - older_than;
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    DELETE FROM outbox.idempotency_key WHERE created_at < now() - older_than;
+    -- a key stays until its own dedup window has passed, whatever older_than says
+    DELETE FROM outbox.idempotency_key WHERE expires_at <= now();
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION outbox.prune_history(interval) IS
-    'Retention: delete attempt rows and idempotency keys older than older_than';
+    'Retention: delete attempt rows older than older_than and idempotency keys past their window';
 
 -- ---------------------------------------------------------------------------
 -- Privileges. Functions are executable by PUBLIC by default; take that back.
@@ -502,12 +566,15 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA outbox TO outbox_producer, outbox_dispatcher, outbox_inspector;
+GRANT USAGE ON SCHEMA outbox TO outbox_owner, outbox_operator, outbox_recipient_writer;
 
+-- Producers: the two enqueue functions, nothing else.
 GRANT EXECUTE ON FUNCTION
     outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval),
     outbox.enqueue_many(text, text, text[], jsonb[], text, timestamptz, smallint)
     TO outbox_producer, outbox_dispatcher;
 
+-- Dispatchers: claim, finish, log, follow the recipients' addresses.
 GRANT SELECT, INSERT, UPDATE, DELETE ON
     outbox.message, outbox.sleeper, outbox.rate_limit, outbox.channel_state,
     outbox.push_subscription
@@ -515,9 +582,37 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
 GRANT SELECT, UPDATE ON outbox.recipient TO outbox_dispatcher;
 GRANT SELECT, INSERT ON outbox.attempt TO outbox_dispatcher;
 GRANT SELECT ON outbox.dead_letter, outbox.queue_stats TO outbox_dispatcher;
-GRANT EXECUTE ON FUNCTION
-    outbox.retry_dead(bigint[]), outbox.purge_dead(interval), outbox.prune_history(interval),
-    outbox._wake_dispatchers()
-    TO outbox_dispatcher;
+GRANT EXECUTE ON FUNCTION outbox._wake_dispatchers() TO outbox_dispatcher;
 
 GRANT SELECT ON outbox.dead_letter, outbox.queue_stats TO outbox_inspector;
+
+-- The functions' owner: exactly the table privileges the SECURITY DEFINER functions
+-- use (enqueue, enqueue_many, retry_dead, purge_dead, prune_history).
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.message, outbox.idempotency_key TO outbox_owner;
+GRANT SELECT, DELETE ON outbox.attempt TO outbox_owner;
+GRANT SELECT ON outbox.sleeper TO outbox_owner;
+
+-- Operators (on call): the dead letters, the delivery history, which recipients the
+-- providers refused (not their addresses), and redrive, purge and retention.
+GRANT SELECT ON outbox.dead_letter, outbox.queue_stats, outbox.attempt TO outbox_operator;
+GRANT SELECT (user_id, email_undeliverable_at, telegram_blocked_at, updated_at)
+    ON outbox.recipient TO outbox_operator;
+GRANT EXECUTE ON FUNCTION
+    outbox.retry_dead(bigint[]), outbox.purge_dead(interval), outbox.prune_history(interval)
+    TO outbox_operator;
+
+-- The service that registers users: recipients and their push subscriptions
+-- (outbox.upsert_recipient, outbox.add_push_subscription in Python).
+GRANT SELECT, INSERT, UPDATE ON outbox.recipient, outbox.push_subscription
+    TO outbox_recipient_writer;
+
+-- Every function belongs to outbox_owner, not to whoever ran the migration (often a
+-- superuser): a SECURITY DEFINER function runs with its owner's privileges.
+ALTER FUNCTION outbox._wake_dispatchers() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint,
+                              text[], interval) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.enqueue_many(text, text, text[], jsonb[], text, timestamptz, smallint)
+    OWNER TO outbox_owner;
+ALTER FUNCTION outbox.retry_dead(bigint[]) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.purge_dead(interval) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.prune_history(interval) OWNER TO outbox_owner;

@@ -25,7 +25,7 @@ CATALOG_QUERIES = {
          WHERE schemaname = 'outbox' ORDER BY 1, 2""",
     "functions": """
         SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid),
-               p.proacl::text, p.prosecdef
+               p.proacl::text, p.prosecdef, p.proowner::regrole::text
           FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace ORDER BY 1, 2""",
     "relations": """
         SELECT c.relname, c.relkind, c.relacl::text, c.reloptions, obj_description(c.oid),
@@ -100,7 +100,7 @@ def test_upgrade_twice_is_a_no_op(empty_database_url: str) -> None:
     upgrade(empty_database_url)
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT version_num FROM outbox_alembic_version").fetchall() == [
-            ("outbox_0005",)
+            ("outbox_0006",)
         ]
 
 
