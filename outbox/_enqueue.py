@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from outbox._db import fetch_one, fetch_one_async
@@ -26,6 +26,11 @@ PRIORITY_RANGES = {"transactional": range(0, 100), "campaign": range(100, 200)}
 MAX_VARS_BYTES = 256 * 1024
 MAX_ID_LENGTH = 255
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
+# The database's rules too (outbox.enqueue): a window is fixed by its key's first use.
+MIN_DEDUP_WINDOW = timedelta(seconds=1)
+MAX_DEDUP_WINDOW = timedelta(days=30)
+# A send_at further ahead is a bug (a wrong year, a sentinel date), not a plan.
+MAX_SEND_AHEAD = timedelta(days=365)
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,100}$")
 
 
@@ -136,14 +141,31 @@ def check_priority(lane: str, priority: object) -> int | None:
 
 
 def check_send_at(send_at: object) -> datetime | None:
-    """Return ``send_at`` if it is a timezone-aware datetime (or None), else raise."""
+    """Return ``send_at`` if it is a timezone-aware datetime at most 365 days ahead
+    (or None), else raise. A time in the past means now.
+    """
     if send_at is None:
         return None
     if not isinstance(send_at, datetime):
         raise InvalidMessage(f"send_at must be a datetime, not {type(send_at).__name__}")
     if send_at.tzinfo is None or send_at.utcoffset() is None:
         raise InvalidMessage("send_at must be timezone-aware (e.g. datetime.now(UTC))")
+    if send_at - datetime.now(UTC) > MAX_SEND_AHEAD:
+        raise InvalidMessage(
+            f"send_at {send_at.isoformat()} is more than {MAX_SEND_AHEAD.days} days ahead"
+        )
     return send_at
+
+
+def check_dedup_window(dedup_window: object) -> timedelta:
+    """Return ``dedup_window`` if it is a timedelta from 1 second to 30 days, else raise."""
+    if not isinstance(dedup_window, timedelta):
+        raise InvalidMessage(f"dedup_window must be a timedelta, not {type(dedup_window).__name__}")
+    if not MIN_DEDUP_WINDOW <= dedup_window <= MAX_DEDUP_WINDOW:
+        raise InvalidMessage(
+            f"dedup_window {dedup_window} must be between 1 second and {MAX_DEDUP_WINDOW.days} days"
+        )
+    return dedup_window
 
 
 def check_fallback(fallback: object, channel: str) -> tuple[str, ...] | None:
@@ -171,7 +193,7 @@ def build_message(
     send_at: object = None,
     fallback: object = None,
     priority: object = None,
-    dedup_window: timedelta = DEFAULT_DEDUP_WINDOW,
+    dedup_window: object = DEFAULT_DEDUP_WINDOW,
     validate_template: bool = True,
 ) -> MessageSpec:
     """Validate one enqueue request; raise :class:`InvalidMessage` on any problem."""
@@ -194,7 +216,7 @@ def build_message(
         send_at=check_send_at(send_at),
         priority=check_priority(checked_lane, priority),
         fallback=check_fallback(fallback, checked_channel),
-        dedup_window=dedup_window,
+        dedup_window=check_dedup_window(dedup_window),
     )
 
 
@@ -217,8 +239,9 @@ def enqueue(
     ``Connection``. The message exists if and only if the caller's transaction
     commits; outbox never begins, commits, rolls back or flushes it.
 
-    A repeated ``idempotency_key`` within 24 hours (delivered messages included)
-    writes nothing and returns the first message's id. ``fallback`` lists the
+    A repeated ``idempotency_key`` within 24 hours of its first use (delivered
+    messages included) writes nothing and returns the first message's id; the
+    window is fixed by that first use. ``fallback`` lists the
     channels to try, in order, if this one cannot reach the user (default: the
     user's preferred order). ``priority`` orders messages within the lane (lower
     is sooner; transactional 0-99, campaign 100-199).

@@ -266,7 +266,10 @@ def test_idempotency_key_is_reusable_after_the_window(conn: psycopg.Connection) 
         "idempotency_key": "daily-digest",
     }
     first = outbox.enqueue(conn, **args)
-    conn.execute("UPDATE outbox.idempotency_key SET created_at = now() - interval '25 hours'")
+    conn.execute(
+        "UPDATE outbox.idempotency_key"
+        " SET created_at = now() - interval '25 hours', expires_at = now() - interval '1 hour'"
+    )
     second = outbox.enqueue(conn, **args)
     assert second != first
     assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (2,)

@@ -1,0 +1,284 @@
+"""A producer is a hostile caller: what it can send through SQL alone.
+
+Each test logs in as real ``outbox_producer`` login roles (two distinct ones where
+one producer attacks the other) and calls the SQL functions directly, as a producer
+in another language would. Revision ``outbox_0006``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import errors
+
+import outbox
+from outbox import InvalidMessage
+from outbox._enqueue import build_message
+
+ALERT = {
+    "instrument": "EURUSD",
+    "trigger_price": "1.085",
+    "current_price": "1.086",
+    "condition": "above",
+}
+ENQUEUE = "SELECT outbox.enqueue('email', 'price_alert', %(user)s, '{}', idempotency_key => %(key)s"
+DEEP = 'strict $.**{32} ? (@.type() == "object" || @.type() == "array")'
+
+Login = Callable[[], psycopg.Connection[Any]]
+
+
+@pytest.fixture
+def login_as(database_url: str, admin: psycopg.Connection[Any]) -> Iterator[Callable[[str], Login]]:
+    """``login_as("outbox_producer")()`` connects as a new login role in that role."""
+    created: list[str] = []
+    parts = urlsplit(database_url)
+    netloc = parts.netloc.split("@", 1)[-1]
+
+    def make(group: str) -> Login:
+        role = f"p_{uuid.uuid4().hex[:10]}"
+        admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE {group}")
+        created.append(role)
+        url = urlunsplit((parts.scheme, f"{role}@{netloc}", parts.path, parts.query, ""))
+        return lambda: psycopg.connect(url, autocommit=True)
+
+    try:
+        yield make
+    finally:
+        for role in created:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                [role],
+            )
+            admin.execute(f"DROP ROLE {role}")
+
+
+def message_count(admin: psycopg.Connection[Any]) -> int:
+    row = admin.execute("SELECT count(*) FROM outbox.message").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# ------------------------------------------------------------------ idempotency keys
+
+
+@pytest.mark.parametrize("window", ["-1 day", "0 seconds", "-1 second", "31 days"])
+def test_a_producer_cannot_take_over_another_producers_key_with_any_window(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any], window: str
+) -> None:
+    producer_a, producer_b = login_as("outbox_producer"), login_as("outbox_producer")
+    with producer_a() as a, producer_b() as b:
+        (theirs,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone() or ()
+        with pytest.raises(errors.InvalidParameterValue, match=r"dedup_window .* between 1 second"):
+            b.execute(
+                ENQUEUE + ", dedup_window => %(window)s)",
+                {"user": "attacker", "key": "sl-T-1", "window": window},
+            )
+        # the victim's next enqueue still finds its own message; nothing else was written
+        again = a.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone()
+    assert again == (theirs,)
+    assert admin.execute("SELECT user_id FROM outbox.message").fetchall() == [("victim",)]
+    assert admin.execute("SELECT message_id FROM outbox.idempotency_key").fetchall() == [(theirs,)]
+
+
+def test_a_later_shorter_window_cannot_shorten_a_key_in_force(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any]
+) -> None:
+    producer_a, producer_b = login_as("outbox_producer"), login_as("outbox_producer")
+    with producer_a() as a, producer_b() as b:
+        (theirs,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() or ()
+        params = {"user": "attacker", "key": "k", "window": "1 second"}
+        shorter = ENQUEUE + ", dedup_window => %(window)s)"
+        assert b.execute(shorter, params).fetchone() == (theirs,)
+        time.sleep(1.2)  # longer than the attacker's window, far shorter than the key's
+        assert b.execute(shorter, params).fetchone() == (theirs,)
+        assert a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() == (theirs,)
+    assert admin.execute("SELECT user_id FROM outbox.message").fetchall() == [("victim",)]
+    (expires,) = (
+        admin.execute("SELECT expires_at - created_at FROM outbox.idempotency_key").fetchone() or ()
+    )
+    assert expires == timedelta(hours=24)
+
+
+def test_a_key_keeps_the_window_of_its_first_use_and_is_free_after_it(
+    login_as: Callable[[str], Login],
+) -> None:
+    with login_as("outbox_producer")() as a:
+        first = a.execute(
+            ENQUEUE + ", dedup_window => '1 second')", {"user": "u1", "key": "short"}
+        ).fetchone()
+        # a longer window later does not lengthen it either
+        again = a.execute(
+            ENQUEUE + ", dedup_window => '30 days')", {"user": "u1", "key": "short"}
+        ).fetchone()
+        assert again == first
+        time.sleep(1.2)
+        later = a.execute(ENQUEUE + ")", {"user": "u1", "key": "short"}).fetchone()
+    assert later != first
+
+
+def test_a_null_window_means_the_default(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(ENQUEUE + ", dedup_window => NULL)", {"user": "u1", "key": "k"})
+    row = conn.execute("SELECT expires_at - created_at FROM outbox.idempotency_key").fetchone()
+    assert row == (timedelta(hours=24),)
+
+
+@pytest.mark.parametrize(
+    "window", [timedelta(0), timedelta(seconds=-1), timedelta(days=-1), timedelta(days=31), "1d"]
+)
+def test_the_python_api_refuses_the_same_windows(window: object) -> None:
+    with pytest.raises(InvalidMessage, match="dedup_window"):
+        build_message(
+            user_id="u1", channel="email", template="price_alert", vars=ALERT, dedup_window=window
+        )
+
+
+# ------------------------------------------------------------------------------ vars
+
+
+def test_compressed_vars_over_the_limit_are_refused_and_nothing_is_written(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any]
+) -> None:
+    with login_as("outbox_producer")() as producer:
+        producer.execute(
+            "CREATE TEMP TABLE bomb AS"
+            " SELECT jsonb_build_object('x', repeat('a', 20 * 1024 * 1024)) AS v"
+        )
+        stored = producer.execute("SELECT pg_column_size(v) FROM bomb").fetchone()
+        assert stored is not None and stored[0] < 262144  # compressed below the limit
+        with pytest.raises(
+            errors.ProgramLimitExceeded, match="20971529 bytes; the limit is 262144"
+        ):
+            producer.execute(
+                "SELECT outbox.enqueue('email', 'price_alert', 'u1', (SELECT v FROM bomb))"
+            )
+        with pytest.raises(errors.ProgramLimitExceeded, match="the limit of 262144 bytes"):
+            producer.execute(
+                "SELECT outbox.enqueue_many('email', 'price_alert', ARRAY['u1', 'u2'],"
+                " ARRAY[(SELECT v FROM bomb)])"
+            )
+        # compressed but within the limit: accepted
+        producer.execute(
+            "CREATE TEMP TABLE fine AS SELECT jsonb_build_object('x', repeat('a', 200 * 1024)) AS v"
+        )
+        producer.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u3', (SELECT v FROM fine))"
+        )
+        producer.execute("DROP TABLE bomb, fine")  # a role that owns them cannot be dropped
+    assert admin.execute("SELECT user_id FROM outbox.message").fetchall() == [("u3",)]
+
+
+def nested(depth: int, *, leaf: str = "", arrays: bool = True) -> str:
+    """A JSON object nested ``depth`` levels deep (the top-level object is level 1)."""
+    if arrays:
+        return '{"a":' + "[" * (depth - 1) + leaf + "]" * (depth - 1) + "}"
+    return '{"":' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [nested(32), nested(32, leaf="1"), nested(32, arrays=False), '{"a": [1, {"b": [2]}]}'],
+    ids=["arrays", "arrays-and-a-scalar", "objects", "shallow"],
+)
+def test_vars_32_levels_deep_are_accepted(conn: psycopg.Connection[Any], document: str) -> None:
+    conn.execute("SELECT outbox.enqueue('email', 'price_alert', 'u1', %s::jsonb)", [document])
+    conn.execute(
+        "SELECT outbox.enqueue_many('email', 'price_alert', ARRAY['u2'], ARRAY[%s::jsonb])",
+        [document],
+    )
+    assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (2,)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [nested(33), nested(33, leaf="1"), nested(33, arrays=False), nested(10_000)],
+    ids=["arrays", "arrays-and-a-scalar", "objects", "10000-levels"],
+)
+def test_vars_33_levels_deep_are_refused_by_both_functions(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any], document: str
+) -> None:
+    with login_as("outbox_producer")() as producer:
+        for statement in (
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', %s::jsonb)",
+            "SELECT outbox.enqueue_many('email', 'price_alert', ARRAY['u1'], ARRAY[%s::jsonb])",
+        ):
+            with pytest.raises(psycopg.Error, match="nested more than 32 levels") as caught:
+                producer.execute(statement, [document])
+            assert caught.value.sqlstate == "54000"  # not 54001, a stack overflow
+    assert message_count(admin) == 0
+
+
+def test_no_document_under_256_bytes_can_be_33_levels_deep(conn: psycopg.Connection[Any]) -> None:
+    # outbox.enqueue walks only vars of 256 bytes or more; the smallest 33-level
+    # documents are larger than that
+    for document in (nested(33), nested(33, arrays=False), '{"":' + "[" * 32 + "]" * 32 + "}"):
+        row = conn.execute(
+            "SELECT pg_column_size(%s::jsonb), jsonb_path_exists(%s::jsonb, %s)",
+            [document, document, DEEP],
+        ).fetchone()
+        assert row is not None and row[1] is True and row[0] >= 256
+
+
+# --------------------------------------------------------------------------- send_at
+
+
+@pytest.mark.parametrize(
+    "send_at", ["infinity", "-infinity", "now() + interval '366 days'", "'9999-12-31'"]
+)
+def test_send_at_that_is_not_finite_or_too_far_ahead_is_refused(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any], send_at: str
+) -> None:
+    value = f"'{send_at}'::timestamptz" if "infinity" in send_at else f"({send_at})::timestamptz"
+    with login_as("outbox_producer")() as producer:
+        for statement in (
+            f"SELECT outbox.enqueue('email', 'price_alert', 'u1', '{{}}', send_at => {value})",
+            "SELECT outbox.enqueue_many('email', 'price_alert', ARRAY['u1'], ARRAY['{}'::jsonb],"
+            f" send_at => {value})",
+        ):
+            with pytest.raises(errors.InvalidParameterValue, match="at most 365 days ahead"):
+                producer.execute(statement)
+    assert message_count(admin) == 0
+
+
+def test_send_at_within_a_year_or_in_the_past_is_accepted(conn: psycopg.Connection[Any]) -> None:
+    for value in ("now() + interval '364 days'", "'2001-01-01'::timestamptz"):
+        conn.execute(
+            f"SELECT outbox.enqueue('email', 'price_alert', 'u1', '{{}}', send_at => {value})"
+        )
+    rows = conn.execute(
+        "SELECT next_attempt_at > now() + interval '363 days' FROM outbox.message ORDER BY id"
+    ).fetchall()
+    assert rows == [(True,), (False,)]  # the past means now
+
+
+@pytest.mark.parametrize(
+    "send_at",
+    [
+        datetime.now(UTC) + timedelta(days=366),
+        datetime.max.replace(tzinfo=UTC),
+        datetime.max.replace(tzinfo=timezone(timedelta(hours=-12))),
+    ],
+    ids=["366-days", "max", "max-west"],
+)
+def test_the_python_api_refuses_send_at_more_than_a_year_ahead(
+    conn: psycopg.Connection[Any], send_at: datetime
+) -> None:
+    with pytest.raises(InvalidMessage, match="more than 365 days ahead"):
+        outbox.enqueue(
+            conn, user_id="u1", channel="email", template="price_alert", vars=ALERT, send_at=send_at
+        )
+    with pytest.raises(InvalidMessage, match="more than 365 days ahead"):
+        outbox.enqueue_campaign(
+            conn, ["u1"], channel="email", template="price_alert", vars=ALERT, send_at=send_at
+        )
+    soon = datetime.now(UTC) + timedelta(days=364)
+    outbox.enqueue(
+        conn, user_id="u1", channel="email", template="price_alert", vars=ALERT, send_at=soon
+    )
+    assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (1,)
