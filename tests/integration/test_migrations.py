@@ -112,3 +112,42 @@ def test_the_claim_index_exists_from_the_first_revision(empty_database_url: str)
         ).fetchone()
     assert row is not None
     assert "(priority, next_attempt_at, id) WHERE (status = 'pending'::text)" in row[0]
+
+
+def test_a_non_superuser_with_createrole_migrates_up_and_down(pg_server: Any) -> None:
+    import uuid
+
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    role = f"migrator_{uuid.uuid4().hex[:8]}"
+    name = f"outbox_empty_{uuid.uuid4().hex[:10]}"
+    admin_url = pg_server.url("postgres")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CREATEROLE")
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=name,
+    )
+    janitor.init()
+    try:
+        with psycopg.connect(pg_server.url(name), autocommit=True) as owner:
+            owner.execute(f"GRANT CREATE ON DATABASE {name} TO {role}")
+            owner.execute(f"GRANT CREATE ON SCHEMA public TO {role}")  # the version table
+        url = pg_server.url(name).replace(f"//{pg_server.user}@", f"//{role}@", 1)
+        upgrade(url)
+        with psycopg.connect(url) as conn:
+            owners = conn.execute(
+                "SELECT DISTINCT proowner::regrole::text FROM pg_proc"
+                " WHERE pronamespace = 'outbox'::regnamespace"
+            ).fetchall()
+            assert owners == [("outbox_owner",)]
+            assert conn.execute("SELECT outbox.enqueue('email','price_alert','u','{}')").fetchone()
+        downgrade(url, "outbox_0005")
+        upgrade(url)
+    finally:
+        janitor.drop()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {role}")
