@@ -1,9 +1,9 @@
 """Recipients: addresses, preferences and push subscriptions.
 
 Like enqueue, these run on the caller's connection or session and never begin,
-commit, roll back or flush. They need write access to ``outbox.recipient`` and
-``outbox.push_subscription`` (the schema owner has it; ``outbox_producer`` does
-not, by design).
+commit, roll back or flush. They need a role that is a member of
+``outbox_recipient_writer`` (the service that registers users); ``outbox_producer``
+alone may not write or read addresses, by design.
 """
 
 from __future__ import annotations

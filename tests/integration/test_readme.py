@@ -144,7 +144,7 @@ def test_the_alembic_snippet_runs_outbox_revisions_among_the_hosts(
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version ORDER BY 1").fetchall() == [
             ("host_0001",),
-            ("outbox_0005",),
+            ("outbox_0006",),
         ]
         assert conn.execute("SELECT count(*) FROM outbox.queue_stats").fetchone() == (0,)
 
