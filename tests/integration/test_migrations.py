@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -151,3 +152,32 @@ def test_a_non_superuser_with_createrole_migrates_up_and_down(pg_server: Any) ->
         janitor.drop()
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE {role}")
+
+
+def test_downgrading_outbox_0006_restores_outbox_0005_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0005")
+    upgrade(second_empty_database_url)
+    downgrade(second_empty_database_url, "outbox_0005")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
+def test_outbox_0006_keeps_existing_keys_for_the_default_window(empty_database_url: str) -> None:
+    upgrade(empty_database_url, "outbox_0005")
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', idempotency_key => 'k')"
+        )
+    upgrade(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT expires_at - created_at FROM outbox.idempotency_key"
+        ).fetchall() == [(timedelta(hours=24),)]
+        # still in force: the same key returns the first message
+        again = conn.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', idempotency_key => 'k')"
+        ).fetchone()
+        assert again == (1,)
