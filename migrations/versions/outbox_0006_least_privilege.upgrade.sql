@@ -33,9 +33,13 @@ BEGIN
             END;
         END IF;
     END LOOP;
-    -- ALTER ... OWNER TO needs a non-superuser to be a member of the new owner.
+    -- ALTER ... OWNER TO needs a non-superuser to be able to SET ROLE to the new
+    -- owner: a member of it (from PostgreSQL 16, one with the SET option, which the
+    -- automatic grant to a role's creator lacks).
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-       AND NOT pg_has_role(current_user, 'outbox_owner', 'MEMBER') THEN
+       AND NOT pg_has_role(current_user, 'outbox_owner',
+                           CASE WHEN current_setting('server_version_num')::int >= 160000
+                                THEN 'SET' ELSE 'MEMBER' END) THEN
         EXECUTE format('GRANT outbox_owner TO %I', current_user);
     END IF;
 END
