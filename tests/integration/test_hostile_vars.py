@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dispatcher import Dispatcher, DispatcherOptions
 from dispatcher._acks import AckBatch, AckResult
 from dispatcher.channels.base import Outcome
 from outbox import MAX_VARS_BYTES, Settings
+from outbox._queries import QUERIES
 from outbox._settings import parse_rate_limits
 from tests.support.channels import RecordingChannel
 
@@ -227,3 +229,29 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
 
     print(f"RSS growth {memory.growth / 2**20:.1f} MiB")
     assert memory.growth < MEMORY_BUDGET, f"RSS grew by {memory.growth / 2**20:.0f} MiB"
+
+
+def test_the_claim_withholds_vars_over_256_kib_of_json_text_and_sends_the_rest(
+    conn: psycopg.Connection[Any], admin: psycopg.Connection[Any]
+) -> None:
+    padding = MAX_VARS_BYTES - len('{"a": ""}')
+    # 2-byte characters: the limit is on UTF-8 bytes of the text the dispatcher receives
+    at_limit = insert_raw(
+        admin,
+        "email",
+        "u1",
+        f"jsonb_build_object('a', repeat('é', {padding // 2}) || repeat('x', {padding % 2}))",
+    )
+    over = insert_raw(admin, "email", "u1", f"jsonb_build_object('a', repeat('x', {padding + 1}))")
+    rows = conn.execute(
+        QUERIES["claim_batch"],
+        {
+            "batch_size": 10,
+            "lease_seconds": 30,
+            "dispatcher_id": "d",
+            "lease_token": str(uuid.uuid4()),
+        },
+    ).fetchall()
+    texts = {row[0]: row[6] for row in rows}
+    assert len(texts[at_limit].encode()) == MAX_VARS_BYTES
+    assert texts[over] is None
