@@ -303,7 +303,10 @@ async def send_test_message(
         raise ClientException(problem)
     message_id = next_test_message_id()
     try:
-        content = render(
+        # in a thread: up to 64 KiB of vars may take a noticeable time to render,
+        # which the other requests (and /health) must not wait for
+        content = await asyncio.to_thread(
+            render,
             context.catalog,
             data.channel,
             data.template_name,

@@ -67,12 +67,14 @@ refuse 10-25 MB including attachments; a notification is far below this)."""
 
 RENDER_OUTPUT_LIMITS = {
     "email": EMAIL_SIZE_LIMIT,
-    "telegram": 4 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
+    "telegram": 2 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
     "push": 16 * PUSH_PAYLOAD_LIMIT,
 }
 """Characters one template of a channel may produce before rendering stops. Each is
 above what the channel's own check (bytes of an email, Telegram parts, push bytes)
-could accept, so it only cuts short work whose result would be refused anyway."""
+could accept, so it only cuts short work whose result would be refused anyway.
+What is left is bounded: at worst about 2 s of CPU (the email text derived from
+1 MiB of HTML), spent in a worker thread when the vars are long."""
 
 INLINE_VARS_CHARS = 4096
 """Vars whose stored text is longer than this are decoded and rendered in a worker
