@@ -1,8 +1,9 @@
 """Hostile vars cannot starve or bloat a dispatcher.
 
 Rows written past every enqueue check (as the superuser here; in life, a producer
-before the SQL size check was fixed) carry 20 MiB of highly compressible JSON, or
-vars nested 10,000 levels deep. A real Dispatcher claims them together with
+before the SQL size check was fixed) carry 20 MiB of highly compressible JSON,
+vars nested 10,000 levels deep, or 245 KB of link markup that would make a
+Telegram text of about 60 messages. A real Dispatcher claims them together with
 normal messages whose (slow) channel keeps them in flight for several
 heartbeats. The hostile ones end as dead letters of class ``template``; the
 heartbeat keeps renewing the normal ones' leases (none is lost, none sent twice);
@@ -146,6 +147,13 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
         insert_raw(admin, "email", "u1", twenty_mib): "over the limit of 262144 bytes"
         for _ in range(9)
     }
+    # within the limits, but a text that would become about 60 Telegram messages:
+    # rendered in a worker thread, and cut short at the output budget
+    markup = f"{alert} || jsonb_build_object('instrument', repeat('[x](y) ', 35000))"
+    hostile |= {
+        insert_raw(admin, "telegram", "u3", markup): "produced over 81920 characters"
+        for _ in range(10)
+    }
     # within the limits but long: rendered in a worker thread, and delivered
     large = insert_raw(
         admin,
@@ -161,6 +169,7 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
         ).fetchall()
     )
     assert sizes[large] <= MAX_VARS_BYTES
+    assert sum(100_000 < size <= MAX_VARS_BYTES for size in sizes.values()) == 11
     assert sum(size > 20 * 1024 * 1024 for size in sizes.values()) == 10
 
     settings = replace(
