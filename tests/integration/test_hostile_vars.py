@@ -97,6 +97,14 @@ class Observer:
         self.lost |= set(result.lost)
 
 
+async def measure_loop_lag(lags: list[float]) -> None:
+    """Append how late each 50 ms sleep wakes up: the event loop's stalls."""
+    while True:
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        lags.append(time.monotonic() - started - 0.05)
+
+
 def insert_raw(admin: psycopg.Connection[Any], channel: str, user: str, vars_sql: str) -> int:
     """What nothing in the product allows any more: a row written straight into the table."""
     row = admin.execute(
@@ -191,6 +199,8 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
     caplog.set_level(logging.WARNING, logger="outbox.dispatcher")
     with PeakRss() as memory:
         task = asyncio.create_task(dispatcher.run())
+        lags: list[float] = []
+        ticker = asyncio.create_task(measure_loop_lag(lags))
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -209,6 +219,7 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
                 assert time.monotonic() < deadline, "the batch was not processed in time"
                 await asyncio.sleep(0.2)
         finally:
+            ticker.cancel()
             dispatcher.stop()
             await asyncio.wait_for(task, 30)
 
@@ -236,7 +247,9 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
     ).fetchall()
     assert sorted(attempts) == sorted((m, "sent") for m in [*normal, large])
 
-    print(f"RSS growth {memory.growth / 2**20:.1f} MiB")
+    print(f"RSS growth {memory.growth / 2**20:.1f} MiB; longest loop stall {max(lags):.3f} s")
+    # the loop never stalled for a heartbeat interval (a third of a lease)
+    assert max(lags) < LEASE_SECONDS / 3, sorted(lags)[-5:]
     assert memory.growth < MEMORY_BUDGET, f"RSS grew by {memory.growth / 2**20:.0f} MiB"
 
 
