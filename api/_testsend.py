@@ -7,7 +7,8 @@ with ``is_test = true``. Answers:
 ===  ===========================================================================
 200  ``{status: "sent", message_id, delivery_time_ms, error: null}``
 502  ``{status: "failed", ...}``: the provider did not accept it; ``error`` says why
-400  unknown template, missing or unusable variables, no address on that channel
+400  unknown template, missing or unusable variables (nested deeper than
+     ``outbox.MAX_VARS_DEPTH``), no address on that channel
 404  no ``outbox.recipient`` row for ``user_id``
 422  the body does not match the schema; 413 over 64 KiB; 401/403/429 see ``_auth``
 503  the database does not answer
@@ -25,17 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 import msgspec
 import psycopg
 import psycopg_pool
 from litestar import Request, Response, post
+from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException, NotFoundException, ServiceUnavailableException
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody
 from litestar.security.jwt import Token
@@ -57,6 +62,7 @@ from dispatcher.channels.base import (
     UpdateTelegramChat,
 )
 from dispatcher.rendering import render
+from outbox import MAX_VARS_DEPTH
 from outbox._errors import InvalidMessage, TemplateRenderError
 from outbox._queries import QUERIES
 from outbox._settings import Settings
@@ -118,6 +124,41 @@ def next_test_message_id() -> int:
         candidate = -(time.time_ns() // 1000)
         _last_id = min(candidate, _last_id - 1)
         return _last_id
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in _BRACKET_STEP)
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of objects and arrays in JSON text, counted without parsing it.
+
+    Strings are cut out first (a ``[`` inside one is text), then the brackets
+    are counted: linear time, no recursion, whatever the document. Malformed
+    JSON gets a number too; its parser refuses it afterwards.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+async def vars_depth_guard(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard: 400 for ``template_vars`` nested deeper than ``outbox.MAX_VARS_DEPTH``.
+
+    It runs before the body is parsed, because the parser itself recurses: a 60 KB
+    body nesting 10,000 arrays would end in ``RecursionError`` (a 500) otherwise.
+    The body object is one level above ``template_vars``. Litestar keeps the body
+    it read here for the parser, and still applies the 64 KiB limit (413).
+    """
+    if not isinstance(connection, Request):
+        return
+    if json_depth(await connection.body()) > MAX_VARS_DEPTH + 1:
+        raise ClientException(
+            f"template_vars nest deeper than {MAX_VARS_DEPTH} levels (the vars object is"
+            " level 1; every object or array inside adds one)"
+        )
 
 
 def _clip(text: str | None) -> str | None:
@@ -220,7 +261,7 @@ def _errors(description: str) -> ResponseSpec:
 
 @post(
     "/messaging/test",
-    guards=[owner_only],
+    guards=[owner_only, vars_depth_guard],
     security=[{SECURITY_SCHEME: []}],
     request_max_body_size=MAX_BODY_BYTES,
     status_code=200,
@@ -228,7 +269,10 @@ def _errors(description: str) -> ResponseSpec:
     summary="Send a test message to a user now (owner only)",
     description=__doc__.split("\n\n")[1] if __doc__ else None,
     responses={
-        400: _errors("Unknown template, missing variables, or no address on the channel"),
+        400: _errors(
+            "Unknown template, missing variables, vars nested too deep,"
+            " or no address on the channel"
+        ),
         401: _errors("No token, or a bad, expired or unsigned one"),
         403: _errors("The token's role is not owner"),
         404: _errors("No recipient with that user_id"),
@@ -259,7 +303,10 @@ async def send_test_message(
         raise ClientException(problem)
     message_id = next_test_message_id()
     try:
-        content = render(
+        # in a thread: up to 64 KiB of vars may take a noticeable time to render,
+        # which the other requests (and /health) must not wait for
+        content = await asyncio.to_thread(
+            render,
             context.catalog,
             data.channel,
             data.template_name,

@@ -74,7 +74,7 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from dispatcher.rendering import RenderCache
+from dispatcher.rendering import RenderCache, stored_vars
 from outbox._db import (
     RECONNECT_TIMEOUT,
     connect_kwargs,
@@ -118,7 +118,8 @@ class Claimed:
     channel: str
     user_id: str
     template: str
-    vars: Mapping[str, Any]
+    vars: Mapping[str, Any] | None
+    """None: not decoded yet (long, withheld or too deep; see ``rendering.stored_vars``)."""
     fallback: tuple[str, ...] | None
     attempts: int
     lease: Lease
@@ -129,7 +130,6 @@ class Claimed:
     def from_row(cls, row: Sequence[Any], token: uuid.UUID) -> Claimed:
         """Build from a row of ``claim_batch`` run with lease token ``token``."""
         id_, lane, priority, channel, user_id, template, vars_text, fallback, attempts = row
-        vars_ = _json_decode(vars_text)[0]
         return cls(
             id=id_,
             lane=lane,
@@ -137,7 +137,7 @@ class Claimed:
             channel=channel,
             user_id=user_id,
             template=template,
-            vars=vars_ if type(vars_) is dict else {},
+            vars=stored_vars(vars_text),
             fallback=tuple(fallback) if fallback is not None else None,
             attempts=attempts,
             lease=Lease(id=id_, token=token),
@@ -570,7 +570,7 @@ class Dispatcher:
                 error=f"no {message.channel} channel is configured",
             ), ()
         try:
-            content = self.renderer.render(
+            content = await self.renderer.render_async(
                 message.channel,
                 message.template,
                 message.vars,

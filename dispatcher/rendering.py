@@ -16,10 +16,21 @@ Per channel:
 - push: a JSON object (``title``, ``body``, ``icon``, ``badge``, ``data.url``) where
   every variable is escaped for the inside of a JSON string; at most 3993 bytes
   once encoded; its ``Topic`` is derived from the template and key variables.
+
+Bounds, so that no message (however it was written) can starve or bloat a
+dispatcher: vars over :data:`~outbox.MAX_VARS_BYTES` as received (the claim does
+not even send them) or nested deeper than :data:`~outbox.MAX_VARS_DEPTH` are
+refused before anything is decoded or rendered; every template's output is
+streamed against a per-channel budget (:data:`RENDER_OUTPUT_LIMITS`), so a loop
+cannot build a gigabyte before a size check; and vars longer than
+:data:`INLINE_VARS_CHARS` are decoded and rendered in a worker thread
+(:meth:`RenderCache.render_async`), at most :data:`OFFLOAD_CONCURRENCY` at a time,
+so the event loop keeps renewing leases and sending other messages meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -36,8 +47,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from dispatcher import markdown
 from dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
 from dispatcher.html_text import extract_title, html_to_text
+from outbox import MAX_VARS_BYTES, MAX_VARS_DEPTH, vars_depth_exceeds
 from outbox._errors import OutboxError, TemplateRenderError
 from outbox._templates import TemplateCatalog
+
+Rendered = RenderedEmail | RenderedTelegram | RenderedPush
 
 PUSH_PAYLOAD_LIMIT = 3993
 """Bytes of JSON a Web Push message may carry (4096 minus encryption overhead)."""
@@ -50,6 +64,26 @@ template or producer bug, and sending it would flood the user's chat."""
 EMAIL_SIZE_LIMIT = 1024 * 1024
 """Bytes of rendered HTML plus text one email may carry (SMTP servers commonly
 refuse 10-25 MB including attachments; a notification is far below this)."""
+
+RENDER_OUTPUT_LIMITS = {
+    "email": EMAIL_SIZE_LIMIT,
+    "telegram": 2 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
+    "push": 16 * PUSH_PAYLOAD_LIMIT,
+}
+"""Characters one template of a channel may produce before rendering stops. Each is
+above what the channel's own check (bytes of an email, Telegram parts, push bytes)
+could accept, so it only cuts short work whose result would be refused anyway.
+What is left is bounded: at worst about 2 s of CPU (the email text derived from
+1 MiB of HTML), spent in a worker thread when the vars are long."""
+
+INLINE_VARS_CHARS = 4096
+"""Vars whose stored text is longer than this are decoded and rendered in a worker
+thread. Real notifications carry a few hundred characters and render inline (a
+thread hand-off would cost more than the render)."""
+
+OFFLOAD_CONCURRENCY = 2
+"""Worker-thread renders one dispatcher runs at once: bounds the memory of large
+vars being decoded and rendered (a few MB each at most)."""
 
 TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
 """Variables that identify what a push message is about, for its ``Topic``."""
@@ -65,7 +99,12 @@ class _Environments:
     """(environment id, loader name) -> the compiled template."""
 
     def render(
-        self, env: ImmutableSandboxedEnvironment, name: str, context: Mapping[str, Any]
+        self,
+        env: ImmutableSandboxedEnvironment,
+        name: str,
+        context: Mapping[str, Any],
+        *,
+        limit: int,
     ) -> str:
         """Render template ``name`` of ``env`` (one of ours) with ``context``.
 
@@ -73,6 +112,8 @@ class _Environments:
         template cache is a locked LRU, and every call copies the template's
         globals (a ``ChainMap``, slow to iterate) into the new context. Both are
         done once per template here; the context is still a fresh dict per call.
+        The output is streamed: past ``limit`` characters rendering stops with
+        :class:`OutputTooLong`, before the rest is produced.
         """
         key = (id(env), name)
         template = self.compiled.get(key)
@@ -83,11 +124,29 @@ class _Environments:
             template.globals = dict(template.globals)
             template = self.compiled.setdefault(key, template)
         ctx = template.new_context({**template.globals, **context}, shared=True)
+        parts: list[str] = []
+        size = 0
         try:
-            return env.concat(template.root_render_func(ctx))
+            for part in template.root_render_func(ctx):
+                size += len(part)
+                if size > limit:
+                    raise OutputTooLong(limit)
+                parts.append(part)
+        except OutputTooLong:
+            raise
         except Exception:
             env.handle_exception()  # re-raises with the template's line numbers
             raise
+        return "".join(parts)
+
+
+class OutputTooLong(Exception):
+    """A template produced more than its channel's output budget."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the template produced over {limit} characters (shorten the variables or the template)"
+        )
 
 
 _cache: weakref.WeakKeyDictionary[TemplateCatalog, _Environments] = weakref.WeakKeyDictionary()
@@ -128,17 +187,20 @@ def render(
     message_id: int | None,
     lane: str,
     platform_base_url: str,
-) -> RenderedEmail | RenderedTelegram | RenderedPush:
+) -> Rendered:
     """Render ``template`` with ``vars`` for ``channel``.
 
     ``message_id``, ``lane`` and ``platform_base_url`` are available to templates
     under those names and take precedence over variables of the same name.
     Raises :class:`~outbox.TemplateRenderError` for anything that prevents a valid
-    message: unknown template, missing variable, a template error or a sandbox
-    violation, MarkdownV2 that would not parse, a push payload too large.
+    message: vars nested deeper than :data:`~outbox.MAX_VARS_DEPTH`, unknown
+    template, missing variable, a template error or a sandbox violation, output over
+    the channel's budget, MarkdownV2 that would not parse, a push payload too large.
     """
     if not isinstance(vars, Mapping):
         raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
+    if vars_depth_exceeds(vars):
+        raise TemplateRenderError(f"{template} ({channel}): {_TOO_DEEP}")
     context = {
         **vars,
         "message_id": message_id,
@@ -163,12 +225,13 @@ def _render_email(
     catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
 ) -> RenderedEmail:
     files = catalog.files("email", template)
-    html = envs.render(envs.html, files.main, context).strip() + "\n"
+    limit = RENDER_OUTPUT_LIMITS["email"]
+    html = envs.render(envs.html, files.main, context, limit=limit).strip() + "\n"
     subject = extract_title(html)
     if not subject:
         raise TemplateRenderError(f"{template} (email): the HTML has no <title> for the subject")
     if files.text is not None:
-        text = envs.render(envs.text, files.text, context).strip() + "\n"
+        text = envs.render(envs.text, files.text, context, limit=limit).strip() + "\n"
     else:
         text = html_to_text(html)
     # UTF-8 takes at most 4 bytes a character: only a long text needs encoding to measure
@@ -185,7 +248,12 @@ def _render_email(
 def _render_telegram(
     catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
 ) -> RenderedTelegram:
-    text = envs.render(envs.telegram, catalog.files("telegram", template).main, context)
+    text = envs.render(
+        envs.telegram,
+        catalog.files("telegram", template).main,
+        context,
+        limit=RENDER_OUTPUT_LIMITS["telegram"],
+    )
     if not text.strip():
         raise TemplateRenderError(f"{template} (telegram): the text is empty")
     try:
@@ -203,7 +271,9 @@ def _render_telegram(
 def _render_push(
     catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
 ) -> RenderedPush:
-    raw = envs.render(envs.push, catalog.files("push", template).main, context)
+    raw = envs.render(
+        envs.push, catalog.files("push", template).main, context, limit=RENDER_OUTPUT_LIMITS["push"]
+    )
     try:
         payload = json.loads(raw)
     except ValueError as error:
@@ -254,6 +324,47 @@ def push_topic(template: str, vars: Mapping[str, Any]) -> str | None:
     return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
 
 
+_TOO_DEEP = (
+    f"vars nest deeper than {MAX_VARS_DEPTH} levels (the vars object is level 1;"
+    " every object or array inside adds one)"
+)
+_decode_json = json.JSONDecoder().raw_decode
+
+
+def stored_vars_problem(vars_text: str | None) -> str | None:
+    """Why stored vars (the jsonb text a claim returns) cannot be rendered, or None.
+
+    ``None`` text is what the claim returns instead of vars over
+    :data:`~outbox.MAX_VARS_BYTES`. The size is the UTF-8 length of the text as
+    received; it is measured only when the characters alone cannot settle it.
+    """
+    if vars_text is None:
+        return f"vars are over the limit of {MAX_VARS_BYTES} bytes as JSON text"
+    length = len(vars_text)
+    if length * 4 <= MAX_VARS_BYTES:  # UTF-8 takes at most 4 bytes a character
+        return None
+    if length > MAX_VARS_BYTES:
+        return f"vars are at least {length} bytes as JSON text; the limit is {MAX_VARS_BYTES}"
+    size = len(vars_text.encode("utf-8"))
+    if size > MAX_VARS_BYTES:
+        return f"vars are {size} bytes as JSON text; the limit is {MAX_VARS_BYTES}"
+    return None
+
+
+def decode_stored_vars(vars_text: str) -> Mapping[str, Any]:
+    """Decode stored vars; a document too deep for the decoder's stack is refused.
+
+    PostgreSQL writes well-formed JSON, so only nesting can fail here (the C
+    decoder stops at the interpreter's recursion limit). Anything but an object
+    decodes to an empty mapping, whose missing variables the render then names.
+    """
+    try:
+        decoded = _decode_json(vars_text)[0]
+    except RecursionError:
+        raise TemplateRenderError(_TOO_DEEP) from None
+    return decoded if type(decoded) is dict else {}
+
+
 class RenderCache:
     """Renders each distinct message once per dispatcher.
 
@@ -271,22 +382,36 @@ class RenderCache:
         self.catalog = catalog
         self.platform_base_url = platform_base_url
         self.max_entries = max_entries
-        self._rendered: dict[
-            tuple[object, ...], RenderedEmail | RenderedTelegram | RenderedPush
-        ] = {}
+        self._rendered: dict[tuple[object, ...], Rendered] = {}
+        self._offload = asyncio.Semaphore(OFFLOAD_CONCURRENCY)
         self.hits = 0
 
     def render(
         self,
         channel: str,
         template: str,
-        vars: Mapping[str, Any],
+        vars: Mapping[str, Any] | None,
         *,
         vars_key: str | None,
         message_id: int,
         lane: str,
-    ) -> RenderedEmail | RenderedTelegram | RenderedPush:
-        """:func:`render`, or what it returned for the same message content before."""
+    ) -> Rendered:
+        """:func:`render`, or what it returned for the same message content before.
+
+        ``vars`` None means not decoded yet: ``vars_key`` (the stored text, or None
+        when the claim withheld it as too large) is checked and decoded here, and
+        the result is not cached (large vars are rare, and their renders large).
+        """
+        if vars is None:
+            problem = stored_vars_problem(vars_key)
+            if problem is not None:
+                raise TemplateRenderError(f"{template} ({channel}): {problem}")
+            assert vars_key is not None
+            try:
+                vars = decode_stored_vars(vars_key)
+            except TemplateRenderError as error:
+                raise TemplateRenderError(f"{template} ({channel}): {error}") from None
+            vars_key = None
         if vars_key is None:
             return render(
                 self.catalog,
@@ -325,3 +450,55 @@ class RenderCache:
             self._rendered.clear()
         self._rendered[key] = found
         return found
+
+    async def render_async(
+        self,
+        channel: str,
+        template: str,
+        vars: Mapping[str, Any] | None,
+        *,
+        vars_key: str | None,
+        message_id: int,
+        lane: str,
+    ) -> Rendered:
+        """:meth:`render` inline for decoded vars; in a worker thread for the rest.
+
+        Undecoded vars are the long ones (see :func:`stored_vars`): their decoding
+        and rendering take milliseconds, which the event loop must not spend.
+        While a thread renders, the interpreter hands the event loop its turn every
+        few milliseconds (``sys.getswitchinterval``), so heartbeats and other
+        sends go on.
+        """
+        if vars is not None:
+            return self.render(
+                channel, template, vars, vars_key=vars_key, message_id=message_id, lane=lane
+            )
+        problem = stored_vars_problem(vars_key)
+        if problem is not None:  # no thread needed to refuse
+            raise TemplateRenderError(f"{template} ({channel}): {problem}")
+        async with self._offload:
+            return await asyncio.to_thread(
+                self.render,
+                channel,
+                template,
+                None,
+                vars_key=vars_key,
+                message_id=message_id,
+                lane=lane,
+            )
+
+
+def stored_vars(vars_text: str | None) -> Mapping[str, Any] | None:
+    """The vars of a claimed row for :meth:`RenderCache.render`, with its text as ``vars_key``.
+
+    Short texts are decoded at once (the common case: a few hundred characters);
+    a long, withheld or undecodable one is left for the renderer (None), which
+    refuses it or decodes it off the event loop. Never raises.
+    """
+    if vars_text is None or len(vars_text) > INLINE_VARS_CHARS:
+        return None
+    try:
+        decoded = _decode_json(vars_text)[0]
+    except RecursionError:  # refused by the renderer, with the reason
+        return None
+    return decoded if type(decoded) is dict else {}

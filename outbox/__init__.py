@@ -14,7 +14,13 @@ begins, commits, rolls back or flushes the caller's transaction.
 """
 
 from outbox._campaign import CampaignResult, enqueue_campaign, enqueue_campaign_async
-from outbox._enqueue import enqueue, enqueue_async
+from outbox._enqueue import (
+    MAX_VARS_BYTES,
+    MAX_VARS_DEPTH,
+    enqueue,
+    enqueue_async,
+    vars_depth_exceeds,
+)
 from outbox._errors import (
     ConfigurationError,
     InvalidMessage,
@@ -33,6 +39,8 @@ from outbox._recipients import (
 from outbox._settings import Settings
 
 __all__ = [
+    "MAX_VARS_BYTES",
+    "MAX_VARS_DEPTH",
     "CampaignResult",
     "ConfigurationError",
     "InvalidMessage",
@@ -49,6 +57,7 @@ __all__ = [
     "enqueue_campaign_async",
     "upsert_recipient",
     "upsert_recipient_async",
+    "vars_depth_exceeds",
     "version_location",
 ]
 __version__ = "0.1.0"

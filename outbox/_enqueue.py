@@ -24,6 +24,12 @@ CHANNELS = ("email", "telegram", "push")
 LANES = ("transactional", "campaign")
 PRIORITY_RANGES = {"transactional": range(0, 100), "campaign": range(100, 200)}
 MAX_VARS_BYTES = 256 * 1024
+"""Bytes of vars as JSON text (UTF-8) a message may carry; also the dispatcher's
+limit on the stored vars it receives."""
+MAX_VARS_DEPTH = 32
+"""Levels of nesting vars may have: the vars object is level 1, every object or
+array inside adds one, scalars add none. Deeper documents are refused everywhere
+(enqueue, the SQL function, the dispatcher, the API), before anything recurses."""
 MAX_ID_LENGTH = 255
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 # The database's rules too (outbox.enqueue): a window is fixed by its key's first use.
@@ -31,6 +37,8 @@ MIN_DEDUP_WINDOW = timedelta(seconds=1)
 MAX_DEDUP_WINDOW = timedelta(days=30)
 # A send_at further ahead is a bug (a wrong year, a sentinel date), not a plan.
 MAX_SEND_AHEAD = timedelta(days=365)
+_CONTAINERS = (dict, list, tuple)
+"""What ``json.dumps`` writes as an object or an array (subclasses included)."""
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,100}$")
 
 
@@ -105,10 +113,48 @@ def check_template_name(template: object) -> str:
     return template
 
 
+def vars_depth_exceeds(vars: Mapping[str, Any], limit: int = MAX_VARS_DEPTH) -> bool:
+    """Whether ``vars`` nest deeper than ``limit`` levels (see :data:`MAX_VARS_DEPTH`).
+
+    Walks one level at a time, without recursion, so a document nested 100,000
+    levels deep costs a loop, not the stack. Objects are mappings, arrays are lists
+    and tuples (what ``json.dumps`` writes as such). A container met twice on one
+    level is walked once: shared references cannot make the walk exponential, and a
+    cycle is infinitely deep, so it is refused like any too-deep document.
+    """
+    # most vars are flat: one pass over the values, no bookkeeping
+    level: list[Any] = [value for value in vars.values() if isinstance(value, _CONTAINERS)]
+    depth = 2
+    while level:
+        if depth > limit:
+            return True
+        nested: list[Any] = []
+        seen: set[int] = set()
+        for container in level:
+            values = container.values() if isinstance(container, dict) else container
+            for value in values:
+                if isinstance(value, _CONTAINERS) and id(value) not in seen:
+                    seen.add(id(value))
+                    nested.append(value)
+        level = nested
+        depth += 1
+    return False
+
+
+def check_vars_depth(vars: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidMessage` when ``vars`` nest deeper than :data:`MAX_VARS_DEPTH`."""
+    if vars_depth_exceeds(vars):
+        raise InvalidMessage(
+            f"vars nest deeper than {MAX_VARS_DEPTH} levels (the vars object is level 1;"
+            " every object or array inside adds one)"
+        )
+
+
 def encode_vars(vars: object) -> str:
     """Serialise template variables to JSON text that PostgreSQL's jsonb accepts."""
     if not isinstance(vars, Mapping):
         raise InvalidMessage(f"vars must be a mapping, not {type(vars).__name__}")
+    check_vars_depth(vars)  # before json.dumps, which recurses
     for key in vars:
         if not isinstance(key, str):
             raise InvalidMessage(f"vars keys must be strings, not {type(key).__name__}")

@@ -104,7 +104,9 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- messages, so a stale finish (a lease lost and claimed again) matches nothing.
 -- Each row comes with its recipient (the columns of `recipients`, NULL when the
 -- user is unknown), so claiming a batch is one round trip. vars come back as text:
--- jsonb's canonical text is also the dispatcher's render cache key.
+-- jsonb's canonical text is also the dispatcher's render cache key. A text over
+-- 262144 bytes (outbox.MAX_VARS_BYTES: a row written past enqueue's check) comes
+-- back NULL: the dispatcher refuses it without receiving, holding or decoding it.
 WITH async_commit AS (
     -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
     -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
@@ -139,7 +141,8 @@ WITH async_commit AS (
     RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
               m.fallback, m.attempts
 )
-SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template, CAST(c.vars AS text),
+SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
+       CASE WHEN octet_length(v.text) <= 262144 THEN v.text END,
        c.fallback, c.attempts,
        r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
        r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
@@ -148,6 +151,8 @@ SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template, CAST(c.vars A
        coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
                    FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
   FROM claimed c
+ -- OFFSET 0: the text is built once per row, not once per use
+ CROSS JOIN LATERAL (SELECT CAST(c.vars AS text) AS text OFFSET 0) v
  CROSS JOIN async_commit
   LEFT JOIN outbox.recipient r ON r.user_id = c.user_id
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -430,3 +431,55 @@ def test_the_channels_are_the_dispatchers_own(settings: Settings) -> None:
     # the endpoint awaits the very classes the dispatcher uses; nothing API-specific
     assert EmailChannel.__module__ == "dispatcher.channels.email"
     assert TelegramChannel.__module__ == "dispatcher.channels.telegram"
+
+
+# ------------------------------------------------------------------ nesting depth
+
+
+def nested_body(depth: int) -> bytes:
+    """A request whose ``template_vars`` nest ``depth`` levels (the vars object is 1)."""
+    deep = '{"k":' * (depth - 1) + "1" + "}" * (depth - 1)
+    vars_text = json.dumps(ENTRY)[:-1] + ', "extra": ' + deep + "}"
+    head = json.dumps({k: v for k, v in body().items() if k != "template_vars"})[:-1]
+    return f'{head}, "template_vars": {vars_text}}}'.encode()
+
+
+async def test_vars_nesting_10000_levels_get_400_with_a_clear_body_not_500(
+    client: AsyncTestClient[Litestar], smtp_server: SmtpServer, admin: psycopg.Connection[Any]
+) -> None:
+    payload = nested_body(10_000)
+    assert 55_000 < len(payload) < 64 * 1024  # under the body limit: the parser would run
+
+    response = await client.post(
+        URL, content=payload, headers={**bearer(), "Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 400, response.text[:500]
+    assert "nest deeper than 32 levels" in response.json()["detail"]
+    assert smtp_server.messages == [] and attempts(admin) == []
+
+
+async def test_vars_of_32_levels_are_sent_and_33_levels_get_400(
+    client: AsyncTestClient[Litestar], smtp_server: SmtpServer
+) -> None:
+    headers = {**bearer(), "Content-Type": "application/json"}
+
+    refused = await client.post(URL, content=nested_body(33), headers=headers)
+    accepted = await client.post(URL, content=nested_body(32), headers=headers)
+
+    assert refused.status_code == 400, refused.text
+    assert "nest deeper than 32 levels" in refused.json()["detail"]
+    assert accepted.status_code == 200, accepted.text
+    assert len(smtp_server.messages) == 1
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(
+    client: AsyncTestClient[Litestar], smtp_server: SmtpServer
+) -> None:
+    reason = '[{"' * 1000 + '\\"]' * 10
+
+    response = await client.post(
+        URL, json=body(variables={**ENTRY, "error_reason": reason}), headers=bearer()
+    )
+
+    assert response.status_code == 200, response.text
