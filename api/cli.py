@@ -21,7 +21,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Serve ``outbox api``; return 0 after a clean shutdown, 2 on bad configuration."""
     import uvicorn
 
-    from api._app import create_app
+    from outbox.api._app import create_app
 
     if not 0 < args.port < 65536:
         print("outbox: --port must be between 1 and 65535")

@@ -13,13 +13,13 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher.channels.base import Envelope, Outcome, RenderedEmail, Sent
 from examples.trading_service.models import Base, EntryOrder, Position
 from examples.trading_service.service import BrokerError, TradingService
 from outbox import Settings
 from outbox._migrate import sqlalchemy_url
 from outbox._settings import parse_rate_limits
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher.channels.base import Envelope, Outcome, RenderedEmail, Sent
 
 
 class FakeBroker:

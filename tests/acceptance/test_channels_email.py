@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from dispatcher.rendering import render
 from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import render
 from tests.acceptance.conftest import Spawn, history, wait_until
 from tests.servers.environment import dispatcher_environment
 from tests.servers.fixtures import SMTP_PASSWORD, SMTP_USERNAME

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dispatcher.channels import build_channels
-from dispatcher.channels.base import Channel, Sent
 from outbox._settings import Settings
+from outbox.dispatcher.channels import build_channels
+from outbox.dispatcher.channels.base import Channel, Sent
 from tests.servers.envelopes import email_envelope, push_envelope, telegram_envelope
 from tests.servers.push import PushServer
 from tests.servers.smtp import SmtpServer

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     DisableTelegram,
     Outcome,
@@ -21,8 +22,7 @@ from dispatcher.channels.base import (
     Unreachable,
     UpdateTelegramChat,
 )
-from dispatcher.channels.telegram import TelegramChannel
-from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels.telegram import TelegramChannel
 from tests.servers.envelopes import telegram_envelope
 from tests.servers.fixtures import TELEGRAM_TOKEN
 from tests.servers.markdown_v2 import Entity, escape_markdown_v2

@@ -15,10 +15,10 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher.channels.telegram import TelegramChannel
 from outbox import Settings
 from outbox._settings import parse_rate_limits
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher.channels.telegram import TelegramChannel
 from tests.servers.telegram import TelegramServer
 from tests.support.channels import RecordingChannel
 

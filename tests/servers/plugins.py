@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import httpx
 
-from dispatcher.channels.email import EmailChannel
-from dispatcher.channels.push import PushChannel
-from dispatcher.channels.telegram import TelegramChannel
 from outbox._settings import Settings
+from outbox.dispatcher.channels.email import EmailChannel
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.telegram import TelegramChannel
 from tests.servers.tls import client_context
 
 

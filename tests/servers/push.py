@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from dispatcher.channels.base import PushSubscription
+from outbox.dispatcher.channels.base import PushSubscription
 from tests.servers.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
 
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")

@@ -13,8 +13,8 @@ import ssl
 
 import httpx
 
-from dispatcher.channels.push import PushChannel
 from outbox._settings import Settings
+from outbox.dispatcher.channels.push import PushChannel
 
 
 def push_channel(settings: Settings) -> PushChannel:

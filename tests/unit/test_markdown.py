@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher import markdown
-from dispatcher.markdown import (
+from outbox._templates import TemplateCatalog
+from outbox.dispatcher import markdown
+from outbox.dispatcher.markdown import (
     MarkdownV2Error,
     escape_code,
     escape_text,
@@ -24,8 +25,7 @@ from dispatcher.markdown import (
     split,
     validate,
 )
-from dispatcher.rendering import _environments
-from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import _environments
 from tests.servers.markdown_v2 import ParsedText, parse_markdown_v2
 
 SPECIALS = "_*[]()~`>#+-=|{}.!"

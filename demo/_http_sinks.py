@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from api.demo._credentials import b64url, b64url_decode, public_key_raw
-from api.demo._sinks import HOST, Countdown, JsonLines
+from outbox.demo._credentials import b64url, b64url_decode, public_key_raw
+from outbox.demo._sinks import HOST, Countdown, JsonLines
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,16 @@ from typing import Any
 import psycopg
 
 import outbox
-from api.demo import _scenario, _summary
-from api.demo._channels import CA_FILE_VARIABLE
-from api.demo._credentials import VapidKeys, make_certificate
-from api.demo._database import DATABASE, demo_database, relative
-from api.demo._http_sinks import PushSink, TelegramSink
-from api.demo._processes import Processes, child_environment, outbox_command
-from api.demo._sinks import MailSink, free_port
 from outbox._embedded import EmbeddedPostgres
 from outbox._migrate import upgrade
 from outbox._progress import ProgressBar
+from outbox.demo import _scenario, _summary
+from outbox.demo._channels import CA_FILE_VARIABLE
+from outbox.demo._credentials import VapidKeys, make_certificate
+from outbox.demo._database import DATABASE, demo_database, relative
+from outbox.demo._http_sinks import PushSink, TelegramSink
+from outbox.demo._processes import Processes, child_environment, outbox_command
+from outbox.demo._sinks import MailSink, free_port
 
 REPLICAS = 2
 BOT_TOKEN = "123456789:DEMO-only-token_not-a-real-bot"  # noqa: S105 - a loopback stand-in
@@ -216,7 +216,7 @@ def _start_sinks(
             "OUTBOX_VAPID_PUBLIC_KEY": vapid.public,
             "OUTBOX_VAPID_SUBJECT": f"mailto:ops@{_scenario.MAIL_DOMAIN}",
             "OUTBOX_PUSH_ALLOWED_HOSTS": "127.0.0.1",
-            "OUTBOX_CHANNEL_PLUGINS": "push=api.demo._channels:push_channel",
+            "OUTBOX_CHANNEL_PLUGINS": "push=outbox.demo._channels:push_channel",
             CA_FILE_VARIABLE: str(certificate.ca_file),
             "OUTBOX_RATE_LIMITS": DEMO_RATE_LIMITS,
         }

@@ -4,7 +4,7 @@ Push subscriptions must be ``https`` (the schema checks it, and so does the
 channel's SSRF guard), so the demo's push service speaks TLS with a certificate for
 ``127.0.0.1`` signed by a CA made on the spot (EC P-256, milliseconds). The
 dispatchers trust that CA, and only it, through
-:func:`api.demo._channels.push_channel`; certificate checks stay on.
+:func:`outbox.demo._channels.push_channel`; certificate checks stay on.
 
 Web Push also needs a VAPID key pair (:class:`VapidKeys`), made fresh as well.
 """

@@ -6,8 +6,8 @@ against them, and they keep what they receive where a person can look at it:
 * :class:`MailSink` (aiosmtpd, here) writes every accepted mail to
   ``mail/<Message-ID>.eml``; addresses listed in ``bounce`` get ``550 5.1.1`` at
   ``RCPT``, addresses in ``flaky`` get ``451 4.3.0`` that many times first.
-* :class:`~api.demo._http_sinks.TelegramSink` and
-  :class:`~api.demo._http_sinks.PushSink`: the Telegram Bot API and a Web Push
+* :class:`~outbox.demo._http_sinks.TelegramSink` and
+  :class:`~outbox.demo._http_sinks.PushSink`: the Telegram Bot API and a Web Push
   service (see that module).
 
 All bind 127.0.0.1 on a free port and run on daemon threads of the demo process.
