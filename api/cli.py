@@ -14,7 +14,7 @@ def register(commands: Any) -> None:
     parser = commands.add_parser("api", help="serve the HTTP API (test sends, health, metrics)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="api")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:

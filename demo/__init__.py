@@ -49,7 +49,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, default=90.0, help="seconds to wait for delivery (90)"
     )
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="demo")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -24,7 +24,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--until-idle", action="store_true", help="exit 0 once nothing is pending or in flight"
     )
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="dispatcher")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
