@@ -16,8 +16,7 @@ import psycopg
 import pytest
 
 import outbox
-from tests.servers.fixtures import smtp_server  # noqa: F401  (fixture)
-from tests.servers.smtp import SmtpServer
+from outbox.testing.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
@@ -149,7 +148,7 @@ def test_the_bare_install_names_the_extra_a_command_needs(bare_venv: Path) -> No
 def test_a_service_with_its_own_api_package_runs_the_producer_and_dispatch_side_by_side(
     database_url: str,
     tmp_path: Path,
-    smtp_server: SmtpServer,  # noqa: F811
+    smtp_server: SmtpServer,
 ) -> None:
     service = _host_service(tmp_path / "service")
     # the service's folder first on the path: its `api` and `dispatcher` shadow any

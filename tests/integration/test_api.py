@@ -20,11 +20,11 @@ from outbox.api import create_app
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers import fixtures as server_fixtures
-from tests.servers.fixtures import SMTP_PASSWORD, TELEGRAM_TOKEN
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.testing import fixtures as server_fixtures
+from outbox.testing.fixtures import SMTP_PASSWORD, TELEGRAM_TOKEN
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 # the loopback servers' fixtures, visible to this module's tests
 loopback_settings = server_fixtures.loopback_settings

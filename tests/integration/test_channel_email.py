@@ -20,9 +20,9 @@ from outbox.dispatcher.channels.base import (
     Unreachable,
 )
 from outbox.dispatcher.channels.email import EmailChannel
-from tests.servers.envelopes import email_envelope
-from tests.servers.fixtures import SENDER, SMTP_PASSWORD, SMTP_USERNAME
-from tests.servers.smtp import SmtpServer
+from outbox.testing.envelopes import email_envelope
+from outbox.testing.fixtures import SENDER, SMTP_PASSWORD, SMTP_USERNAME
+from outbox.testing.smtp import SmtpServer
 
 SmtpFactory = Callable[..., SmtpServer]
 

@@ -23,8 +23,8 @@ from outbox.dispatcher.channels.base import (
     Unreachable,
 )
 from outbox.dispatcher.channels.push import PushChannel
-from tests.servers.envelopes import push_envelope
-from tests.servers.push import PushServer, PushSubscriber, VapidKeys
+from outbox.testing.envelopes import push_envelope
+from outbox.testing.push import PushServer, PushSubscriber, VapidKeys
 
 PushFactory = Callable[..., PushServer]
 

@@ -19,8 +19,8 @@ from outbox.dispatcher._routing import RecipientRecord, next_channel
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers.fixtures import TELEGRAM_TOKEN
-from tests.servers.push import VapidKeys
+from outbox.testing.fixtures import TELEGRAM_TOKEN
+from outbox.testing.push import VapidKeys
 
 ALERT = {
     "instrument": "EURUSD",

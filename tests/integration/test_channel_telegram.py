@@ -23,10 +23,10 @@ from outbox.dispatcher.channels.base import (
     UpdateTelegramChat,
 )
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers.envelopes import telegram_envelope
-from tests.servers.fixtures import TELEGRAM_TOKEN
-from tests.servers.markdown_v2 import Entity, escape_markdown_v2
-from tests.servers.telegram import TelegramServer
+from outbox.testing.envelopes import telegram_envelope
+from outbox.testing.fixtures import TELEGRAM_TOKEN
+from outbox.testing.markdown_v2 import Entity, escape_markdown_v2
+from outbox.testing.telegram import TelegramServer
 
 CHAT = 4242
 

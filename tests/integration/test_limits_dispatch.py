@@ -19,7 +19,7 @@ from outbox import Settings
 from outbox._settings import parse_rate_limits
 from outbox.dispatcher import Dispatcher, DispatcherOptions
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers.telegram import TelegramServer
+from outbox.testing.telegram import TelegramServer
 from tests.support.channels import RecordingChannel
 
 ENTRY = {

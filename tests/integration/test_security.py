@@ -33,9 +33,9 @@ from outbox.dispatcher import Dispatcher, DispatcherOptions
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers.push import PushServer
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.testing.push import PushServer
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 ALERT = {
     "instrument": "EURUSD",

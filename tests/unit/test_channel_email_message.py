@@ -18,7 +18,7 @@ from outbox.dispatcher.channels.email import (
     is_single_mailbox,
     message_id_for,
 )
-from tests.servers.envelopes import email_envelope, telegram_envelope
+from outbox.testing.envelopes import email_envelope, telegram_envelope
 
 # Port 9 (discard) on loopback: if the channel ever tried to connect, the outcome
 # would be a ChannelOutage instead of the answer a test expects.

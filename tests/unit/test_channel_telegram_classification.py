@@ -22,7 +22,7 @@ from outbox.dispatcher.channels.base import (
     UpdateTelegramChat,
 )
 from outbox.dispatcher.channels.telegram import TelegramChannel
-from tests.servers.envelopes import email_envelope, telegram_envelope
+from outbox.testing.envelopes import email_envelope, telegram_envelope
 
 TOKEN = "555000111:AAF-unit-token_zyxwvutsrqponmlkjihgf"
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -1,6 +1,6 @@
 """MarkdownV2: variables escaped per context, template markup kept, long texts split.
 
-Validity is checked against ``tests.servers.markdown_v2``, an independent port of
+Validity is checked against ``outbox.testing.markdown_v2``, an independent port of
 Telegram's parser (the one the test Bot API server uses), not only against the
 validator under test.
 """
@@ -26,7 +26,7 @@ from outbox.dispatcher.markdown import (
     validate,
 )
 from outbox.dispatcher.rendering import _environments
-from tests.servers.markdown_v2 import ParsedText, parse_markdown_v2
+from outbox.testing.markdown_v2 import ParsedText, parse_markdown_v2
 
 SPECIALS = "_*[]()~`>#+-=|{}.!"
 

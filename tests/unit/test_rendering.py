@@ -25,7 +25,7 @@ from outbox.dispatcher.rendering import (
     push_topic,
     render,
 )
-from tests.servers.markdown_v2 import parse_markdown_v2
+from outbox.testing.markdown_v2 import parse_markdown_v2
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 BASE_URL = "https://platform.example.com"

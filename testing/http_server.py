@@ -5,7 +5,7 @@ Subclasses implement :meth:`LoopbackHttpServer.handle`, a plain function from
 connection. Connections are kept alive (clients reuse them, as httpx does), and
 :meth:`~LoopbackHttpServer.stop` closes them all, so a stopped server looks down
 to a client that holds a pooled connection. With ``tls=True`` the server speaks
-HTTPS with the certificate from :mod:`tests.servers.tls`.
+HTTPS with the certificate from :mod:`outbox.testing.tls`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-from tests.servers import tls as tls_helpers
+from outbox.testing import tls as tls_helpers
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ def _arrival(sock: socket.socket) -> float | None:
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and data:
             seconds, nanoseconds = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
-            return time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9))
+            sent_at: float = seconds + nanoseconds / 1e9
+            return time.monotonic() - (time.time() - sent_at)
     return None
 
 

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from outbox.dispatcher.channels.base import PushSubscription
-from tests.servers.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
+from outbox.testing.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
 
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _URGENCIES = ("very-low", "low", "normal", "high")
@@ -52,10 +52,12 @@ MAX_BODY = 4096
 
 
 def b64url(data: bytes) -> str:
+    """Base64url without padding (as Web Push writes keys)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding."""
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

@@ -13,7 +13,7 @@
 Answers follow the real API: ``{"ok": false, "error_code": ..., "description": ...,
 "parameters": {...}}``. The token in ``/bot<token>/<method>`` must match (else 401);
 an unknown method is 404. Every ``parse_mode=MarkdownV2`` text goes through
-:func:`tests.servers.markdown_v2.parse_markdown_v2` and an invalid one is answered
+:func:`outbox.testing.markdown_v2.parse_markdown_v2` and an invalid one is answered
 ``400 Bad Request: can't parse entities: ...``. Texts over 4096 characters (UTF-16
 units, after parsing) are refused like Telegram does.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
-from tests.servers.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
-from tests.servers.markdown_v2 import MAX_TEXT_LENGTH, Entity, MarkdownV2Error, parse_markdown_v2
+from outbox.testing.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
+from outbox.testing.markdown_v2 import MAX_TEXT_LENGTH, Entity, MarkdownV2Error, parse_markdown_v2
 
 ChatId = int | str
 _PATH = re.compile(r"^/bot(?P<token>[^/]*)/(?P<method>[A-Za-z]+)$")
