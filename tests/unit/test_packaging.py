@@ -47,6 +47,8 @@ def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
         "outbox/api/__init__.py",
         "outbox/demo/__init__.py",
         "outbox/demo/demo.sql",
+        "outbox/testing/__init__.py",
+        "outbox/testing/smtp.py",
     ):
         assert expected in names, f"{expected} missing from {wheel.name}"
     assert any(n.startswith("outbox/templates/email/") and n.endswith(".j2") for n in names)
