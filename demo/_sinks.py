@@ -1,22 +1,26 @@
-"""Loopback stand-ins for the providers, and what they share.
+"""The providers of the demo: outbox.testing's loopback servers, writing to files.
 
-They speak the real protocols, so the dispatchers run their production channel code
-against them, and they keep what they receive where a person can look at it:
+They are the very servers outbox's test suite runs against (:mod:`outbox.testing`),
+so the dispatchers run their production channel code against the real protocols.
+Here each one also keeps what it accepts where a person can look at it:
 
-* :class:`MailSink` (aiosmtpd, here) writes every accepted mail to
-  ``mail/<Message-ID>.eml``; addresses listed in ``bounce`` get ``550 5.1.1`` at
-  ``RCPT``, addresses in ``flaky`` get ``451 4.3.0`` that many times first.
-* :class:`~outbox.demo._http_sinks.TelegramSink` and
-  :class:`~outbox.demo._http_sinks.PushSink`: the Telegram Bot API and a Web Push
-  service (see that module).
+* :class:`MailSink` (:class:`~outbox.testing.smtp.SmtpServer`) writes every accepted
+  mail to ``mail/<Message-ID>.eml``; addresses listed in ``bounce`` get ``550 5.1.1``
+  at ``RCPT``, addresses in ``flaky`` get ``451 4.3.0`` that many times first.
+* :class:`TelegramSink` (:class:`~outbox.testing.telegram.TelegramServer`, which
+  parses MarkdownV2 as Telegram does) appends to ``telegram.jsonl``; chats in
+  ``blocked`` get ``403 Forbidden: bot was blocked by the user``, chats in ``flaky``
+  a ``500`` that many times first.
+* :class:`PushSink` (:class:`~outbox.testing.push.PushServer` on ``https``) checks
+  the VAPID token, decrypts the ``aes128gcm`` body with the keys of the browser it
+  made and appends the notification to ``push.jsonl``; subscriptions marked gone
+  get ``410 Gone``.
 
 All bind 127.0.0.1 on a free port and run on daemon threads of the demo process.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import socket
@@ -27,25 +31,12 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from outbox.testing.push import PushServer, ReceivedPush
+from outbox.testing.smtp import ReceivedMail, SmtpServer
+from outbox.testing.telegram import TelegramMessage, TelegramServer
+from outbox.testing.tls import LoopbackCertificate
 
 HOST = "127.0.0.1"
-
-
-class Countdown:
-    """Per-key counters of scripted failures left (thread-safe)."""
-
-    def __init__(self, counts: Mapping[str, int]) -> None:
-        self._left = {key.lower(): n for key, n in counts.items()}
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> bool:
-        with self._lock:
-            left = self._left.get(key.lower(), 0)
-            if left <= 0:
-                return False
-            self._left[key.lower()] = left - 1
-            return True
 
 
 class JsonLines:
@@ -58,13 +49,11 @@ class JsonLines:
         path.write_text("", encoding="utf-8")
 
     def append(self, record: Mapping[str, Any]) -> None:
+        """Write one record as a line."""
         line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
         with self._lock, self.path.open("a", encoding="utf-8") as file:
             file.write(line)
             self.count += 1
-
-
-# --- SMTP ------------------------------------------------------------------------------
 
 
 class MailSink:
@@ -78,32 +67,21 @@ class MailSink:
         flaky: Mapping[str, int] | None = None,
     ) -> None:
         self.directory = directory
-        self.port = 0
         self.count = 0
-        self._bounce = {address.lower() for address in bounce}
-        self._flaky = Countdown(flaky or {})
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = SmtpServer(on_message=self._write)
+        for address in bounce:
+            self._server.respond(address, f"550 5.1.1 <{address}>: mailbox unavailable")
+        for address, times in (flaky or {}).items():
+            self._server.respond(address, "451 4.3.0 mailbox busy, try again later", times=times)
 
-    # aiosmtpd handler hooks
+    @property
+    def port(self) -> int:
+        """The port it listens on (after :meth:`start`)."""
+        return self._server.port
 
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        """Bounce, defer or accept one recipient."""
-        if address.lower() in self._bounce:
-            return f"550 5.1.1 <{address}>: mailbox unavailable"
-        if self._flaky.take(address):
-            return "451 4.3.0 mailbox busy, try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Write the mail to ``<Message-ID>.eml``."""
-        raw = envelope.original_content or b""
-        headers = BytesHeaderParser().parsebytes(raw)
+    def _write(self, mail: ReceivedMail) -> None:
+        headers = BytesHeaderParser().parsebytes(mail.raw)
         # <outbox-42@demo.outbox.test> -> outbox-42.eml
         message_id = str(headers.get("Message-ID", "")).strip().strip("<>").split("@")[0]
         stem = re.sub(r"[^A-Za-z0-9._-]", "", message_id) or uuid.uuid4().hex
@@ -113,54 +91,120 @@ class MailSink:
             while path.exists():  # a duplicate delivery keeps both copies
                 copy += 1
                 path = self.directory / f"{stem}-{copy}.eml"
-            path.write_bytes(raw)
+            path.write_bytes(mail.raw)
             self.count += 1
-        return "250 2.0.0 Message accepted for delivery"
-
-    # lifecycle
 
     def start(self) -> MailSink:
         """Listen on a free port; return self."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            factory = lambda: SMTP(self, hostname="outbox-demo-smtp", loop=loop)  # noqa: E731
-            self._server = loop.run_until_complete(loop.create_server(factory, HOST, 0))
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="demo-smtp", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise TimeoutError("the demo SMTP server did not start")
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop listening and end the server thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
+        self._server.stop()
 
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            loop.call_soon(loop.stop)
 
-        with contextlib.suppress(RuntimeError, TimeoutError):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
+class TelegramSink:
+    """``POST /bot<token>/sendMessage``, answered like the Bot API."""
+
+    def __init__(
+        self,
+        record_file: Path,
+        *,
+        token: str,
+        blocked: Iterable[int] = (),
+        flaky: Mapping[int, int] | None = None,
+    ) -> None:
+        self._records = JsonLines(record_file)
+        self._server = TelegramServer(token=token, on_message=self._write)
+        for chat in blocked:
+            self._server.block(chat)
+        for chat, times in (flaky or {}).items():
+            self._server.fail(chat, 500, times=times)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:port``."""
+        return self._server.url
+
+    @property
+    def count(self) -> int:
+        """Messages accepted so far."""
+        return self._records.count
+
+    def _write(self, message: TelegramMessage) -> None:
+        self._records.append(
+            {
+                "chat_id": message.chat_id,
+                "message_id": message.message_id,
+                "parse_mode": message.parse_mode,
+                "text": message.text,
+            }
+        )
+
+    def start(self) -> TelegramSink:
+        """Listen on a free port; return self."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self._server.stop()
+
+
+class PushSink:
+    """A Web Push service on ``https``: VAPID checked, ``aes128gcm`` decrypted."""
+
+    def __init__(
+        self, record_file: Path, *, certificate: LoopbackCertificate, vapid_public_key: str
+    ) -> None:
+        self._records = JsonLines(record_file)
+        self._vapid_key = vapid_public_key
+        self._users: dict[str, str] = {}
+        self._server = PushServer(tls=True, certificate=certificate, on_message=self._write)
+
+    @property
+    def url(self) -> str:
+        """``https://127.0.0.1:port``."""
+        return self._server.url
+
+    @property
+    def count(self) -> int:
+        """Notifications accepted so far."""
+        return self._records.count
+
+    def subscribe(self, user_id: str, *, gone: bool = False) -> dict[str, Any]:
+        """A browser subscribes: its ``PushSubscription.toJSON()``.
+
+        With ``gone`` the subscription answers ``410 Gone`` (the user uninstalled or
+        revoked it), as push services do.
+        """
+        browser = self._server.subscribe(application_server_key=self._vapid_key)
+        self._users[browser.endpoint] = user_id
+        if gone:
+            self._server.expire(browser)
+        return browser.info
+
+    def _write(self, push: ReceivedPush) -> None:
+        self._records.append(
+            {
+                "user_id": self._users.get(push.endpoint),
+                "urgency": push.urgency,
+                "topic": push.topic,
+                "ttl": push.ttl,
+                "notification": push.json(),
+            }
+        )
+
+    def start(self) -> PushSink:
+        """Listen on a free port; return self."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self._server.stop()
 
 
 def free_port() -> int:

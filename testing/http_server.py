@@ -194,11 +194,23 @@ class _Server(ThreadingHTTPServer):
 class LoopbackHttpServer:
     """Base of the loopback HTTP servers: lifecycle, TLS, live-connection tracking."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: bool = False,
+        certificate: tls_helpers.LoopbackCertificate | None = None,
+    ) -> None:
+        """``tls``: serve HTTPS with ``certificate`` (default: the process's shared
+        loopback certificate, :func:`outbox.testing.tls.loopback_certificate`).
+        """
         self.host = host
         self.port = port
         self.tls = tls
-        self._ssl_context = tls_helpers.server_context() if tls else None
+        self._certificate = certificate
+        bundle = certificate or (tls_helpers.loopback_certificate() if tls else None)
+        self._ssl_context = bundle.server_context() if tls and bundle else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -221,6 +233,8 @@ class LoopbackHttpServer:
 
     def client_tls_context(self) -> ssl.SSLContext:
         """A verifying client context that trusts this server's certificate."""
+        if self._certificate is not None:
+            return ssl.create_default_context(cafile=str(self._certificate.ca_file))
         return tls_helpers.client_context()
 
     def start(self) -> Self:

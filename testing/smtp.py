@@ -27,7 +27,7 @@ import contextlib
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -124,8 +124,13 @@ class SmtpServer:
         password: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        on_message: Callable[[ReceivedMail], None] | None = None,
     ) -> None:
+        """``on_message`` is called (on the server's thread) with every accepted mail,
+        after it is recorded: to write it somewhere, as the demo does.
+        """
         self.tls = tls
+        self.on_message = on_message
         self.username = username
         self.password = password
         self.host = host
@@ -282,6 +287,8 @@ class SmtpServer:
         with self._arrived:
             self._messages.append(mail)
             self._arrived.notify_all()
+        if self.on_message is not None:
+            self.on_message(mail)
 
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any

@@ -28,6 +28,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
@@ -99,8 +100,11 @@ class TelegramServer(LoopbackHttpServer):
         tls: bool = False,
         rate_limit_per_second: int | None = None,
         chat_rate_limit_per_second: int | None = None,
+        on_message: Callable[[TelegramMessage], None] | None = None,
     ) -> None:
+        """``on_message`` is called (on a request thread) with every accepted message."""
         super().__init__(host=host, port=port, tls=tls)
+        self.on_message = on_message
         self.token = token
         self.rate_limit_per_second = rate_limit_per_second
         self.chat_rate_limit_per_second = chat_rate_limit_per_second
@@ -321,6 +325,8 @@ class TelegramServer(LoopbackHttpServer):
             self._next_id += 1
             self._messages.append(message)
             self._lock.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
         return HttpResponse.json(
             200,
             {
