@@ -28,10 +28,6 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from api._auth import jwt_auth, rate_limit
-from api._metrics import ApiMetrics
-from api._testsend import DB_ERRORS, ApiContext, send_test_message
-from dispatcher.channels.base import Channel
 from outbox._db import (
     RECONNECT_TIMEOUT,
     connect_kwargs,
@@ -40,6 +36,10 @@ from outbox._db import (
 )
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
+from outbox.api._auth import jwt_auth, rate_limit
+from outbox.api._metrics import ApiMetrics
+from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
+from outbox.dispatcher.channels.base import Channel
 
 log = logging.getLogger("outbox.api")
 
@@ -162,7 +162,7 @@ def create_app(
 
     ``channels`` replaces the channels built from settings, and the app does not
     close them (their owner does). ``channel_factory(settings)`` is called at
-    startup instead of :func:`~dispatcher.channels.build_channels`, in the app's
+    startup instead of :func:`~outbox.dispatcher.channels.build_channels`, in the app's
     event loop, and the app closes what it returns at shutdown. Raises
     :class:`~outbox.ConfigurationError` when ``OUTBOX_API_JWT_SECRET`` is empty.
     """
@@ -176,7 +176,7 @@ def create_app(
         await pool.open(wait=False)
         owned: Mapping[str, Channel] = {}
         if channels is None:
-            from dispatcher.channels import build_channels
+            from outbox.dispatcher.channels import build_channels
 
             owned = (channel_factory or build_channels)(settings)
         app.state["outbox"] = ApiContext(

@@ -46,9 +46,14 @@ from litestar.params import JSONBody
 from litestar.security.jwt import Token
 from psycopg_pool import AsyncConnectionPool
 
-from api._auth import SECURITY_SCHEME, owner_only
-from dispatcher._routing import RecipientRecord
-from dispatcher.channels.base import (
+from outbox import MAX_VARS_DEPTH
+from outbox._errors import InvalidMessage, TemplateRenderError
+from outbox._queries import QUERIES
+from outbox._settings import Settings
+from outbox._templates import TemplateCatalog
+from outbox.api._auth import SECURITY_SCHEME, owner_only
+from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher.channels.base import (
     Channel,
     DeletePushSubscription,
     DisableTelegram,
@@ -61,12 +66,7 @@ from dispatcher.channels.base import (
     TransientFailure,
     UpdateTelegramChat,
 )
-from dispatcher.rendering import render
-from outbox import MAX_VARS_DEPTH
-from outbox._errors import InvalidMessage, TemplateRenderError
-from outbox._queries import QUERIES
-from outbox._settings import Settings
-from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import render
 
 log = logging.getLogger("outbox.api")
 

@@ -14,14 +14,14 @@ def register(commands: Any) -> None:
     parser = commands.add_parser("api", help="serve the HTTP API (test sends, health, metrics)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="api")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Serve ``outbox api``; return 0 after a clean shutdown, 2 on bad configuration."""
     import uvicorn
 
-    from api._app import create_app
+    from outbox.api._app import create_app
 
     if not 0 < args.port < 65536:
         print("outbox: --port must be between 1 and 65535")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from dispatcher.channels.base import Envelope, Outcome, Sent
 from outbox import Settings
+from outbox.dispatcher.channels.base import Envelope, Outcome, Sent
 
 _SENT = Sent()
 

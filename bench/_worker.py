@@ -35,13 +35,13 @@ def _ready() -> None:
 
 
 def _outbox(argv: list[str]) -> int:
-    import dispatcher._dispatcher
-    import dispatcher.channels
-    import dispatcher.cli
     import outbox.cli
+    import outbox.dispatcher._dispatcher
+    import outbox.dispatcher.channels
+    import outbox.dispatcher.cli
     from outbox._settings import Settings
 
-    dispatcher.channels.build_channels(Settings.from_env())  # imports the plugins
+    outbox.dispatcher.channels.build_channels(Settings.from_env())  # imports the plugins
     outbox.cli.build_parser()  # imports every subcommand's module
     _ready()
     return outbox.cli.main(["dispatch", *argv])

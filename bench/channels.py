@@ -1,10 +1,10 @@
 """``python -m bench channels``: the real channels against real loopback servers.
 
-The servers are the test suite's (``tests/servers``): an aiosmtpd SMTP server, a Bot
+The servers are the test suite's (``outbox.testing``): an aiosmtpd SMTP server, a Bot
 API server that answers 429 above 30 messages/s per bot and 1/s per chat (like
 Telegram), and a Web Push service over TLS that verifies VAPID and decrypts every
 ``aes128gcm`` body. Dispatchers are real ``outbox dispatch`` processes using the
-production channels (``tests.servers.plugins`` only makes them trust the
+production channels (``outbox.testing.plugins`` only makes them trust the
 throwaway CA).
 
 1. Throughput: rate limits off, one dispatcher drains ``--count`` messages per
@@ -103,9 +103,9 @@ class Servers:
     """The three loopback servers and what a dispatcher needs to reach them."""
 
     def __init__(self) -> None:
-        from tests.servers.push import PushServer, VapidKeys
-        from tests.servers.smtp import SmtpServer
-        from tests.servers.telegram import TelegramServer
+        from outbox.testing.push import PushServer, VapidKeys
+        from outbox.testing.smtp import SmtpServer
+        from outbox.testing.telegram import TelegramServer
 
         self.smtp = SmtpServer().start()
         # Telegram's own limits (429 above them) for the limits phase; none for the
@@ -119,7 +119,7 @@ class Servers:
         self.keys = VapidKeys.generate()
 
     def env(self, url: str, limits: str) -> dict[str, str]:
-        from tests.servers.tls import shared_environment
+        from outbox.testing.tls import shared_environment
 
         self.telegram = self.telegram_free if limits == "off" else self.telegram_limited
         return {
@@ -135,9 +135,9 @@ class Servers:
             "OUTBOX_VAPID_PUBLIC_KEY": self.keys.public_raw,
             "OUTBOX_VAPID_SUBJECT": "mailto:ops@outbox.test",
             "OUTBOX_PUSH_ALLOWED_HOSTS": self.push.host,
-            "OUTBOX_CHANNEL_PLUGINS": "email=tests.servers.plugins:email_channel,"
-            "telegram=tests.servers.plugins:telegram_channel,"
-            "push=tests.servers.plugins:push_channel",
+            "OUTBOX_CHANNEL_PLUGINS": "email=outbox.testing.plugins:email_channel,"
+            "telegram=outbox.testing.plugins:telegram_channel,"
+            "push=outbox.testing.plugins:push_channel",
             "OUTBOX_RATE_LIMITS": limits,
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }

@@ -6,8 +6,8 @@ Run it with ``outbox dispatch``; embed it with::
     await dispatcher.run()
 """
 
-from dispatcher._dispatcher import Dispatcher, DispatcherOptions
-from dispatcher._retry import RetryPolicy
-from dispatcher.channels.base import Channel, Envelope, Outcome
+from outbox.dispatcher._dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher._retry import RetryPolicy
+from outbox.dispatcher.channels.base import Channel, Envelope, Outcome
 
 __all__ = ["Channel", "Dispatcher", "DispatcherOptions", "Envelope", "Outcome", "RetryPolicy"]

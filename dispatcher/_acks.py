@@ -17,14 +17,14 @@ from uuid import UUID
 
 from psycopg import AsyncConnection
 
-from dispatcher.channels.base import (
+from outbox._queries import QUERIES
+from outbox.dispatcher.channels.base import (
     DeletePushSubscription,
     DisableTelegram,
     Effect,
     MarkEmailUndeliverable,
     UpdateTelegramChat,
 )
-from outbox._queries import QUERIES
 
 log = logging.getLogger("outbox.dispatcher")
 

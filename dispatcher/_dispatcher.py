@@ -47,7 +47,17 @@ import psycopg_pool
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from dispatcher._acks import (
+from outbox._db import (
+    RECONNECT_TIMEOUT,
+    connect_kwargs,
+    deadline_connection_class,
+    reconnect_afresh,
+)
+from outbox._errors import OutboxError, TemplateRenderError
+from outbox._queries import QUERIES
+from outbox._settings import Settings
+from outbox._templates import TemplateCatalog
+from outbox.dispatcher._acks import (
     AckBatch,
     AckResult,
     Finish,
@@ -58,11 +68,11 @@ from dispatcher._acks import (
     Lease,
     write_batch,
 )
-from dispatcher._limits import CircuitBreaker, RateLimiter
-from dispatcher._retry import RetryPolicy
-from dispatcher._routing import RecipientRecord, next_channel
-from dispatcher._wakeup import Wakeup
-from dispatcher.channels.base import (
+from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
+from outbox.dispatcher._retry import RetryPolicy
+from outbox.dispatcher._routing import RecipientRecord, next_channel
+from outbox.dispatcher._wakeup import Wakeup
+from outbox.dispatcher.channels.base import (
     Channel,
     ChannelOutage,
     Effect,
@@ -74,17 +84,7 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from dispatcher.rendering import RenderCache, stored_vars
-from outbox._db import (
-    RECONNECT_TIMEOUT,
-    connect_kwargs,
-    deadline_connection_class,
-    reconnect_afresh,
-)
-from outbox._errors import OutboxError, TemplateRenderError
-from outbox._queries import QUERIES
-from outbox._settings import Settings
-from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import RenderCache, stored_vars
 
 log = logging.getLogger("outbox.dispatcher")
 

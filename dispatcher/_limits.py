@@ -49,9 +49,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from dispatcher.channels.base import Envelope, RenderedTelegram
 from outbox._queries import QUERIES
 from outbox._settings import RateLimit
+from outbox.dispatcher.channels.base import Envelope, RenderedTelegram
 
 log = logging.getLogger("outbox.dispatcher")
 

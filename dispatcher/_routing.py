@@ -9,7 +9,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dispatcher.channels.base import CHANNELS, PushSubscription, Recipient
+from outbox.dispatcher.channels.base import CHANNELS, PushSubscription, Recipient
 
 DEFAULT_FALLBACK_ORDER: tuple[str, ...] = ("push", "email", "telegram")
 

@@ -24,7 +24,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--until-idle", action="store_true", help="exit 0 once nothing is pending or in flight"
     )
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="dispatcher")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -37,12 +37,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _main(args: argparse.Namespace, settings: Settings) -> None:
-    from dispatcher._dispatcher import Dispatcher, DispatcherOptions
-    from dispatcher.channels import build_channels
+    from outbox.dispatcher._dispatcher import Dispatcher, DispatcherOptions
+    from outbox.dispatcher.channels import build_channels
 
     observer = None
     if args.metrics_port is not None:
-        from dispatcher.metrics import DispatcherMetrics, serve_metrics
+        from outbox.dispatcher.metrics import DispatcherMetrics, serve_metrics
 
         observer = DispatcherMetrics()
         serve_metrics(args.metrics_port, settings)

@@ -1,6 +1,6 @@
 """Prometheus counters of one dispatcher replica, fed by the dispatcher's observer hooks.
 
-:class:`DispatcherMetrics` is the ``observer`` of a :class:`~dispatcher.Dispatcher`.
+:class:`DispatcherMetrics` is the ``observer`` of a :class:`~outbox.dispatcher.Dispatcher`.
 The dispatcher calls it synchronously from its event loop:
 
 - ``sent(message, outcome, duration_ms)`` after every provider call;
@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
-from dispatcher._acks import AckBatch, AckResult, FinishDead, FinishRequeue
-from dispatcher.channels.base import Outcome, RateLimited, Sent
+from outbox.dispatcher._acks import AckBatch, AckResult, FinishDead, FinishRequeue
+from outbox.dispatcher.channels.base import Outcome, RateLimited, Sent
 
 if TYPE_CHECKING:
-    from dispatcher._dispatcher import Claimed
     from outbox._settings import Settings
+    from outbox.dispatcher._dispatcher import Claimed
 
 POSITION_FAILURE_TYPES = {
     "position_failure_entry": "entry",

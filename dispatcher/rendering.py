@@ -11,7 +11,7 @@ Per channel:
 
 - email: the HTML template with HTML autoescaping; the subject is its ``<title>``;
   the text part is ``email/<name>.txt.j2`` when present, else derived from the HTML.
-- telegram: MarkdownV2 where every variable is escaped (:mod:`dispatcher.markdown`);
+- telegram: MarkdownV2 where every variable is escaped (:mod:`outbox.dispatcher.markdown`);
   the text must parse, and is split into parts of at most 4096 characters.
 - push: a JSON object (``title``, ``body``, ``icon``, ``badge``, ``data.url``) where
   every variable is escaped for the inside of a JSON string; at most 3993 bytes
@@ -44,12 +44,12 @@ from typing import Any
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from dispatcher import markdown
-from dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
-from dispatcher.html_text import extract_title, html_to_text
 from outbox import MAX_VARS_BYTES, MAX_VARS_DEPTH, vars_depth_exceeds
 from outbox._errors import OutboxError, TemplateRenderError
 from outbox._templates import TemplateCatalog
+from outbox.dispatcher import markdown
+from outbox.dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
+from outbox.dispatcher.html_text import extract_title, html_to_text
 
 Rendered = RenderedEmail | RenderedTelegram | RenderedPush
 

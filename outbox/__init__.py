@@ -13,6 +13,10 @@ Rollback means no message; commit means delivery, at least once. outbox never
 begins, commits, rolls back or flushes the caller's transaction.
 """
 
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic
+# version) and `outbox --version` prints it.
+__version__ = "0.1.0"
+
 from outbox._campaign import CampaignResult, enqueue_campaign, enqueue_campaign_async
 from outbox._enqueue import (
     MAX_VARS_BYTES,
@@ -60,4 +64,3 @@ __all__ = [
     "vars_depth_exceeds",
     "version_location",
 ]
-__version__ = "0.1.0"

@@ -40,7 +40,7 @@ def start_embedded(data_dir: Path, *, delete_on_stop: bool = False) -> EmbeddedP
     except ImportError:
         raise ConfigurationError(
             "no PostgreSQL configured and pgserver is not installed: "
-            "pip install 'outbox[embedded]' or set OUTBOX_DATABASE_URL"
+            "pip install 'pg-outbox[embedded]' or set OUTBOX_DATABASE_URL"
         ) from None
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir, cleanup_mode="delete" if delete_on_stop else "stop")

@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, requires, version
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from outbox import __version__
 from outbox._errors import ConfigurationError, OutboxError
 from outbox._operator import (
     dead_letter_detail,
@@ -37,6 +39,56 @@ from outbox._settings import Settings, parse_duration
 from outbox._table import format_table
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+DISTRIBUTION = "pg-outbox"
+# `name[extras] >=1; extra == "dispatcher"`, as the wheel's metadata writes it
+_REQUIREMENT = re.compile(
+    r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[(?P<extras>[^\]]*)\])?"
+    r"[^;]*;\s*extra\s*==\s*[\"'](?P<extra>[^\"']+)[\"']\s*$"
+)
+
+
+def missing_requirements(extra: str) -> list[str]:
+    """The distributions that ``pg-outbox[extra]`` needs and that are not installed.
+
+    Follows self-references (``api`` needs ``pg-outbox[dispatcher]``). Empty when
+    pg-outbox itself is not installed as a distribution (nothing to compare with).
+    """
+    try:
+        declared = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        return []
+    by_extra: dict[str, list[tuple[str, list[str]]]] = {}
+    for line in declared:
+        match = _REQUIREMENT.match(line)
+        if match:
+            extras = [e.strip() for e in (match["extras"] or "").split(",") if e.strip()]
+            by_extra.setdefault(match["extra"], []).append((match["name"], extras))
+    missing: list[str] = []
+    seen: set[str] = set()
+    pending = [extra]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for name, extras in by_extra.get(current, []):
+            if name.lower().replace("_", "-") == DISTRIBUTION:
+                pending += extras
+                continue
+            try:
+                version(name)
+            except PackageNotFoundError:
+                missing.append(name)
+    return sorted(set(missing))
+
+
+def _extra_hint(command: str, extra: str, missing: Sequence[str]) -> str:
+    return (
+        f"outbox {command}: needs the {extra} extra, and {', '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install '{DISTRIBUTION}[{extra}]'"
+    )
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -228,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="outbox", description="Transactional outbox for trading notifications."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"outbox ({DISTRIBUTION}) {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     migrate = commands.add_parser("migrate", help="apply the schema (alembic upgrade heads)")
@@ -289,8 +344,41 @@ def build_parser() -> argparse.ArgumentParser:
     templates.set_defaults(handler=_cmd_templates)
 
     for entry in sorted(entry_points(group="outbox.commands"), key=lambda e: e.name):
-        entry.load()(commands)
+        try:
+            register = entry.load()
+        except ModuleNotFoundError as error:
+            _register_unavailable(commands, entry.name, entry.module, error)
+            continue
+        register(commands)
     return parser
+
+
+def _register_unavailable(
+    commands: Any, name: str, module: str, error: ModuleNotFoundError
+) -> None:
+    """A command whose module cannot load (its extra is not installed): it stays in
+    ``--help`` and, when run, names the extra to install instead of a traceback.
+    """
+    if (error.name or "outbox").split(".")[0] == "outbox":
+        raise error
+    # outbox.dispatcher.cli -> the `dispatcher` extra
+    parts = module.split(".")
+    extra = parts[1] if len(parts) > 1 and parts[0] == "outbox" else name
+    hint = _extra_hint(name, extra, [error.name or "?"])
+    # no option prefix: whatever options the real command takes are accepted here
+    parser = commands.add_parser(
+        name,
+        help=f"(not installed: pip install '{DISTRIBUTION}[{extra}]')",
+        prefix_chars="\x00",
+        add_help=False,
+    )
+    parser.add_argument("arguments", nargs="*", help=argparse.SUPPRESS)
+
+    def unavailable(args: argparse.Namespace, settings: Settings) -> int:
+        print(hint, file=sys.stderr)
+        return 2
+
+    parser.set_defaults(handler=unavailable, extra=extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,10 +390,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # A registered command names the extra it needs (``set_defaults(extra=...)``):
+    # without it, say which one to install instead of a traceback.
+    extra: str | None = getattr(args, "extra", None)
+    if extra is not None:
+        missing = missing_requirements(extra)
+        if missing:
+            print(_extra_hint(args.command, extra, missing), file=sys.stderr)
+            return 2
     try:
         settings = Settings.from_env()
         handler: Handler = args.handler
         return handler(args, settings)
+    except ModuleNotFoundError as error:
+        if extra is None or (error.name or "outbox").split(".")[0] == "outbox":
+            raise
+        print(_extra_hint(args.command, extra, [error.name or "?"]), file=sys.stderr)
+        return 2
     except ConfigurationError as error:
         print(f"outbox: configuration error: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from outbox._migrate import upgrade
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytest_plugins = ["outbox.testing.fixtures"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Delivery channels: email (SMTP), Telegram (Bot API) and Web Push.
 
 :func:`build_channels` builds the configured ones. A deployment can replace a
-channel with its own implementation of :class:`~dispatcher.channels.base.Channel`
+channel with its own implementation of :class:`~outbox.dispatcher.channels.base.Channel`
 through ``OUTBOX_CHANNEL_PLUGINS="email=package.module:factory"``, where
 ``factory(settings)`` returns the channel (docs/channels.md).
 """
@@ -12,9 +12,9 @@ import importlib
 import os
 from collections.abc import Mapping
 
-from dispatcher.channels.base import CHANNELS, Channel
 from outbox._errors import ConfigurationError
 from outbox._settings import Settings
+from outbox.dispatcher.channels.base import CHANNELS, Channel
 
 
 def _plugins(text: str) -> dict[str, str]:
@@ -42,15 +42,15 @@ def build_channels(
         factory = getattr(importlib.import_module(module_name), attribute)
         channels[name] = factory(settings)
     if "email" not in channels:
-        from dispatcher.channels.email import EmailChannel
+        from outbox.dispatcher.channels.email import EmailChannel
 
         channels["email"] = EmailChannel(settings)
     if "telegram" not in channels:
-        from dispatcher.channels.telegram import TelegramChannel
+        from outbox.dispatcher.channels.telegram import TelegramChannel
 
         channels["telegram"] = TelegramChannel(settings)
     if "push" not in channels:
-        from dispatcher.channels.push import PushChannel
+        from outbox.dispatcher.channels.push import PushChannel
 
         channels["push"] = PushChannel(settings)
     return channels

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02, VapidException
 from pywebpush import WebPusher
 
-from dispatcher.channels.base import PushSubscription
 from outbox._errors import ConfigurationError
+from outbox.dispatcher.channels.base import PushSubscription
 
 VAPID_LIFETIME = 12 * 3600
 _HOST = re.compile(r"^[a-z0-9.-]+$")

@@ -49,8 +49,10 @@ from typing import Any
 
 import aiosmtplib
 
-from dispatcher.channels._redaction import describe_error, redact
-from dispatcher.channels.base import (
+from outbox._errors import ConfigurationError
+from outbox._settings import Settings
+from outbox.dispatcher.channels._redaction import describe_error, redact
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     Envelope,
     MarkEmailUndeliverable,
@@ -61,8 +63,6 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from outbox._errors import ConfigurationError
-from outbox._settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ the headers ``TTL`` (``settings.push_ttl``), ``Urgency`` (``high`` for the
 transactional lane, ``normal`` for campaigns) and ``Topic`` (so a newer alert
 replaces an undelivered older one). Requests go through one httpx client with an
 explicit timeout and never follow redirects; an endpoint that fails
-:func:`~dispatcher.channels._webpush.endpoint_refusal` (not ``https``, host not in
+:func:`~outbox.dispatcher.channels._webpush.endpoint_refusal` (not ``https``, host not in
 ``OUTBOX_PUSH_ALLOWED_HOSTS``) is never contacted.
 
 One subscription's answer:
@@ -54,8 +54,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dispatcher.channels._redaction import describe_error, redact
-from dispatcher.channels._webpush import (
+from outbox._errors import ConfigurationError
+from outbox._settings import Settings
+from outbox.dispatcher.channels._redaction import describe_error, redact
+from outbox.dispatcher.channels._webpush import (
     VapidSigner,
     encrypt,
     endpoint_refusal,
@@ -64,7 +66,7 @@ from dispatcher.channels._webpush import (
     public_key_b64,
     topic_header,
 )
-from dispatcher.channels.base import (
+from outbox.dispatcher.channels.base import (
     DeletePushSubscription,
     Effect,
     Envelope,
@@ -77,8 +79,6 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from outbox._errors import ConfigurationError
-from outbox._settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -48,8 +48,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dispatcher.channels._redaction import describe_error, redact
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels._redaction import describe_error, redact
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     DisableTelegram,
     Effect,
@@ -64,7 +65,6 @@ from dispatcher.channels.base import (
     UpdateTelegramChat,
     wait_for_slot,
 )
-from outbox._settings import Secret, Settings
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -13,13 +12,12 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher.channels.base import Envelope, Outcome, RenderedEmail, Sent
+import outbox
 from examples.trading_service.models import Base, EntryOrder, Position
 from examples.trading_service.service import BrokerError, TradingService
-from outbox import Settings
 from outbox._migrate import sqlalchemy_url
-from outbox._settings import parse_rate_limits
+from outbox.dispatcher.channels.base import RenderedEmail
+from outbox.testing import assert_enqueued, assert_nothing_enqueued, drain
 
 
 class FakeBroker:
@@ -111,17 +109,42 @@ def test_a_failed_stop_loss_close_marks_the_position_and_writes_the_alert_togeth
     with sessions() as session:
         states = dict(session.execute(select(Position.broker_ticket, Position.state)).all())
     assert states == {"T-APR-alice": "sl_close_failed", "T-APR-bob": "closed"}
-    [alert] = messages(database_url)
-    channel, user, template, variables, lane, key = alert
-    assert (channel, user, template, lane) == (
-        "telegram",
-        "alice",
-        "position_failure_sl",
-        "transactional",
-    )
-    assert variables["broker_ticket"] == "T-APR-alice"
-    assert variables["loss_amount"] == "600.00"
-    assert key == "sl-close-failed-T-APR-alice"
+    # outbox's test kit reads outbox.message through the test's own connection
+    with psycopg.connect(database_url) as conn:
+        alert = assert_enqueued(
+            conn,
+            user_id="alice",
+            channel="telegram",
+            template="position_failure_sl",
+            lane="transactional",
+            vars={"broker_ticket": "T-APR-alice", "loss_amount": "600.00"},
+        )
+        assert_nothing_enqueued(conn, user_id="bob")
+    assert alert.idempotency_key == "sl-close-failed-T-APR-alice"
+
+
+def test_an_alert_is_visible_to_its_own_transaction_before_the_commit_and_gone_after_rollback(
+    sessions: sessionmaker[Session],
+) -> None:
+    service = TradingService(sessions, FakeBroker())
+    service.register_trader("alice", email="alice@example.com")
+    with sessions() as session:
+        outbox.enqueue(
+            session,
+            user_id="alice",
+            channel="email",
+            template="price_alert",
+            vars={
+                "instrument": "EURUSD",
+                "condition": "above",
+                "trigger_price": "1.0900",
+                "current_price": "1.0902",
+            },
+        )
+        # the same session, the same open transaction: no commit needed to check it
+        assert_enqueued(session, user_id="alice", template="price_alert")
+        session.rollback()
+        assert_nothing_enqueued(session)
 
 
 def test_when_the_business_change_fails_the_alert_is_rolled_back_with_it(
@@ -176,22 +199,6 @@ def test_a_rejected_entry_is_recorded_and_alerted_once(
     assert variables["approval_id"] == "APR-7" and variables["volume"] == "10"
 
 
-class Inbox:
-    """A channel that keeps what it is given (stands in for SMTP here)."""
-
-    name = "email"
-
-    def __init__(self) -> None:
-        self.received: list[Envelope] = []
-
-    async def send(self, envelope: Envelope) -> Outcome:
-        self.received.append(envelope)
-        return Sent()
-
-    async def aclose(self) -> None:
-        pass
-
-
 def test_a_dispatcher_delivers_the_committed_alert(
     sessions: sessionmaker[Session],
     database_url: str,
@@ -201,12 +208,10 @@ def test_a_dispatcher_delivers_the_committed_alert(
     open_position(service)
     service.on_price("EURUSD", Decimal("1.0970"))  # take-profit, close fails
 
-    inbox = Inbox()
-    settings = Settings(database_url=database_url, rate_limits=parse_rate_limits("off"))
-    dispatcher = Dispatcher(settings, {"email": inbox}, options=DispatcherOptions(until_idle=True))
-    asyncio.run(asyncio.wait_for(dispatcher.run(), 30))
+    # the real dispatcher loop and templates, in-process, channels that only record
+    sent = drain(database_url)
 
-    [envelope] = inbox.received
+    [envelope] = sent.for_user("alice", channel="email")
     assert envelope.recipient.email == "alice@example.com"
     assert isinstance(envelope.content, RenderedEmail)
     assert envelope.content.subject == "✅ Manual Take Profit Close Required"

@@ -12,14 +12,14 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from dispatcher.rendering import render
 from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import render
+from outbox.testing.environment import dispatcher_environment
+from outbox.testing.fixtures import SMTP_PASSWORD, SMTP_USERNAME
+from outbox.testing.push import VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 from tests.acceptance.conftest import Spawn, history, wait_until
-from tests.servers.environment import dispatcher_environment
-from tests.servers.fixtures import SMTP_PASSWORD, SMTP_USERNAME
-from tests.servers.push import VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
 
 SENDER = "alerts@outbox.test"
 ENTRY = {

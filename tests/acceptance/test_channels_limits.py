@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from outbox.testing.environment import dispatcher_environment
+from outbox.testing.telegram import TelegramServer
 from tests.acceptance.conftest import Spawn, wait_until
-from tests.servers.environment import dispatcher_environment
-from tests.servers.telegram import TelegramServer
 
 CHATS = 20
 PER_CHAT = 10

@@ -14,13 +14,13 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dispatcher.rendering import push_topic, render
 from outbox import add_push_subscription
 from outbox._templates import TemplateCatalog
+from outbox.dispatcher.rendering import push_topic, render
+from outbox.testing.environment import VAPID_SUBJECT, dispatcher_environment
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
 from tests.acceptance.conftest import Spawn, history, wait_until
-from tests.servers.environment import VAPID_SUBJECT, dispatcher_environment
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
 
 ALERT = {
     "instrument": "XAUUSD",

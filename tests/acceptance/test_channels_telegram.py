@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from outbox.testing.environment import dispatcher_environment
+from outbox.testing.markdown_v2 import Entity
+from outbox.testing.push import VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 from tests.acceptance.conftest import Spawn, history, wait_until
-from tests.servers.environment import dispatcher_environment
-from tests.servers.markdown_v2 import Entity
-from tests.servers.push import VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
 
 DEFAULT_LIMITS = "email=100/m,telegram=20/s,telegram_chat=1/s"
 ALERT = {

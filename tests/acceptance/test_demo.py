@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from api.demo._sinks import free_port
+from outbox.demo._sinks import free_port
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 

@@ -30,11 +30,11 @@ import psycopg
 import pytest
 
 import outbox
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
+from outbox.testing.tls import loopback_certificate
 from tests.acceptance.conftest import ROOT, wait_until
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
-from tests.servers.tls import loopback_certificate
 from tests.support.pg_cluster import free_port
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))

@@ -16,16 +16,16 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from api import create_app
-from dispatcher.channels.email import EmailChannel
-from dispatcher.channels.push import PushChannel
-from dispatcher.channels.telegram import TelegramChannel
 from outbox._settings import Secret, Settings
-from tests.servers import fixtures as server_fixtures
-from tests.servers.fixtures import SMTP_PASSWORD, TELEGRAM_TOKEN
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.api import create_app
+from outbox.dispatcher.channels.email import EmailChannel
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing import fixtures as server_fixtures
+from outbox.testing.fixtures import SMTP_PASSWORD, TELEGRAM_TOKEN
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 # the loopback servers' fixtures, visible to this module's tests
 loopback_settings = server_fixtures.loopback_settings
@@ -429,8 +429,8 @@ def test_several_apps_can_live_in_one_process(settings: Settings) -> None:
 
 def test_the_channels_are_the_dispatchers_own(settings: Settings) -> None:
     # the endpoint awaits the very classes the dispatcher uses; nothing API-specific
-    assert EmailChannel.__module__ == "dispatcher.channels.email"
-    assert TelegramChannel.__module__ == "dispatcher.channels.telegram"
+    assert EmailChannel.__module__ == "outbox.dispatcher.channels.email"
+    assert TelegramChannel.__module__ == "outbox.dispatcher.channels.telegram"
 
 
 # ------------------------------------------------------------------ nesting depth

@@ -21,8 +21,8 @@ from schemathesis import GenerationMode
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api import create_app
 from outbox._settings import Secret, Settings
+from outbox.api import create_app
 from tests.support.channels import RecordingChannel
 
 SECRET = "api-jwt-secret-for-fuzzing-0123456789abc"

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     MarkEmailUndeliverable,
     Outcome,
@@ -18,11 +19,10 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from dispatcher.channels.email import EmailChannel
-from outbox._settings import Secret, Settings
-from tests.servers.envelopes import email_envelope
-from tests.servers.fixtures import SENDER, SMTP_PASSWORD, SMTP_USERNAME
-from tests.servers.smtp import SmtpServer
+from outbox.dispatcher.channels.email import EmailChannel
+from outbox.testing.envelopes import email_envelope
+from outbox.testing.fixtures import SENDER, SMTP_PASSWORD, SMTP_USERNAME
+from outbox.testing.smtp import SmtpServer
 
 SmtpFactory = Callable[..., SmtpServer]
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dispatcher.channels import build_channels
-from dispatcher.channels.base import Channel, Sent
 from outbox._settings import Settings
-from tests.servers.envelopes import email_envelope, push_envelope, telegram_envelope
-from tests.servers.push import PushServer
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.dispatcher.channels import build_channels
+from outbox.dispatcher.channels.base import Channel, Sent
+from outbox.testing.envelopes import email_envelope, push_envelope, telegram_envelope
+from outbox.testing.push import PushServer
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 PLUGINS = ",".join(
-    f"{name}=tests.servers.plugins:{name}_channel" for name in ("email", "telegram", "push")
+    f"{name}=outbox.testing.plugins:{name}_channel" for name in ("email", "telegram", "push")
 )
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher.channels._webpush import VapidSigner, encrypt, load_vapid_key
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels._webpush import VapidSigner, encrypt, load_vapid_key
+from outbox.dispatcher.channels.base import (
     DeletePushSubscription,
     Outcome,
     PermanentFailure,
@@ -21,10 +22,9 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from dispatcher.channels.push import PushChannel
-from outbox._settings import Secret, Settings
-from tests.servers.envelopes import push_envelope
-from tests.servers.push import PushServer, PushSubscriber, VapidKeys
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.testing.envelopes import push_envelope
+from outbox.testing.push import PushServer, PushSubscriber, VapidKeys
 
 PushFactory = Callable[..., PushServer]
 

@@ -12,15 +12,15 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher._routing import RecipientRecord, next_channel
-from dispatcher.channels.email import EmailChannel
-from dispatcher.channels.push import PushChannel
-from dispatcher.channels.telegram import TelegramChannel
 from outbox import Settings
 from outbox._settings import Secret
-from tests.servers.fixtures import TELEGRAM_TOKEN
-from tests.servers.push import VapidKeys
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher._routing import RecipientRecord, next_channel
+from outbox.dispatcher.channels.email import EmailChannel
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.fixtures import TELEGRAM_TOKEN
+from outbox.testing.push import VapidKeys
 
 ALERT = {
     "instrument": "EURUSD",

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     DisableTelegram,
     Outcome,
@@ -21,12 +22,11 @@ from dispatcher.channels.base import (
     Unreachable,
     UpdateTelegramChat,
 )
-from dispatcher.channels.telegram import TelegramChannel
-from outbox._settings import Secret, Settings
-from tests.servers.envelopes import telegram_envelope
-from tests.servers.fixtures import TELEGRAM_TOKEN
-from tests.servers.markdown_v2 import Entity, escape_markdown_v2
-from tests.servers.telegram import TelegramServer
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.envelopes import telegram_envelope
+from outbox.testing.fixtures import TELEGRAM_TOKEN
+from outbox.testing.markdown_v2 import Entity, escape_markdown_v2
+from outbox.testing.telegram import TelegramServer
 
 CHAT = 4242
 

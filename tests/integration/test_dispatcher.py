@@ -12,8 +12,10 @@ from typing import Any
 
 import psycopg
 
-from dispatcher import Dispatcher, DispatcherOptions, RetryPolicy
-from dispatcher.channels.base import (
+from outbox import Settings
+from outbox._settings import parse_rate_limits
+from outbox.dispatcher import Dispatcher, DispatcherOptions, RetryPolicy
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     Envelope,
     Outcome,
@@ -23,8 +25,6 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from outbox import Settings
-from outbox._settings import parse_rate_limits
 from tests.support.channels import RecordingChannel
 
 ALERT = {

@@ -27,12 +27,12 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher._acks import AckBatch, AckResult
-from dispatcher.channels.base import Outcome
 from outbox import MAX_VARS_BYTES, Settings
 from outbox._queries import QUERIES
 from outbox._settings import parse_rate_limits
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher._acks import AckBatch, AckResult
+from outbox.dispatcher.channels.base import Outcome
 from tests.support.channels import RecordingChannel
 
 ALERT = {

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from dispatcher._limits import CircuitBreaker, RateLimiter, Reservation
 from outbox._settings import parse_rate_limits
+from outbox.dispatcher._limits import CircuitBreaker, RateLimiter, Reservation
 
 LIMITS = parse_rate_limits("email=100/m,telegram=20/s,telegram_chat=1/s")
 BOT = 1.25 / 20  # (one second + 0.25 s of jitter allowance) / 20

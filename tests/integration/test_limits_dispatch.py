@@ -15,11 +15,11 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher.channels.telegram import TelegramChannel
 from outbox import Settings
 from outbox._settings import parse_rate_limits
-from tests.servers.telegram import TelegramServer
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.telegram import TelegramServer
 from tests.support.channels import RecordingChannel
 
 ENTRY = {

@@ -13,13 +13,13 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher._acks import AckBatch, AckResult, FinishDead, FinishSent, Lease
-from dispatcher._dispatcher import Claimed
-from dispatcher.channels.base import Envelope, Outcome, Sent, TransientFailure
-from dispatcher.metrics import DispatcherMetrics, serve_metrics
 from outbox import Settings
 from outbox._settings import parse_rate_limits
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher._acks import AckBatch, AckResult, FinishDead, FinishSent, Lease
+from outbox.dispatcher._dispatcher import Claimed
+from outbox.dispatcher.channels.base import Envelope, Outcome, Sent, TransientFailure
+from outbox.dispatcher.metrics import DispatcherMetrics, serve_metrics
 from tests.support.channels import RecordingChannel
 
 SL = {

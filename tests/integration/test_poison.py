@@ -25,16 +25,16 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 import outbox
-from dispatcher import Dispatcher, DispatcherOptions
-from dispatcher.channels.base import Envelope, Outcome
-from dispatcher.channels.email import EmailChannel
-from dispatcher.channels.push import PushChannel
-from dispatcher.channels.telegram import TelegramChannel
 from outbox import InvalidMessage, Settings
 from outbox._settings import parse_rate_limits
-from tests.servers.push import PushServer
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher.channels.base import Envelope, Outcome
+from outbox.dispatcher.channels.email import EmailChannel
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.push import PushServer
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 ALERT = {
     "instrument": "EURUSD",

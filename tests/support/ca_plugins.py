@@ -2,7 +2,7 @@
 
 ``OUTBOX_CHANNEL_PLUGINS="push=tests.support.ca_plugins:push_channel"`` with
 ``OUTBOX_TEST_CA_FILE`` naming the PEM of the test process's throwaway CA
-(``tests.servers.tls.loopback_certificate().ca_file``): the production push channel,
+(``outbox.testing.tls.loopback_certificate().ca_file``): the production push channel,
 verifying TLS against that CA and nothing else.
 """
 
@@ -13,8 +13,8 @@ import ssl
 
 import httpx
 
-from dispatcher.channels.push import PushChannel
 from outbox._settings import Settings
+from outbox.dispatcher.channels.push import PushChannel
 
 
 def push_channel(settings: Settings) -> PushChannel:

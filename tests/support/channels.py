@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from dispatcher.channels.base import (
+from outbox import Settings
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     Envelope,
     Outcome,
@@ -20,7 +21,6 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from outbox import Settings
 
 
 @dataclass

@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from dispatcher.channels._redaction import MASK, describe_error, redact
-from dispatcher.channels.base import PermanentFailure, RenderedTelegram, Unreachable
-from dispatcher.channels.email import (
+from outbox._errors import ConfigurationError
+from outbox._settings import Settings
+from outbox.dispatcher.channels._redaction import MASK, describe_error, redact
+from outbox.dispatcher.channels.base import PermanentFailure, RenderedTelegram, Unreachable
+from outbox.dispatcher.channels.email import (
     EmailChannel,
     compose_email,
     is_single_mailbox,
     message_id_for,
 )
-from outbox._errors import ConfigurationError
-from outbox._settings import Settings
-from tests.servers.envelopes import email_envelope, telegram_envelope
+from outbox.testing.envelopes import email_envelope, telegram_envelope
 
 # Port 9 (discard) on loopback: if the channel ever tried to connect, the outcome
 # would be a ChannelOutage instead of the answer a test expects.

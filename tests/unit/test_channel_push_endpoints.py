@@ -13,7 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dispatcher.channels._webpush import (
+from outbox._errors import ConfigurationError
+from outbox._settings import DEFAULT_PUSH_ALLOWED_HOSTS, Secret, Settings
+from outbox.dispatcher.channels._webpush import (
     VapidSigner,
     endpoint_refusal,
     host_matches,
@@ -21,7 +23,7 @@ from dispatcher.channels._webpush import (
     public_key_b64,
     topic_header,
 )
-from dispatcher.channels.base import (
+from outbox.dispatcher.channels.base import (
     DeletePushSubscription,
     PermanentFailure,
     PushSubscription,
@@ -30,11 +32,9 @@ from dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
-from dispatcher.channels.push import PushChannel
-from outbox._errors import ConfigurationError
-from outbox._settings import DEFAULT_PUSH_ALLOWED_HOSTS, Secret, Settings
-from tests.servers.envelopes import push_envelope
-from tests.servers.push import PushSubscriber, VapidKeys
+from outbox.dispatcher.channels.push import PushChannel
+from outbox.testing.envelopes import push_envelope
+from outbox.testing.push import PushSubscriber, VapidKeys
 
 KEYS = VapidKeys.generate()
 

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher.channels.base import (
+from outbox._settings import Secret, Settings
+from outbox.dispatcher.channels.base import (
     ChannelOutage,
     DisableTelegram,
     Outcome,
@@ -20,9 +21,8 @@ from dispatcher.channels.base import (
     Unreachable,
     UpdateTelegramChat,
 )
-from dispatcher.channels.telegram import TelegramChannel
-from outbox._settings import Secret, Settings
-from tests.servers.envelopes import email_envelope, telegram_envelope
+from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.envelopes import email_envelope, telegram_envelope
 
 TOKEN = "555000111:AAF-unit-token_zyxwvutsrqponmlkjihgf"
 Handler = Callable[[httpx.Request], httpx.Response]

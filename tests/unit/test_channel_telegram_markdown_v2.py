@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.servers.markdown_v2 import (
+from outbox.testing.markdown_v2 import (
     Entity,
     MarkdownV2Error,
     escape_markdown_v2,

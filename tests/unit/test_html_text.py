@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.html_text import extract_title, html_to_text
+from outbox.dispatcher.html_text import extract_title, html_to_text
 
 
 def test_paragraphs_and_headings_are_separated_by_one_blank_line() -> None:

@@ -1,6 +1,6 @@
 """MarkdownV2: variables escaped per context, template markup kept, long texts split.
 
-Validity is checked against ``tests.servers.markdown_v2``, an independent port of
+Validity is checked against ``outbox.testing.markdown_v2``, an independent port of
 Telegram's parser (the one the test Bot API server uses), not only against the
 validator under test.
 """
@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher import markdown
-from dispatcher.markdown import (
+from outbox._templates import TemplateCatalog
+from outbox.dispatcher import markdown
+from outbox.dispatcher.markdown import (
     MarkdownV2Error,
     escape_code,
     escape_text,
@@ -24,9 +25,8 @@ from dispatcher.markdown import (
     split,
     validate,
 )
-from dispatcher.rendering import _environments
-from outbox._templates import TemplateCatalog
-from tests.servers.markdown_v2 import ParsedText, parse_markdown_v2
+from outbox.dispatcher.rendering import _environments
+from outbox.testing.markdown_v2 import ParsedText, parse_markdown_v2
 
 SPECIALS = "_*[]()~`>#+-=|{}.!"
 

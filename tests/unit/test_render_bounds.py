@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
-from dispatcher import rendering
-from dispatcher.rendering import (
+from outbox import MAX_VARS_BYTES
+from outbox._errors import TemplateRenderError
+from outbox._templates import CHANNELS, TemplateCatalog
+from outbox.dispatcher import rendering
+from outbox.dispatcher.rendering import (
     INLINE_VARS_CHARS,
     RENDER_OUTPUT_LIMITS,
     RenderCache,
@@ -26,9 +29,6 @@ from dispatcher.rendering import (
     stored_vars,
     stored_vars_problem,
 )
-from outbox import MAX_VARS_BYTES
-from outbox._errors import TemplateRenderError
-from outbox._templates import CHANNELS, TemplateCatalog
 
 ALERT = {
     "instrument": "EURUSD",

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
-from dispatcher.rendering import (
+from outbox._errors import TemplateRenderError
+from outbox._templates import CHANNELS, TemplateCatalog
+from outbox.dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
+from outbox.dispatcher.rendering import (
     EMAIL_SIZE_LIMIT,
     PUSH_PAYLOAD_LIMIT,
     TELEGRAM_MAX_PARTS,
     push_topic,
     render,
 )
-from outbox._errors import TemplateRenderError
-from outbox._templates import CHANNELS, TemplateCatalog
-from tests.servers.markdown_v2 import parse_markdown_v2
+from outbox.testing.markdown_v2 import parse_markdown_v2
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 BASE_URL = "https://platform.example.com"

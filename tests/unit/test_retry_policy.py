@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from dispatcher._retry import RetryPolicy
 from outbox import ConfigurationError
+from outbox.dispatcher._retry import RetryPolicy
 
 
 def test_default_waits_double_from_one_second_and_the_fifth_failure_is_dead() -> None:

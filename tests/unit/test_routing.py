@@ -4,7 +4,7 @@ from datetime import UTC, datetime, time
 
 import pytest
 
-from dispatcher._routing import RecipientRecord, next_channel
+from outbox.dispatcher._routing import RecipientRecord, next_channel
 
 
 def test_default_fallback_order_is_push_email_telegram() -> None:

@@ -7,10 +7,10 @@ writes ``.eml`` files, the Telegram Bot API, a Web Push service), runs two
 in the same transactions as its position updates, shows the queue draining, and
 closes with a summary and the SQL an operator runs against ``outbox.dead_letter``.
 
-It lives in the ``api`` package because it drives the dispatcher and the API,
-which the ``outbox`` package must not import; it registers itself as a subcommand
-through the ``outbox.commands`` entry-point group. Needs the ``demo`` extra
-(aiosmtpd, pgserver).
+It is its own package, ``outbox.demo`` (folder ``demo/``): it drives the dispatcher
+and the API, which the producer modules must not import, and it is not part of the
+API. It registers itself as a subcommand through the ``outbox.commands`` entry-point
+group. Needs the ``demo`` extra (``pip install 'pg-outbox[demo]'``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, default=90.0, help="seconds to wait for delivery (90)"
     )
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, extra="demo")
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -58,9 +58,9 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         print("outbox: --users must be positive, --api-port a port, --timeout positive")
         return 2
     try:
-        from api.demo._run import DemoOptions, configure_logging, run_demo
+        from outbox.demo._run import DemoOptions, configure_logging, run_demo
     except ImportError as error:
-        print(f"outbox: the demo needs its extra: pip install 'outbox[demo]' ({error})")
+        print(f"outbox: the demo needs its extra: pip install 'pg-outbox[demo]' ({error})")
         return 2
     configure_logging(args.verbose)
     return run_demo(

@@ -17,9 +17,9 @@ from typing import Any
 
 import psycopg
 
-from api.demo import _scenario
-from api.demo._database import relative
 from outbox._table import format_table
+from outbox.demo import _scenario
+from outbox.demo._database import relative
 
 MEANING = {
     "smtp_4xx": "451 mailbox busy: tried again after the backoff",

@@ -13,7 +13,7 @@
 Answers follow the real API: ``{"ok": false, "error_code": ..., "description": ...,
 "parameters": {...}}``. The token in ``/bot<token>/<method>`` must match (else 401);
 an unknown method is 404. Every ``parse_mode=MarkdownV2`` text goes through
-:func:`tests.servers.markdown_v2.parse_markdown_v2` and an invalid one is answered
+:func:`outbox.testing.markdown_v2.parse_markdown_v2` and an invalid one is answered
 ``400 Bad Request: can't parse entities: ...``. Texts over 4096 characters (UTF-16
 units, after parsing) are refused like Telegram does.
 
@@ -28,12 +28,13 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
-from tests.servers.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
-from tests.servers.markdown_v2 import MAX_TEXT_LENGTH, Entity, MarkdownV2Error, parse_markdown_v2
+from outbox.testing.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
+from outbox.testing.markdown_v2 import MAX_TEXT_LENGTH, Entity, MarkdownV2Error, parse_markdown_v2
 
 ChatId = int | str
 _PATH = re.compile(r"^/bot(?P<token>[^/]*)/(?P<method>[A-Za-z]+)$")
@@ -99,8 +100,11 @@ class TelegramServer(LoopbackHttpServer):
         tls: bool = False,
         rate_limit_per_second: int | None = None,
         chat_rate_limit_per_second: int | None = None,
+        on_message: Callable[[TelegramMessage], None] | None = None,
     ) -> None:
+        """``on_message`` is called (on a request thread) with every accepted message."""
         super().__init__(host=host, port=port, tls=tls)
+        self.on_message = on_message
         self.token = token
         self.rate_limit_per_second = rate_limit_per_second
         self.chat_rate_limit_per_second = chat_rate_limit_per_second
@@ -321,6 +325,8 @@ class TelegramServer(LoopbackHttpServer):
             self._next_id += 1
             self._messages.append(message)
             self._lock.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
         return HttpResponse.json(
             200,
             {

@@ -17,7 +17,7 @@ reused connection sees it drop); ``start()`` again listens on the same port.
 With ``username`` set, the server requires AUTH (LOGIN or PLAIN) before ``MAIL`` and
 answers ``530`` otherwise. With ``tls="starttls"`` it requires STARTTLS before
 anything else; with ``tls="tls"`` the socket speaks TLS from the first byte. Either
-way the certificate comes from :mod:`tests.servers.tls`.
+way the certificate comes from :mod:`outbox.testing.tls`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import contextlib
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.servers import tls as tls_helpers
+from outbox.testing import tls as tls_helpers
 
 Stage = Literal["RCPT", "DATA"]
 
@@ -95,7 +95,8 @@ class _Handler:
         raw = envelope.original_content or b""
         parsed = BytesParser(policy=policy.default).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
-        login = session.auth_data.login.decode() if session.authenticated else None
+        auth = session.auth_data if session.authenticated else None
+        login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         transport = server.transport
         is_tls = transport is not None and transport.get_extra_info("ssl_object") is not None
         self._owner._record(
@@ -123,8 +124,13 @@ class SmtpServer:
         password: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        on_message: Callable[[ReceivedMail], None] | None = None,
     ) -> None:
+        """``on_message`` is called (on the server's thread) with every accepted mail,
+        after it is recorded: to write it somewhere, as the demo does.
+        """
         self.tls = tls
+        self.on_message = on_message
         self.username = username
         self.password = password
         self.host = host
@@ -281,6 +287,8 @@ class SmtpServer:
         with self._arrived:
             self._messages.append(mail)
             self._arrived.notify_all()
+        if self.on_message is not None:
+            self.on_message(mail)
 
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -351,7 +359,7 @@ class SmtpServer:
             # the garbage collector (a ResourceWarning). After STARTTLS the socket's
             # own transport sits under the TLS one.
             for transport in (session.transport, getattr(session, "_original_transport", None)):
-                if transport is not None:
+                if isinstance(transport, asyncio.Transport):
                     transport.abort()
             task = getattr(session, "_handler_coroutine", None)
             if task is not None:

@@ -1,8 +1,8 @@
 """Channel factories for the demo's dispatchers, through ``OUTBOX_CHANNEL_PLUGINS``.
 
 The demo points its dispatcher subprocesses at these with
-``OUTBOX_CHANNEL_PLUGINS=push=api.demo._channels:push_channel``. It is the
-production :class:`~dispatcher.channels.push.PushChannel` with one difference: TLS
+``OUTBOX_CHANNEL_PLUGINS=push=outbox.demo._channels:push_channel``. It is the
+production :class:`~outbox.dispatcher.channels.push.PushChannel` with one difference: TLS
 trusts the demo's throwaway CA (``OUTBOX_DEMO_CA_FILE``) and nothing else, because
 the demo's push service runs on ``https://127.0.0.1``. Email and Telegram need no
 plugin: the demo's SMTP server speaks plain SMTP and its Bot API plain HTTP on
@@ -16,9 +16,9 @@ import ssl
 
 import httpx
 
-from dispatcher.channels.push import PushChannel
 from outbox._errors import ConfigurationError
 from outbox._settings import Settings
+from outbox.dispatcher.channels.push import PushChannel
 
 CA_FILE_VARIABLE = "OUTBOX_DEMO_CA_FILE"
 

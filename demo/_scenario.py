@@ -74,7 +74,7 @@ ENTRY_REJECTIONS = (
 @cache
 def queries() -> dict[str, LiteralString]:
     """The named statements of ``api/demo/demo.sql``."""
-    text = resources.files("api.demo").joinpath("demo.sql").read_text(encoding="utf-8")
+    text = resources.files("outbox.demo").joinpath("demo.sql").read_text(encoding="utf-8")
     return parse_queries(text)
 
 

@@ -34,6 +34,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from dispatcher.channels.base import PushSubscription
-from tests.servers.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
+from outbox.dispatcher.channels.base import PushSubscription
+from outbox.testing.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
+from outbox.testing.tls import LoopbackCertificate
 
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _URGENCIES = ("very-low", "low", "normal", "high")
@@ -52,10 +54,12 @@ MAX_BODY = 4096
 
 
 def b64url(data: bytes) -> str:
+    """Base64url without padding (as Web Push writes keys)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding."""
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -176,8 +180,20 @@ class VapidError(ValueError):
 class PushServer(LoopbackHttpServer):
     """A scriptable Web Push service (``POST /wpush/<id>``)."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
-        super().__init__(host=host, port=port, tls=tls)
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: bool = False,
+        certificate: LoopbackCertificate | None = None,
+        on_message: Callable[[ReceivedPush], None] | None = None,
+    ) -> None:
+        """``tls`` with ``certificate`` (default: the shared loopback one);
+        ``on_message`` is called (on a request thread) with every accepted push.
+        """
+        super().__init__(host=host, port=port, tls=tls, certificate=certificate)
+        self.on_message = on_message
         self._lock = threading.Lock()
         self._subscribers: dict[str, PushSubscriber] = {}
         self._expired: set[str] = set()
@@ -289,6 +305,8 @@ class PushServer(LoopbackHttpServer):
         )
         with self._lock:
             self._messages.append(received)
+        if self.on_message is not None:
+            self.on_message(received)
         location = f"{self.url}/m/{uuid.uuid4().hex}"
         return HttpResponse(201, b"", {"Location": location, "TTL": str(received.ttl)})
 

@@ -46,6 +46,12 @@ class LoopbackCertificate:
     def key_file(self) -> Path:
         return self.directory / "server.key"
 
+    def server_context(self) -> ssl.SSLContext:
+        """An SSL context that serves this certificate."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -76,6 +82,14 @@ def loopback_certificate() -> LoopbackCertificate:
             key_pem=(directory / "server.key").read_bytes(),
             directory=directory,
         )
+    return make_certificate(Path(tempfile.mkdtemp(prefix="outbox-tls-")))
+
+
+def make_certificate(directory: Path) -> LoopbackCertificate:
+    """Create a CA and a server certificate for loopback names, valid for two days,
+    and write them to ``directory`` (``ca.pem``, ``server.pem``, ``server.key``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
@@ -131,7 +145,6 @@ def loopback_certificate() -> LoopbackCertificate:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    directory = Path(tempfile.mkdtemp(prefix="outbox-tls-"))
     bundle = LoopbackCertificate(
         ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
@@ -144,16 +157,14 @@ def loopback_certificate() -> LoopbackCertificate:
     )
     bundle.ca_file.write_bytes(bundle.ca_pem)
     bundle.cert_file.write_bytes(bundle.cert_pem)
+    bundle.key_file.touch(mode=0o600)
     bundle.key_file.write_bytes(bundle.key_pem)
     return bundle
 
 
 def server_context() -> ssl.SSLContext:
     """An SSL context that serves the loopback certificate."""
-    bundle = loopback_certificate()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(bundle.cert_file, bundle.key_file)
-    return context
+    return loopback_certificate().server_context()
 
 
 def client_context() -> ssl.SSLContext:

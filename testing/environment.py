@@ -5,20 +5,20 @@
     env = dispatcher_environment(smtp=smtp, telegram=telegram, vapid=keys)
     spawn_dispatcher(**env)
 
-The subprocess builds its channels through :mod:`tests.servers.plugins` (the
+The subprocess builds its channels through :mod:`outbox.testing.plugins` (the
 production channels, trusting this process's throwaway CA and allowing ``http://``
 push endpoints on hosts listed exactly), so TLS stays verified end to end.
 """
 
 from __future__ import annotations
 
-from tests.servers.push import VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
-from tests.servers.tls import shared_environment
+from outbox.testing.push import VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
+from outbox.testing.tls import shared_environment
 
 PLUGINS = ",".join(
-    f"{channel}=tests.servers.plugins:{channel}_channel"
+    f"{channel}=outbox.testing.plugins:{channel}_channel"
     for channel in ("email", "telegram", "push")
 )
 VAPID_SUBJECT = "mailto:ops@outbox.test"

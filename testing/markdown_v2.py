@@ -1,4 +1,4 @@
-"""Telegram's MarkdownV2 parser, ported from TDLib's ``parse_markdown_v2``.
+r"""Telegram's MarkdownV2 parser, ported from TDLib's ``parse_markdown_v2``.
 
 The test Bot API server runs every ``parse_mode=MarkdownV2`` text through
 :func:`parse_markdown_v2` and answers ``400 Bad Request: can't parse entities: ...``

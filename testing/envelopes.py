@@ -1,4 +1,4 @@
-"""Small builders of :class:`~dispatcher.channels.base.Envelope` values for tests."""
+"""Small builders of :class:`~outbox.dispatcher.channels.base.Envelope` values for tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from dispatcher.channels.base import (
+from outbox.dispatcher.channels.base import (
     Envelope,
     PushSubscription,
     Recipient,

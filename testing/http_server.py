@@ -5,7 +5,7 @@ Subclasses implement :meth:`LoopbackHttpServer.handle`, a plain function from
 connection. Connections are kept alive (clients reuse them, as httpx does), and
 :meth:`~LoopbackHttpServer.stop` closes them all, so a stopped server looks down
 to a client that holds a pooled connection. With ``tls=True`` the server speaks
-HTTPS with the certificate from :mod:`tests.servers.tls`.
+HTTPS with the certificate from :mod:`outbox.testing.tls`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-from tests.servers import tls as tls_helpers
+from outbox.testing import tls as tls_helpers
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ def _arrival(sock: socket.socket) -> float | None:
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and data:
             seconds, nanoseconds = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
-            return time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9))
+            sent_at: float = seconds + nanoseconds / 1e9
+            return time.monotonic() - (time.time() - sent_at)
     return None
 
 
@@ -193,11 +194,23 @@ class _Server(ThreadingHTTPServer):
 class LoopbackHttpServer:
     """Base of the loopback HTTP servers: lifecycle, TLS, live-connection tracking."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: bool = False,
+        certificate: tls_helpers.LoopbackCertificate | None = None,
+    ) -> None:
+        """``tls``: serve HTTPS with ``certificate`` (default: the process's shared
+        loopback certificate, :func:`outbox.testing.tls.loopback_certificate`).
+        """
         self.host = host
         self.port = port
         self.tls = tls
-        self._ssl_context = tls_helpers.server_context() if tls else None
+        self._certificate = certificate
+        bundle = certificate or (tls_helpers.loopback_certificate() if tls else None)
+        self._ssl_context = bundle.server_context() if tls and bundle else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -220,6 +233,8 @@ class LoopbackHttpServer:
 
     def client_tls_context(self) -> ssl.SSLContext:
         """A verifying client context that trusts this server's certificate."""
+        if self._certificate is not None:
+            return ssl.create_default_context(cafile=str(self._certificate.ca_file))
         return tls_helpers.client_context()
 
     def start(self) -> Self:

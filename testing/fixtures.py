@@ -24,18 +24,19 @@ from typing import Any
 import pytest
 
 from outbox._settings import Secret, Settings
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
-TELEGRAM_TOKEN = "123456789:AAE-test-token_0123456789abcdefghijkl"
+TELEGRAM_TOKEN = "123456789:AAE-test-token_0123456789abcdefghijkl"  # noqa: S105 (fake)
 SMTP_USERNAME = "outbox-bot"
-SMTP_PASSWORD = "smtp-pa55word-never-shown"
+SMTP_PASSWORD = "smtp-pa55word-never-shown"  # noqa: S105 (fake)
 SENDER = "alerts@outbox.test"
 
 
 @pytest.fixture
 def smtp_server() -> Iterator[SmtpServer]:
+    """A recording SMTP server on loopback (plain SMTP, no AUTH), stopped afterwards."""
     server = SmtpServer().start()
     try:
         yield server
@@ -45,6 +46,7 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 @pytest.fixture
 def smtp_server_factory() -> Iterator[Callable[..., SmtpServer]]:
+    """Start SMTP servers with options (``tls=``, ``username=``...); all stop afterwards."""
     made: list[SmtpServer] = []
 
     def factory(**options: Any) -> SmtpServer:
@@ -61,6 +63,7 @@ def smtp_server_factory() -> Iterator[Callable[..., SmtpServer]]:
 
 @pytest.fixture
 def telegram_server() -> Iterator[TelegramServer]:
+    """A Bot API ``sendMessage`` server on loopback, with the token ``TELEGRAM_TOKEN``."""
     server = TelegramServer(token=TELEGRAM_TOKEN).start()
     try:
         yield server
@@ -70,6 +73,7 @@ def telegram_server() -> Iterator[TelegramServer]:
 
 @pytest.fixture
 def push_server() -> Iterator[PushServer]:
+    """A Web Push service on loopback that checks VAPID and decrypts payloads."""
     server = PushServer().start()
     try:
         yield server
@@ -79,6 +83,7 @@ def push_server() -> Iterator[PushServer]:
 
 @pytest.fixture
 def push_server_factory() -> Iterator[Callable[..., PushServer]]:
+    """Start Web Push services with options; all stop afterwards."""
     made: list[PushServer] = []
 
     def factory(**options: Any) -> PushServer:
@@ -95,6 +100,7 @@ def push_server_factory() -> Iterator[Callable[..., PushServer]]:
 
 @pytest.fixture
 def vapid_keys() -> VapidKeys:
+    """A fresh VAPID key pair."""
     return VapidKeys.generate()
 
 
@@ -105,6 +111,7 @@ def loopback_settings(
     push_server: PushServer,
     vapid_keys: VapidKeys,
 ) -> Settings:
+    """``outbox.Settings`` whose channels deliver to the three loopback servers."""
     return Settings(
         **smtp_server.settings_overrides(),
         smtp_from=SENDER,

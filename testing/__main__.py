@@ -1,4 +1,4 @@
-"""Run the three loopback servers until Ctrl-C: ``python -m tests.servers``.
+"""Run the three loopback servers until Ctrl-C: ``python -m outbox.testing``.
 
 Prints the ``OUTBOX_*`` variables that point a dispatcher at them, then a line for
 every message the servers accept.
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 
-from tests.servers.fixtures import SENDER, TELEGRAM_TOKEN
-from tests.servers.push import PushServer, VapidKeys
-from tests.servers.smtp import SmtpServer
-from tests.servers.telegram import TelegramServer
+from outbox.testing.fixtures import SENDER, TELEGRAM_TOKEN
+from outbox.testing.push import PushServer, VapidKeys
+from outbox.testing.smtp import SmtpServer
+from outbox.testing.telegram import TelegramServer
 
 
 def main() -> None:
+    """Serve until Ctrl-C, printing the environment and what arrives."""
     keys = VapidKeys.generate()
     with (
         SmtpServer() as smtp,
@@ -30,7 +31,7 @@ def main() -> None:
         print(f"OUTBOX_VAPID_PRIVATE_KEY={keys.private_raw}")
         print(f"OUTBOX_VAPID_PUBLIC_KEY={keys.public_raw}")
         print(f"OUTBOX_PUSH_ALLOWED_HOSTS={push.host}")
-        print("OUTBOX_CHANNEL_PLUGINS=push=tests.servers.plugins:push_channel")
+        print("OUTBOX_CHANNEL_PLUGINS=push=outbox.testing.plugins:push_channel")
         print(f"# a push subscription: {browser.info}")
         seen = (0, 0, 0)
         try:

@@ -33,16 +33,16 @@ from typing import Any
 import psycopg
 
 import outbox
-from api.demo import _scenario, _summary
-from api.demo._channels import CA_FILE_VARIABLE
-from api.demo._credentials import VapidKeys, make_certificate
-from api.demo._database import DATABASE, demo_database, relative
-from api.demo._http_sinks import PushSink, TelegramSink
-from api.demo._processes import Processes, child_environment, outbox_command
-from api.demo._sinks import MailSink, free_port
 from outbox._embedded import EmbeddedPostgres
 from outbox._migrate import upgrade
 from outbox._progress import ProgressBar
+from outbox.demo import _scenario, _summary
+from outbox.demo._channels import CA_FILE_VARIABLE
+from outbox.demo._database import DATABASE, demo_database, relative
+from outbox.demo._processes import Processes, child_environment, outbox_command
+from outbox.demo._sinks import MailSink, PushSink, TelegramSink, free_port
+from outbox.testing.push import VapidKeys
+from outbox.testing.tls import make_certificate
 
 REPLICAS = 2
 BOT_TOKEN = "123456789:DEMO-only-token_not-a-real-bot"  # noqa: S105 - a loopback stand-in
@@ -128,7 +128,7 @@ def run_demo(options: DemoOptions) -> int:
             clock.say(f"database {DATABASE} migrated (alembic upgrade heads)")
             sinks: list[Any] = []
             stack.callback(_stop_sinks, sinks)
-            env, mail, telegram, push = _start_sinks(directory, sinks)
+            env, mail, telegram, push = _start_sinks(directory, sinks, options.users)
             clock.say(
                 f"sinks on loopback: SMTP 127.0.0.1:{mail.port}, Telegram Bot API "
                 f"{telegram.url}, Web Push {push.url}"
@@ -179,12 +179,12 @@ def run_demo(options: DemoOptions) -> int:
 
 
 def _start_sinks(
-    directory: Path, sinks: list[Any]
+    directory: Path, sinks: list[Any], users: int
 ) -> tuple[dict[str, str], MailSink, TelegramSink, PushSink]:
     """Start the three sinks; return the dispatchers' environment and the sinks."""
     vapid = VapidKeys.generate()
     certificate = make_certificate(directory / "tls")
-    bounces = [_scenario.email_of(u) for u in _scenario.campaign_bounces(10**6)]
+    bounces = [_scenario.email_of(u) for u in _scenario.campaign_bounces(users)]
     mail = MailSink(
         directory / "mail",
         bounce=[*bounces, _scenario.email_of(_scenario.ALERT_BOUNCE)],
@@ -200,8 +200,8 @@ def _start_sinks(
     sinks.append(telegram)
     push = PushSink(
         directory / "push.jsonl",
-        context=certificate.server_context(),
-        vapid_public_key=vapid.public,
+        certificate=certificate,
+        vapid_public_key=vapid.public_raw,
     ).start()
     sinks.append(push)
     env = child_environment(
@@ -212,11 +212,11 @@ def _start_sinks(
             "OUTBOX_SMTP_FROM": SENDER,
             "OUTBOX_TELEGRAM_API_URL": telegram.url,
             "OUTBOX_TELEGRAM_BOT_TOKEN": BOT_TOKEN,
-            "OUTBOX_VAPID_PRIVATE_KEY": vapid.private,
-            "OUTBOX_VAPID_PUBLIC_KEY": vapid.public,
+            "OUTBOX_VAPID_PRIVATE_KEY": vapid.private_raw,
+            "OUTBOX_VAPID_PUBLIC_KEY": vapid.public_raw,
             "OUTBOX_VAPID_SUBJECT": f"mailto:ops@{_scenario.MAIL_DOMAIN}",
             "OUTBOX_PUSH_ALLOWED_HOSTS": "127.0.0.1",
-            "OUTBOX_CHANNEL_PLUGINS": "push=api.demo._channels:push_channel",
+            "OUTBOX_CHANNEL_PLUGINS": "push=outbox.demo._channels:push_channel",
             CA_FILE_VARIABLE: str(certificate.ca_file),
             "OUTBOX_RATE_LIMITS": DEMO_RATE_LIMITS,
         }
