@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
     tmp_path: Path,
 ) -> None:
+    # Build from a copy without build/ or *.egg-info: setuptools reuses a stale
+    # build/lib of the working tree, which would hide (or fake) what a clean clone ships.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -26,7 +38,7 @@ def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
