@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 
+from tests.support.binaries import find_binary
 from tests.support.pg_cluster import free_port
 
 INSTALL_HINT = (
@@ -29,9 +30,7 @@ INSTALL_HINT = (
 
 def find_pgbouncer() -> str | None:
     """Path of the ``pgbouncer`` binary, or None."""
-    return shutil.which("pgbouncer") or next(
-        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
-    )
+    return find_binary("pgbouncer")
 
 
 class PgBouncer:
