@@ -34,10 +34,12 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,13 @@ ALERT = {
     "condition": "above",
 }
 DISPATCHER_APPS = ("outbox-dispatcher", "outbox-listener")
+# The run keys every message on a token that only the producer's transaction writes
+# (into the message's vars, rendered into the mail's subject, and into the ledger),
+# never on the message id: after a crash PostgreSQL may hand out again identity values
+# that a rolled-back transaction had used (a rollback does not flush the sequence's
+# WAL), and a reissued id made a committed message look like a rolled-back one.
+TOKEN = re.compile(r"chaos-[0-9a-f]{32}")
+TOKEN_SQL = "substring(vars->>'instrument' from 'chaos-[0-9a-f]{32}')"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,9 +261,9 @@ class _Producers:
         self.config = config
         self.url = url
         self.rng = rng
-        self.acked: set[int] = set()
-        self.rolled_back: set[int] = set()
-        self.unknown: set[int] = set()
+        self.acked: set[str] = set()
+        self.rolled_back: set[str] = set()
+        self.unknown: set[str] = set()
         self.committed_tx = 0
         self.rolled_back_tx = 0
         self.failed_tx = 0
@@ -295,21 +304,25 @@ class _Producers:
             return None
 
     async def _transaction(self, conn: psycopg.AsyncConnection[Any], number: int, size: int) -> int:
-        ids: list[int] = []
+        ids: list[str] = []  # the messages' tokens
+        message_ids: list[int] = []
         try:
             for _ in range(size):
-                ids.append(
+                token = f"chaos-{uuid.uuid4().hex}"
+                ids.append(token)
+                message_ids.append(
                     await enqueue_async(
                         conn,
                         user_id=f"u{self.rng.randint(1, USERS)}",
                         channel="email",
                         template="price_alert",
-                        vars=ALERT,
+                        vars={**ALERT, "instrument": f"EURUSD {token}"},
                     )
                 )
             await conn.execute(
-                "INSERT INTO chaos_ledger (message_id, producer) SELECT unnest(%s::bigint[]), %s",
-                [ids, number],
+                "INSERT INTO chaos_ledger (token, message_id, producer)"
+                " SELECT unnest(%s::text[]), unnest(%s::bigint[]), %s",
+                [ids, message_ids, number],
             )
         except psycopg.OperationalError:
             self.failed_tx += 1
@@ -343,7 +356,7 @@ class ChaosRun:
         self.config = config
         self.rng = random.Random(config.seed)
         self.report = ChaosReport()
-        self.at_risk: set[int] = set()
+        self.at_risk: set[str] = set()
         # (from, to) wall-clock windows around PostgreSQL crashes; see _crash_postgres
         self.crash_windows: list[tuple[float, float]] = []
         self.cluster: ThrowawayCluster | None = None
@@ -396,7 +409,7 @@ class ChaosRun:
     def _prepare(self, url: str) -> None:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(
-                "CREATE TABLE chaos_ledger (message_id bigint PRIMARY KEY,"
+                "CREATE TABLE chaos_ledger (token text PRIMARY KEY, message_id bigint NOT NULL,"
                 " producer integer NOT NULL, committed_at timestamptz NOT NULL DEFAULT now())"
             )
             admin.execute(
@@ -431,7 +444,7 @@ class ChaosRun:
             if produce.done() and produce.exception() is not None:
                 return
 
-    async def _query_ids(self, url: str, sql: str, params: list[Any]) -> set[int]:
+    async def _query_ids(self, url: str, sql: str, params: list[Any]) -> set[Any]:
         for _ in range(100):
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -451,7 +464,7 @@ class ChaosRun:
         name = dispatchers.kill(slot)
         held = await self._query_ids(
             url,
-            "SELECT id FROM outbox.message WHERE status = 'sending' AND leased_by = %s",
+            f"SELECT {TOKEN_SQL} FROM outbox.message WHERE status = 'sending' AND leased_by = %s",
             [name],
         )
         self.at_risk |= held
@@ -475,7 +488,7 @@ class ChaosRun:
 
     async def _crash_postgres(self, url: str) -> None:
         assert self.cluster is not None
-        sending = "SELECT id FROM outbox.message WHERE status = 'sending'"
+        sending = f"SELECT {TOKEN_SQL} FROM outbox.message WHERE status = 'sending'"
         window_start = time.time()
         self.at_risk |= await self._query_ids(url, sending, [])
         down = time.monotonic()
@@ -516,14 +529,17 @@ class ChaosRun:
 
     def _tally(self, url: str, producers: _Producers, record: Path) -> None:
         with psycopg.connect(url, autocommit=True) as admin:
-            ledger = {r[0] for r in admin.execute("SELECT message_id FROM chaos_ledger")}
-            remaining = dict(admin.execute("SELECT id, status FROM outbox.message").fetchall())
+            ledger = {r[0] for r in admin.execute("SELECT token FROM chaos_ledger")}
+            remaining = dict(
+                admin.execute(f"SELECT {TOKEN_SQL}, status FROM outbox.message").fetchall()
+            )
         lines = record.read_text().splitlines()
         entries = [json.loads(line) for line in lines if line.endswith("}")]
-        sends = Counter(entry["message_id"] for entry in entries)
-        first_sent: dict[int, float] = {}
-        for entry in entries:
-            first_sent.setdefault(entry["message_id"], entry["received_at"])
+        tokens = [_token(entry) for entry in entries]
+        sends = Counter(tokens)
+        first_sent: dict[str, float] = {}
+        for token, entry in zip(tokens, entries, strict=True):
+            first_sent.setdefault(token, entry["received_at"])
         self.at_risk |= {
             mid
             for mid, at in first_sent.items()
@@ -548,6 +564,14 @@ class ChaosRun:
         report.commits_unknown = len(producers.unknown)
         # a rolled-back message in the ledger would mean the database broke atomicity
         report.phantom += len(producers.rolled_back & ledger)
+
+
+def _token(entry: dict[str, Any]) -> str:
+    """The message's token, from the subject the recorder saw."""
+    found = TOKEN.search(entry.get("subject") or "")
+    if found is None:
+        raise RuntimeError(f"a delivery without a chaos token: {entry}")
+    return found.group(0)
 
 
 def run_chaos(config: ChaosConfig) -> ChaosReport:

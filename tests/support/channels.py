@@ -125,6 +125,8 @@ class FileRecorderChannel:
                     "user_id": envelope.user_id,
                     "attempt": envelope.attempt,
                     "lane": envelope.lane,
+                    # what the provider saw: tests key deliveries on a token in it
+                    "subject": getattr(envelope.content, "subject", None),
                     "dispatcher": self._pid,
                     "received_at": time.time(),
                     "status": 200,
