@@ -33,7 +33,8 @@ def version_location() -> str:
 def sqlalchemy_url(url: str) -> str:
     """Turn a libpq URL into a SQLAlchemy URL that uses psycopg 3."""
     if not url:
-        raise ValueError("no database URL: set OUTBOX_DATABASE_URL")
+        # libpq's defaults: psycopg reads PGHOST, PGDATABASE, ... itself
+        return "postgresql+psycopg://"
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]

@@ -17,7 +17,8 @@ from outbox._errors import ConfigurationError
 
 SmtpTls = Literal["none", "starttls", "tls"]
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_DATABASE_URL = ""
+"""Empty: libpq's own defaults and ``PG*`` variables (``PGHOST``, ``PGDATABASE``, ...)."""
 DEFAULT_PUSH_ALLOWED_HOSTS = (
     "fcm.googleapis.com",
     "android.googleapis.com",
@@ -147,15 +148,50 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+SWITCH_ON = ("on", "1", "true", "yes")
+SWITCH_OFF = ("off", "0", "false", "no")
+
+
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
         return default
-    if raw in ("on", "1", "true", "yes"):
+    if raw in SWITCH_ON:
         return True
-    if raw in ("off", "0", "false", "no"):
+    if raw in SWITCH_OFF:
         return False
-    raise ConfigurationError(f"{name} must be on or off, not {raw!r}")
+    raise ConfigurationError(
+        f"{name} must be one of {', '.join(SWITCH_ON + SWITCH_OFF)}, not {env.get(name)!r}"
+    )
+
+
+_SCHEMES = ("postgresql://", "postgres://")
+
+
+def database_url(raw: str | None, name: str = "OUTBOX_DATABASE_URL") -> str:
+    """A libpq connection string from ``raw``; empty means libpq's defaults (``PG*``).
+
+    A SQLAlchemy-style ``postgresql+psycopg://`` URL, as a host application's own
+    configuration writes it, is accepted and rewritten; any other driver is refused.
+    """
+    url = (raw or "").strip()
+    if not url:
+        return ""
+    head, sep, rest = url.partition("://")
+    if sep and "+" in head:
+        scheme, _, driver = head.partition("+")
+        if scheme in ("postgresql", "postgres") and driver in ("psycopg", "psycopg3"):
+            return f"postgresql://{rest}"
+        raise ConfigurationError(
+            f"{name}: the driver {driver!r} in {head}:// is not one outbox uses;"
+            f" write postgresql://{'...' if rest else ''} (or postgresql+psycopg://)"
+        )
+    if not url.startswith(_SCHEMES):
+        shown = f"{head}://..." if sep else "a key=value string"
+        raise ConfigurationError(
+            f"{name} must be a postgresql:// URL (or empty for libpq's PG* defaults), not {shown}"
+        )
+    return url
 
 
 def _list(raw: str | None) -> tuple[str, ...]:
@@ -235,10 +271,14 @@ class Settings:
         env = os.environ if environ is None else environ
         get = env.get
         tls = (get("OUTBOX_SMTP_TLS") or "none").strip().lower()
+        if tls not in ("none", "starttls", "tls"):
+            raise ConfigurationError(
+                f"OUTBOX_SMTP_TLS must be none, starttls or tls, not {get('OUTBOX_SMTP_TLS')!r}"
+            )
         templates_dir = get("OUTBOX_TEMPLATES_DIR")
         hosts = _list(get("OUTBOX_PUSH_ALLOWED_HOSTS"))
         return cls(
-            database_url=get("OUTBOX_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url=database_url(get("OUTBOX_DATABASE_URL")),
             smtp_host=get("OUTBOX_SMTP_HOST") or "127.0.0.1",
             smtp_port=_int(env, "OUTBOX_SMTP_PORT", 465 if tls == "tls" else 25, 1),
             smtp_username=get("OUTBOX_SMTP_USERNAME") or None,
@@ -268,8 +308,11 @@ class Settings:
             poll_interval=_float(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
             rate_limits=parse_rate_limits(get("OUTBOX_RATE_LIMITS") or DEFAULT_RATE_LIMITS),
             dispatcher_id=get("OUTBOX_DISPATCHER_ID") or None,
-            listen=(get("OUTBOX_LISTEN") or "on").strip().lower() not in ("off", "0", "false"),
+            listen=_switch(env, "OUTBOX_LISTEN", True),
             db_timeout=_float(env, "OUTBOX_DB_TIMEOUT", 15.0, 0.1),
-            listen_database_url=get("OUTBOX_LISTEN_DATABASE_URL") or None,
+            listen_database_url=database_url(
+                get("OUTBOX_LISTEN_DATABASE_URL"), "OUTBOX_LISTEN_DATABASE_URL"
+            )
+            or None,
             prepared_statements=_switch(env, "OUTBOX_PREPARED_STATEMENTS", True),
         )
