@@ -90,6 +90,34 @@ def retry_all_dead(
     return retried
 
 
+def dead_ids(
+    conn: psycopg.Connection[Any],
+    *,
+    ids: Sequence[int] | None = None,
+    older_than_seconds: float | None = None,
+) -> list[int]:
+    """Ids of the dead messages a redrive (``ids``, None = all) or a purge would touch.
+
+    What ``--dry-run`` shows and what a confirmation counts: read from the
+    ``outbox.dead_letter`` view, with the same conditions as ``retry_dead`` and
+    ``purge_dead``.
+    """
+    rows = conn.execute(
+        "SELECT id FROM outbox.dead_letter"
+        " WHERE (CAST(%(ids)s AS bigint[]) IS NULL OR id = ANY (CAST(%(ids)s AS bigint[])))"
+        "   AND (CAST(%(older_than)s AS interval) IS NULL"
+        "        OR dead_at < now() - CAST(%(older_than)s AS interval))"
+        " ORDER BY id",
+        {
+            "ids": list(ids) if ids is not None else None,
+            "older_than": (
+                timedelta(seconds=older_than_seconds) if older_than_seconds is not None else None
+            ),
+        },
+    ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
 def purge_dead(conn: psycopg.Connection[Any], older_than_seconds: float) -> int:
     """Delete dead messages that died more than ``older_than_seconds`` ago."""
     row = conn.execute(

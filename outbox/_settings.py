@@ -101,13 +101,23 @@ def parse_rate_limits(text: str) -> dict[str, RateLimit]:
     return limits
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
 def parse_duration(text: str) -> float:
-    """Parse ``90``, ``90s``, ``15m``, ``2h`` or ``7d`` into seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    """Parse ``90s``, ``15m``, ``12h``, ``7d`` or ``2w`` into seconds.
+
+    The unit is required: ``purge --older-than 7`` once meant seven seconds to the
+    code and seven days to the operator, and deleted every dead letter.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not match:
-        raise ConfigurationError(f"cannot read duration {text!r}; expected e.g. 30s, 15m, 7d")
+        raise ConfigurationError(
+            f"cannot read duration {text!r}: write a number and a unit,"
+            " s, m, h, d or w (e.g. 30s, 15m, 12h, 7d, 2w)"
+        )
     value, unit = match.groups()
-    return float(value) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    return float(value) * _DURATION_UNITS[unit]
 
 
 def _delays(text: str) -> tuple[float, ...]:

@@ -27,6 +27,7 @@ import psycopg
 from outbox import __version__
 from outbox._errors import ConfigurationError, OutboxError
 from outbox._operator import (
+    dead_ids,
     dead_letter_detail,
     dead_letters,
     purge_dead,
@@ -155,6 +156,11 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             if args.batch_size < 1:
                 print("outbox: --batch-size must be at least 1", file=sys.stderr)
                 return 2
+            if args.all or args.dry_run:
+                targets = dead_ids(conn, ids=None if args.all else args.ids)
+                what = f"move {len(targets)} dead message(s) back to pending"
+                if not _confirmed(args, what, targets):
+                    return 0 if args.dry_run else 2
             if args.all:
                 count = _retry_all_with_progress(conn, args.batch_size)
             else:
@@ -162,9 +168,41 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{count} dead message(s) back to pending.")
             return 0
         assert args.dlq_command == "purge"
-        count = purge_dead(conn, parse_duration(args.older_than))
+        older_than = parse_duration(args.older_than)
+        targets = dead_ids(conn, older_than_seconds=older_than)
+        what = f"delete {len(targets)} dead message(s) older than {args.older_than}"
+        if not _confirmed(args, what, targets):
+            return 0 if args.dry_run else 2
+        count = purge_dead(conn, older_than)
         print(f"{count} dead message(s) older than {args.older_than} deleted.")
         return 0
+
+
+def _confirmed(args: argparse.Namespace, what: str, ids: Sequence[int]) -> bool:
+    """Whether a destructive ``dlq`` command may go on: ``--dry-run`` prints and stops;
+    ``--yes`` goes on; a terminal is asked; anything else (a script, a pipe) is refused.
+    """
+    shown = ", ".join(map(str, ids[:20])) + (
+        f", ... ({len(ids) - 20} more)" if len(ids) > 20 else ""
+    )
+    if args.dry_run:
+        print(f"dry run: would {what}" + (f": {shown}" if ids else "") + "; nothing changed.")
+        return False
+    if args.yes or not ids:
+        return True
+    if not sys.stdin.isatty():
+        print(
+            f"outbox: refusing to {what} without confirmation: add --yes"
+            " (or --dry-run to list them first)",
+            file=sys.stderr,
+        )
+        return False
+    print(f"About to {what}: {shown}")
+    answer = input("Go ahead? [y/N] ").strip().lower()
+    if answer in ("y", "yes"):
+        return True
+    print("Nothing changed.")
+    return False
 
 
 def _retry_all_with_progress(conn: psycopg.Connection[Any], batch_size: int) -> int:
@@ -330,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_retry = dlq_commands.add_parser("retry", help="back to pending, attempts reset")
     dlq_retry.add_argument("ids", type=int, nargs="*", metavar="ID")
     dlq_retry.add_argument("--all", action="store_true", help="every dead message")
+    _destructive_flags(dlq_retry)
     dlq_retry.add_argument(
         "--batch-size",
         type=int,
@@ -337,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --all: messages per statement, each committed (1000)",
     )
     dlq_purge = dlq_commands.add_parser("purge", help="delete old dead messages")
-    dlq_purge.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m")
+    dlq_purge.add_argument(
+        "--older-than", required=True, help="with a unit: 30s, 15m, 12h, 7d or 2w"
+    )
+    _destructive_flags(dlq_purge)
     dlq.set_defaults(handler=_cmd_dlq)
 
     templates = commands.add_parser("templates", help="list templates and their variables")
@@ -351,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         register(commands)
     return parser
+
+
+def _destructive_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what would change and change nothing"
+    )
+    parser.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask (required when not on a terminal)"
+    )
 
 
 def _register_unavailable(

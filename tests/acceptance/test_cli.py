@@ -57,7 +57,7 @@ def test_dlq_list_show_retry_and_stats_read_like_tables(
 
     retried = run(database_url, "dlq", "retry", str(ids[0]))
     assert retried.stdout.strip() == "1 dead message(s) back to pending."
-    assert run(database_url, "dlq", "retry", "--all").stdout.startswith("2 dead")
+    assert run(database_url, "dlq", "retry", "--all", "--yes").stdout.startswith("2 dead")
     assert admin.execute(
         "SELECT count(*) FROM outbox.message WHERE status = 'pending' AND attempts = 0"
     ).fetchone() == (3,)
@@ -68,8 +68,10 @@ def test_dlq_purge_deletes_only_older_dead_letters(
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:
     make_dead(admin, 2)
-    assert run(database_url, "dlq", "purge", "--older-than", "30d").stdout.startswith("0 dead")
-    purged = run(database_url, "dlq", "purge", "--older-than", "7d")
+    assert run(database_url, "dlq", "purge", "--older-than", "30d", "--yes").stdout.startswith(
+        "0 dead"
+    )
+    purged = run(database_url, "dlq", "purge", "--older-than", "7d", "--yes")
     assert purged.stdout.startswith("2 dead"), purged.stdout + purged.stderr
     assert admin.execute("SELECT count(*) FROM outbox.message").fetchone() == (0,)
 
@@ -240,7 +242,7 @@ def test_dlq_retry_all_redrives_many_rows_in_batches_with_progress(
         " error_class = 'smtp_5xx', last_error = '550 no such user'"
     )
 
-    result = run(database_url, "dlq", "retry", "--all", "--batch-size", "100")
+    result = run(database_url, "dlq", "retry", "--all", "--batch-size", "100", "--yes")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "250 dead message(s) back to pending."

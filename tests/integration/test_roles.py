@@ -209,12 +209,12 @@ def test_outbox_dlq_and_stats_work_for_an_operator_login(
     assert "EURUSD" in shown and "dead" in shown
     assert main(["dlq", "retry", str(ids[0])]) == 0
     assert "1 dead message(s) back to pending" in capsys.readouterr().out
-    assert main(["dlq", "purge", "--older-than", "7d"]) == 0
+    assert main(["dlq", "purge", "--older-than", "7d", "--yes"]) == 0
     assert "2 dead message(s) older than 7d deleted" in capsys.readouterr().out
     admin.execute(
         "UPDATE outbox.message SET status = 'dead', dead_at = now() WHERE id = %s", [ids[0]]
     )
-    assert main(["dlq", "retry", "--all"]) == 0
+    assert main(["dlq", "retry", "--all", "--yes"]) == 0
     assert "1 dead message(s) back to pending" in capsys.readouterr().out
     assert admin.execute("SELECT id, status FROM outbox.message").fetchall() == [
         (ids[0], "pending")
