@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import msgspec
@@ -36,7 +35,7 @@ from outbox._db import (
 )
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
-from outbox.api._auth import jwt_auth, rate_limit
+from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
@@ -166,7 +165,12 @@ def create_app(
     event loop, and the app closes what it returns at shutdown. Raises
     :class:`~outbox.ConfigurationError` when ``OUTBOX_API_JWT_SECRET`` is empty.
     """
-    auth = jwt_auth(settings.api_jwt_secret.reveal())
+    auth = jwt_auth(
+        settings.api_jwt_secret.reveal(),
+        audience=settings.api_jwt_audience,
+        issuer=settings.api_jwt_issuer,
+    )
+    failed_auth = FailedAuthLimit(settings.api_auth_failures_per_minute)
     api_metrics = ApiMetrics.create()
     templates = catalog or TemplateCatalog(settings.templates_dir)
 
@@ -207,7 +211,7 @@ def create_app(
         # JWTAuth.on_app_init would also mark /health and /metrics as secured in the
         # schema; the middleware and the scheme are wired here, the requirement is
         # declared on the one secured route.
-        middleware=[auth.middleware],
+        middleware=[failed_auth.middleware, auth.middleware],
         exception_handlers={
             ValidationException: _unprocessable,
             TooManyRequestsException: _too_many,
@@ -225,7 +229,6 @@ def create_app(
 
 
 def _version() -> str:
-    try:
-        return version("outbox")
-    except PackageNotFoundError:
-        return "0"
+    from outbox import __version__
+
+    return __version__

@@ -7,27 +7,37 @@ refused; a wrong signature, an expired token, a missing claim or a missing heade
 answer 401. :func:`owner_only` answers 403 unless ``role`` is ``owner``.
 
 The rate limit counts requests per token subject (the caller), in this process's
-memory; a refused request answers 429 with ``Retry-After``. The secret never
-appears in a response, a log line or a metric.
+memory; a refused request answers 429 with ``Retry-After``. Failed authentications
+are limited per client address too (:class:`FailedAuthLimit`): someone guessing
+tokens is refused before the signature is even checked. The secret must be at least
+32 bytes (HS256 keys shorter than the hash are guessable offline from one token) and
+never appears in a response, a log line or a metric; when ``OUTBOX_API_JWT_AUDIENCE``
+or ``OUTBOX_API_JWT_ISSUER`` is set, tokens must carry that ``aud`` / ``iss``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.security.jwt import JWTAuth, Token
 from litestar.security.jwt.token import JWTDecodeOptions
+from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from outbox._errors import ConfigurationError
 
+MIN_SECRET_BYTES = 32
 OWNER_ROLE = "owner"
 REQUIRED_CLAIMS = ("sub", "role", "exp")
 SECURITY_SCHEME = "BearerToken"
@@ -71,16 +81,31 @@ async def _token_as_user(token: Token, connection: ASGIConnection[Any, Any, Any,
     return token
 
 
-def jwt_auth(secret: str) -> JWTAuth[Token, Token]:
-    """Build the JWT configuration; an empty secret is a configuration error."""
+def jwt_auth(
+    secret: str, *, audience: str | None = None, issuer: str | None = None
+) -> JWTAuth[Token, Token]:
+    """Build the JWT configuration; a missing or short secret is a configuration error."""
     if not secret:
         raise ConfigurationError("OUTBOX_API_JWT_SECRET must be set to serve the API")
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"OUTBOX_API_JWT_SECRET is {len(secret.encode())} bytes; at least"
+            f" {MIN_SECRET_BYTES} are required (e.g. python -c"
+            ' "import secrets; print(secrets.token_urlsafe(48))")'
+        )
+    claims = list(REQUIRED_CLAIMS)
+    if audience:
+        claims.append("aud")
+    if issuer:
+        claims.append("iss")
     return JWTAuth[Token, Token](
         token_secret=secret,
         token_cls=OwnerToken,
         retrieve_user_handler=_token_as_user,
         algorithm="HS256",
-        require_claims=list(REQUIRED_CLAIMS),
+        accepted_audiences=[audience] if audience else None,
+        accepted_issuers=[issuer] if issuer else None,
+        require_claims=claims,
         exclude=PUBLIC_PATHS,
         openapi_security_scheme_name=SECURITY_SCHEME,
         description="HS256 JWT with claims sub, role and exp; role must be owner.",
@@ -113,3 +138,86 @@ def rate_limit(per_minute: int) -> RateLimitConfig:
         identifier_for_request=caller_of,
         store="api_rate_limit",
     )
+
+
+class FailedAuthLimit:
+    """At most ``per_minute`` failed authentications (401) per client address.
+
+    An ASGI middleware placed before the JWT check: an address over its budget gets
+    429 with ``Retry-After`` without its token being looked at, so guessing tokens
+    (or secrets) from one address is slow, while other addresses are unaffected. In
+    this process's memory, like the request rate limit; at most ``max_addresses``
+    addresses are remembered (the oldest are forgotten first).
+    """
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self, per_minute: int, *, max_addresses: int = 10_000) -> None:
+        if per_minute < 1:
+            raise ConfigurationError("OUTBOX_API_AUTH_FAILURES_PER_MINUTE must be at least 1")
+        self.per_minute = per_minute
+        self._max_addresses = max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, address: str, now: float) -> float:
+        """Seconds until ``address`` may try again (0 when it may now)."""
+        failures = self._failures.get(address)
+        if failures is None:
+            return 0.0
+        while failures and failures[0] <= now - self.WINDOW_SECONDS:
+            failures.popleft()
+        if len(failures) < self.per_minute:
+            return 0.0
+        return failures[0] + self.WINDOW_SECONDS - now
+
+    def record_failure(self, address: str, now: float) -> None:
+        failures = self._failures.pop(address, None) or deque()
+        failures.append(now)
+        self._failures[address] = failures  # most recent last
+        while len(self._failures) > self._max_addresses:
+            self._failures.popitem(last=False)
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """The ASGI middleware factory (Litestar ``middleware=[...]``)."""
+
+        async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP:
+                await app(scope, receive, send)
+                return
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            wait = self.retry_after(address, time.monotonic())
+            if wait > 0:
+                await _refuse(send, wait)
+                return
+
+            async def observed(message: Message) -> None:
+                if message["type"] == "http.response.start" and message["status"] == 401:
+                    self.record_failure(address, time.monotonic())
+                await send(message)
+
+            try:
+                await app(scope, receive, observed)
+            except NotAuthorizedException:
+                # the JWT middleware raises; Litestar turns it into the 401 outside us
+                self.record_failure(address, time.monotonic())
+                raise
+
+        return limited
+
+
+async def _refuse(send: Send, wait: float) -> None:
+    body = json.dumps(
+        {"status_code": 429, "detail": "too many failed authentications from this address"}
+    ).encode()
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 429,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(max(1, math.ceil(wait))).encode()),
+        ],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from outbox._errors import ConfigurationError
@@ -24,12 +25,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     from outbox.api._app import create_app
 
     if not 0 < args.port < 65536:
-        print("outbox: --port must be between 1 and 65535")
+        print("outbox: --port must be between 1 and 65535", file=sys.stderr)
         return 2
     try:
         app = create_app(settings)
     except ConfigurationError as error:
-        print(f"outbox: {error}")
+        print(f"outbox: {error}", file=sys.stderr)
         return 2
     # uvicorn's access log shows paths and status codes, never headers (no tokens).
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", lifespan="on")

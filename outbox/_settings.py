@@ -236,6 +236,10 @@ class Settings:
     push_ttl: int = 3600
 
     api_jwt_secret: Secret = field(default_factory=lambda: Secret(""))
+    api_jwt_audience: str | None = None
+    api_jwt_issuer: str | None = None
+    api_auth_failures_per_minute: int = 10
+    """Failed authentications (401) one client address may cause per minute."""
     templates_dir: Path | None = None
     platform_base_url: str = "https://platform.example.com"
 
@@ -308,6 +312,9 @@ class Settings:
             push_timeout=_float(env, "OUTBOX_PUSH_TIMEOUT", 10.0, 0.1),
             push_ttl=_int(env, "OUTBOX_PUSH_TTL", 3600, 0),
             api_jwt_secret=Secret(get("OUTBOX_API_JWT_SECRET") or ""),
+            api_jwt_audience=(get("OUTBOX_API_JWT_AUDIENCE") or "").strip() or None,
+            api_jwt_issuer=(get("OUTBOX_API_JWT_ISSUER") or "").strip() or None,
+            api_auth_failures_per_minute=_int(env, "OUTBOX_API_AUTH_FAILURES_PER_MINUTE", 10, 1),
             templates_dir=Path(templates_dir) if templates_dir else None,
             platform_base_url=(
                 get("OUTBOX_PLATFORM_BASE_URL") or "https://platform.example.com"
