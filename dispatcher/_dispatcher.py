@@ -154,6 +154,10 @@ class DispatcherOptions:
     max_in_flight: int | None = None
     """Messages claimed and not yet acknowledged; default 4 batches."""
     until_idle: bool = False
+    idle_horizon: float = 60.0
+    """With ``until_idle``: "idle" means nothing in flight and nothing pending due
+    within this many seconds. Messages due later (retries far ahead, quiet hours,
+    ``send_at``) are left for the next run, and the exit log line says when."""
     ack_delay: float = 0.005
     ack_max: int = 500
     shutdown_grace: float = 10.0
@@ -386,8 +390,10 @@ class Dispatcher:
         timeout = self.settings.poll_interval
         if self.options.until_idle and not self._in_flight and not self._tasks:
             due_in, sending = await self._next_due()
-            if due_in is None and not sending:
+            if not sending and (due_in is None or due_in > self.options.idle_horizon):
+                await self._log_idle_exit(due_in)
                 return True
+            self._log_idle_wait(due_in, sending)
             if sending:  # another replica's messages: exit soon after they are done
                 timeout = min(timeout, 0.05)
         if self._wakeup is None:
@@ -414,6 +420,40 @@ class Dispatcher:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
         return False
+
+    def _log_idle_wait(self, due_in: float | None, sending: bool) -> None:
+        """--until-idle: say what keeps the run going, once per reason (not every poll)."""
+        reason = "sending" if sending else "due"
+        if reason == getattr(self, "_idle_wait_reason", None):
+            return
+        self._idle_wait_reason = reason
+        if sending:
+            log.info("until-idle: waiting for messages in flight on other replicas")
+        else:
+            log.info(
+                "until-idle: waiting for a message due in %.1fs (within --idle-horizon %gs)",
+                max(0.0, due_in or 0.0),
+                self.options.idle_horizon,
+            )
+
+    async def _log_idle_exit(self, due_in: float | None) -> None:
+        if due_in is None:
+            log.info("until-idle: nothing pending or in flight; exiting")
+            return
+        count, first = 0, None
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            assert self._pool is not None
+            async with self._pool.connection(timeout=10) as conn:
+                row = await (await conn.execute(QUERIES["deferred_summary"])).fetchone()
+                if row is not None:
+                    count, first = int(row[0]), row[1]
+        log.info(
+            "until-idle: idle; %d message(s) deferred beyond --idle-horizon %gs,"
+            " the first due at %s; exiting",
+            count,
+            self.options.idle_horizon,
+            first.isoformat(timespec="seconds") if first is not None else f"+{due_in:.0f}s",
+        )
 
     def _notified(self, payload: str) -> None:
         # an empty payload is for everybody; a dispatcher id only for that one

@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from typing import Any
 
-from outbox._settings import Settings
+from outbox._settings import Settings, parse_duration
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -22,7 +23,15 @@ def register(commands: Any) -> None:
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     parser.add_argument(
-        "--until-idle", action="store_true", help="exit 0 once nothing is pending or in flight"
+        "--until-idle",
+        action="store_true",
+        help="exit 0 once idle: nothing in flight and nothing pending due within --idle-horizon",
+    )
+    parser.add_argument(
+        "--idle-horizon",
+        default="60s",
+        metavar="DURATION",
+        help="with --until-idle: wait for messages due within this long (60s)",
     )
     parser.set_defaults(handler=run_command, extra="dispatcher")
 
@@ -30,8 +39,9 @@ def register(commands: Any) -> None:
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``outbox dispatch``."""
     if args.concurrency < 1 or args.batch_size < 1:
-        print("outbox: --concurrency and --batch-size must be at least 1")
+        print("outbox: --concurrency and --batch-size must be at least 1", file=sys.stderr)
         return 2
+    args.idle_horizon_seconds = parse_duration(args.idle_horizon)
     asyncio.run(_main(args, settings))
     return 0
 
@@ -53,6 +63,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
             concurrency=args.concurrency,
             batch_size=args.batch_size,
             until_idle=args.until_idle,
+            idle_horizon=args.idle_horizon_seconds,
         ),
         observer=observer,
     )

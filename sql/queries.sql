@@ -326,6 +326,10 @@ SELECT CAST(extract(epoch FROM min(
   FROM priorities p
  WHERE p.priority IS NOT NULL
 
+-- deferred_summary --
+-- What an until-idle run leaves behind: pending messages and when the first is due.
+SELECT count(*), min(next_attempt_at) FROM outbox.message WHERE status = 'pending'
+
 -- effect_disable_telegram --
 -- The user blocked the bot.
 UPDATE outbox.recipient SET telegram_blocked_at = now(), updated_at = now()
