@@ -33,6 +33,7 @@ from outbox._db import (
     deadline_connection_class,
     reconnect_afresh,
 )
+from outbox._schema_check import schema_problem_async
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
@@ -48,11 +49,12 @@ DEFAULT_RATE_LIMIT = 10
 """Test sends per caller and minute."""
 
 
-class Health(msgspec.Struct, kw_only=True):
-    """``/health``: the API answers; whether the database does too."""
+class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``/health``: the API answers; whether the database does too, migrated to head."""
 
     status: str
     database: str
+    detail: str | None = None
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -78,15 +80,21 @@ def _pool(settings: Settings) -> AsyncConnectionPool[Any]:
 @get(
     "/health",
     exclude_from_auth=True,
-    summary="Liveness and database reachability",
-    responses={503: ResponseSpec(data_container=Health, description="PostgreSQL does not answer")},
+    summary="Readiness: the database answers and is migrated to head",
+    responses={
+        503: ResponseSpec(
+            data_container=Health, description="PostgreSQL does not answer or is not migrated"
+        )
+    },
 )
 async def health(request: Request[Any, Any, Any]) -> Response[Health]:
-    """200 ``{"status": "ok", "database": "ok"}``; 503 when PostgreSQL does not answer."""
+    """200 ``{"status": "ok", "database": "ok"}``; 503 when PostgreSQL does not answer
+    (``database: "unreachable"``) or lacks the schema at head (``"not_migrated"``).
+    """
     context: ApiContext = request.app.state["outbox"]
     # The check runs as its own task: a silent (half-open) connection cannot hold the
     # answer beyond HEALTH_TIMEOUT; the task finishes (or fails) in the background.
-    check = asyncio.create_task(_ping(context.pool))
+    check: asyncio.Task[str | None] = asyncio.create_task(_ping(context.pool))
     done, _ = await asyncio.wait({check}, timeout=HEALTH_TIMEOUT + 0.5)
     error: BaseException | None
     if done:
@@ -101,18 +109,37 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
             raise error
         log.warning("health: database unavailable error=%s", type(error).__name__)
         return Response(Health(status="unavailable", database="unreachable"), status_code=503)
+    problem = check.result()
+    if problem is not None:
+        return Response(
+            Health(status="unavailable", database="not_migrated", detail=problem),
+            status_code=503,
+        )
     return Response(Health(status="ok", database="ok"))
 
 
-_pending_checks: set[asyncio.Task[None]] = set()
+@get("/livez", exclude_from_auth=True, summary="Liveness: the process serves requests")
+async def livez() -> dict[str, str]:
+    """200 while the process answers; it never looks at the database (that is /health)."""
+    return {"status": "ok"}
 
 
-async def _ping(pool: AsyncConnectionPool[Any]) -> None:
+_pending_checks: set[asyncio.Task[str | None]] = set()
+
+
+async def _ping(pool: AsyncConnectionPool[Any]) -> str | None:
+    """None when the database answers at head, else what is wrong with its schema."""
     async with pool.connection(timeout=HEALTH_TIMEOUT) as conn:
-        await conn.execute("SELECT 1")
+        return await schema_problem_async(conn)
 
 
-def _forget_check(task: asyncio.Task[None]) -> None:
+def _not_migrated(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """A statement met a missing table or function: say what to do, not 500."""
+    detail = "the database is not migrated: run `outbox migrate`"
+    return Response({"status_code": 503, "detail": detail}, status_code=503)
+
+
+def _forget_check(task: asyncio.Task[str | None]) -> None:
     _pending_checks.discard(task)
     if not task.cancelled():
         task.exception()  # retrieved: a late failure is expected, not worth a warning
@@ -121,7 +148,9 @@ def _forget_check(task: asyncio.Task[None]) -> None:
 @get(
     "/metrics",
     exclude_from_auth=True,
-    media_type=CONTENT_TYPE_LATEST,
+    # Litestar appends "; charset=utf-8" to text types itself: CONTENT_TYPE_LATEST
+    # already has one, and Prometheus 3 refuses a duplicate parameter.
+    media_type=CONTENT_TYPE_LATEST.replace("; charset=utf-8", ""),
     summary="Prometheus metrics (database gauges read at scrape time)",
 )
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
@@ -206,7 +235,7 @@ def create_app(
         middleware=[rate_limit(rate_limit_per_minute).middleware],
     )
     return Litestar(
-        route_handlers=[messaging, health, metrics],
+        route_handlers=[messaging, health, livez, metrics],
         lifespan=[lifespan],
         # JWTAuth.on_app_init would also mark /health and /metrics as secured in the
         # schema; the middleware and the scheme are wired here, the requirement is
@@ -215,6 +244,9 @@ def create_app(
         exception_handlers={
             ValidationException: _unprocessable,
             TooManyRequestsException: _too_many,
+            psycopg.errors.UndefinedTable: _not_migrated,
+            psycopg.errors.UndefinedFunction: _not_migrated,
+            psycopg.errors.InvalidSchemaName: _not_migrated,
         },
         openapi_config=OpenAPIConfig(
             title="outbox API",

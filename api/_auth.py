@@ -42,7 +42,7 @@ OWNER_ROLE = "owner"
 REQUIRED_CLAIMS = ("sub", "role", "exp")
 SECURITY_SCHEME = "BearerToken"
 """The OpenAPI security scheme's name."""
-PUBLIC_PATHS = ["^/health$", "^/metrics$", "^/schema"]
+PUBLIC_PATHS = ["^/health$", "^/livez$", "^/metrics$", "^/schema"]
 """Paths served without a token (Litestar ``exclude`` patterns)."""
 
 

@@ -186,6 +186,10 @@ async def _load_recipient(pool: AsyncConnectionPool[Any], user_id: str) -> Recip
         async with pool.connection(timeout=DB_TIMEOUT) as conn:
             cursor = await conn.execute(QUERIES["recipients"], {"user_ids": [user_id]})
             row = await cursor.fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
+        raise ServiceUnavailableException(
+            "the database is not migrated: run `outbox migrate`"
+        ) from error
     except DB_ERRORS as error:
         log.warning("test send: recipient lookup failed error=%s", type(error).__name__)
         raise ServiceUnavailableException("the database is unavailable") from error

@@ -37,11 +37,16 @@ class names only.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from http.server import ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 from outbox.dispatcher._acks import AckBatch, AckResult, FinishDead, FinishRequeue
 from outbox.dispatcher.channels.base import Outcome, RateLimited, Sent
@@ -162,11 +167,70 @@ def serve_metrics(
     addr: str = "0.0.0.0",  # noqa: S104
     registry: CollectorRegistry | None = None,
 ) -> None:
-    """Serve ``registry`` (default: the process registry) as Prometheus text on ``port``.
+    """Serve ``/metrics`` (Prometheus text), ``/livez`` and ``/readyz`` on ``port``.
 
-    Starts prometheus_client's HTTP server in a daemon thread and returns. The
+    A daemon thread, so a busy event loop never delays a scrape or a probe. The
     dispatcher exports its own counters only: the database-derived gauges come from
-    the API's ``/metrics`` (docs/metrics.md), so ``settings`` is not read today.
+    the API's ``/metrics`` (docs/metrics.md). ``/livez`` is 200 while the process
+    runs; ``/readyz`` is 503 while the database does not answer or is not migrated
+    (checked at most every :data:`READINESS_CACHE_SECONDS`, from this thread).
     """
-    del settings
-    start_http_server(port, addr=addr, registry=REGISTRY if registry is None else registry)
+    readiness = _Readiness(settings.database_url)
+    base = MetricsHandler.factory(REGISTRY if registry is None else registry)
+
+    class Handler(base):  # type: ignore[valid-type,misc]
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/livez":
+                self._answer(200, "ok\n")
+            elif path == "/readyz":
+                problem = readiness.problem()
+                self._answer(503 if problem else 200, (problem or "ok") + "\n")
+            else:
+                super().do_GET()
+
+        def _answer(self, status: int, text: str) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # probes every few seconds are not worth a log line
+
+    server = ThreadingHTTPServer((addr, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="outbox-metrics", daemon=True).start()
+
+
+READINESS_CACHE_SECONDS = 2.0
+
+
+class _Readiness:
+    """Whether the database answers and is migrated; remembered for a moment."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._lock = threading.Lock()
+        self._checked = -math.inf
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        with self._lock:
+            if time.monotonic() - self._checked >= READINESS_CACHE_SECONDS:
+                self._problem = self._check()
+                self._checked = time.monotonic()
+            return self._problem
+
+    def _check(self) -> str | None:
+        import psycopg
+
+        from outbox._schema_check import schema_problem
+
+        try:
+            with psycopg.connect(self._url, autocommit=True, connect_timeout=3) as conn:
+                return schema_problem(conn)
+        except psycopg.Error as error:
+            return f"the database does not answer ({type(error).__name__})"

@@ -36,6 +36,7 @@ from outbox._operator import (
     retry_dead,
 )
 from outbox._progress import ProgressBar
+from outbox._schema_check import SchemaNotReady, schema_problem
 from outbox._settings import Settings, parse_duration
 from outbox._table import format_table
 
@@ -92,8 +93,23 @@ def _extra_hint(command: str, extra: str, missing: Sequence[str]) -> str:
     )
 
 
+# What a statement meets on a database that was never migrated (commands that do not
+# go through _connect, such as a campaign's enqueue).
+_MISSING_SCHEMA_OBJECT = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.InvalidSchemaName,
+)
+
+
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    return psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10)
+    """An operator's connection to a database that is migrated (else SchemaNotReady)."""
+    conn = psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10)
+    problem = schema_problem(conn)
+    if problem is not None:
+        conn.close()
+        raise SchemaNotReady(problem)
+    return conn
 
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -287,6 +303,8 @@ def _cmd_campaign(args: argparse.Namespace, settings: Settings) -> int:
             conn.rollback()
             print(f"outbox: {type(error).__name__}: {error}", file=sys.stderr)
             print("outbox: rolled back; nothing was enqueued", file=sys.stderr)
+            if isinstance(error, _MISSING_SCHEMA_OBJECT):
+                print("outbox: the database is not migrated: run `outbox migrate`", file=sys.stderr)
             return 1
     print(
         f"{result.enqueued:,} message(s) enqueued ({args.channel}, {args.template}, "
@@ -461,6 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as error:
         print(f"outbox: configuration error: {error}", file=sys.stderr)
         return 2
+    except SchemaNotReady as error:
+        print(f"outbox: {error}", file=sys.stderr)
+        return 1
+    except _MISSING_SCHEMA_OBJECT as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(
+            f"outbox: {first}: the database is not migrated: run `outbox migrate`",
+            file=sys.stderr,
+        )
+        return 1
     except (OutboxError, psycopg.Error) as error:
         print(f"outbox: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
