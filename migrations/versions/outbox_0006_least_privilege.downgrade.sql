@@ -280,6 +280,9 @@ BEGIN
                 EXECUTE format('DROP ROLE %I', r);
             EXCEPTION WHEN dependent_objects_still_exist THEN
                 RAISE NOTICE 'outbox: role % is still used by another database; kept', r;
+            WHEN insufficient_privilege THEN
+                -- PostgreSQL 16+: a role created by another (a superuser) stays
+                RAISE NOTICE 'outbox: role % belongs to another role; kept', r;
             END;
         END IF;
     END LOOP;

@@ -40,7 +40,15 @@ BEGIN
        AND NOT pg_has_role(current_user, 'outbox_owner',
                            CASE WHEN current_setting('server_version_num')::int >= 160000
                                 THEN 'SET' ELSE 'MEMBER' END) THEN
-        EXECUTE format('GRANT outbox_owner TO %I', current_user);
+        BEGIN
+            EXECUTE format('GRANT outbox_owner TO %I', current_user);
+        EXCEPTION WHEN insufficient_privilege THEN
+            -- PostgreSQL 16+: only a role's admin may grant it, and outbox_owner was
+            -- created by another role (another database's migration, a superuser)
+            RAISE EXCEPTION 'outbox: the migrating role % must be a member of outbox_owner, which another role created', current_user
+                USING ERRCODE = '42501',
+                      HINT = format('As a superuser run: GRANT outbox_owner TO %I', current_user);
+        END;
     END IF;
 END
 $roles$;

