@@ -33,5 +33,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"outbox: {error}", file=sys.stderr)
         return 2
     # uvicorn's access log shows paths and status codes, never headers (no tokens).
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", lifespan="on")
+    # log_config=None: uvicorn keeps its hands off logging, so its records go through
+    # outbox's set-up (OUTBOX_LOG_FORMAT, the non-blocking writer; the access log, a
+    # line per request, at WARNING unless OUTBOX_LOG_LEVEL=DEBUG).
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, lifespan="on")
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ import psycopg
 
 from outbox import __version__
 from outbox._errors import ConfigurationError, OutboxError
+from outbox._logging import configure_logging
 from outbox._operator import (
     dead_ids,
     dead_letter_detail,
@@ -454,11 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``outbox`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure_logging(verbose=args.verbose)
+    except ConfigurationError as error:
+        print(f"outbox: configuration error: {error}", file=sys.stderr)
+        return 2
     # A registered command names the extra it needs (``set_defaults(extra=...)``):
     # without it, say which one to install instead of a traceback.
     extra: str | None = getattr(args, "extra", None)
