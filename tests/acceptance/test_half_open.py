@@ -34,8 +34,12 @@ DETECTION_BOUND = DB_TIMEOUT + 5 + 5 + 1 + 9
 
 
 @pytest.fixture
-def proxy(database_url: str) -> Iterator[TcpProxy]:
+def proxy(database_url: str, pg_server: Any) -> Iterator[TcpProxy]:
     parts = urlsplit(database_url)
+    if pg_server.kind == "embedded":
+        # the embedded server listens on a Unix socket only; CI's first stage (a server
+        # on TCP) runs this test
+        pytest.skip("a half-open TCP connection needs PostgreSQL over TCP, not embedded")
     if not parts.hostname:
         pytest.fail("the half-open test needs PostgreSQL over TCP (OUTBOX_TEST_DATABASE_URL)")
     with TcpProxy(parts.hostname, parts.port or 5432) as running:
