@@ -28,11 +28,10 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from outbox._queries import QUERIES
+from outbox.vocabulary import CHANNELS, LANES
 
 log = logging.getLogger("outbox.api")
 
-LANES = ("transactional", "campaign")
-CHANNELS = ("email", "telegram", "push")
 SCRAPE_TIMEOUT = 2.0
 """Seconds a scrape waits for a database connection."""
 
@@ -52,14 +51,16 @@ class QueueSnapshot:
         cls, stats: Iterable[tuple[Any, ...]], lag: Iterable[tuple[Any, ...]]
     ) -> QueueSnapshot:
         """Build from rows of ``queue_stats`` and ``api_pending_lag``."""
-        depth = {(lane, channel): 0 for lane in LANES for channel in CHANNELS}
+        depth: dict[tuple[str, str], int] = {
+            (lane, channel): 0 for lane in LANES for channel in CHANNELS
+        }
         dead = 0
         for lane, channel, status, count, _oldest in stats:
             if status == "dead":
                 dead += int(count)
             else:
                 depth[(lane, channel)] = depth.get((lane, channel), 0) + int(count)
-        oldest = dict.fromkeys(LANES, 0.0)
+        oldest: dict[str, float] = dict.fromkeys(LANES, 0.0)
         for lane, seconds in lag:
             oldest[lane] = max(float(seconds or 0.0), 0.0)
         return cls(depth=depth, dead=dead, oldest_pending=oldest)

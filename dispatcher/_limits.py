@@ -52,10 +52,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from outbox._queries import QUERIES
 from outbox._settings import RateLimit
 from outbox.dispatcher.channels.base import Envelope, RenderedTelegram
+from outbox.vocabulary import CHANNELS
 
 log = logging.getLogger("outbox.dispatcher")
 
-_CHANNEL_WIDE = ("email", "telegram", "push")
+_CHANNEL_WIDE = CHANNELS
 _FORGET_EVERY = 10.0
 
 

@@ -19,10 +19,8 @@ from typing import Any
 from outbox._db import fetch_one, fetch_one_async
 from outbox._errors import InvalidMessage
 from outbox._templates import default_catalog
+from outbox.vocabulary import CHANNELS, LANES, PRIORITY_RANGES
 
-CHANNELS = ("email", "telegram", "push")
-LANES = ("transactional", "campaign")
-PRIORITY_RANGES = {"transactional": range(0, 100), "campaign": range(100, 200)}
 MAX_VARS_BYTES = 256 * 1024
 """Bytes of vars as JSON text (UTF-8) a message may carry; also the dispatcher's
 limit on the stored vars it receives."""

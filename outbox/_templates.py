@@ -47,8 +47,8 @@ from outbox._errors import (
     MissingTemplateVariables,
     UnknownTemplate,
 )
+from outbox.vocabulary import CHANNELS
 
-CHANNELS = ("email", "telegram", "push")
 MAIN_SUFFIX = {"email": ".html.j2", "telegram": ".md.j2", "push": ".json.j2"}
 EMAIL_TEXT_SUFFIX = ".txt.j2"
 RENDER_CONTEXT = frozenset({"lane", "message_id", "platform_base_url"})
@@ -272,7 +272,7 @@ class TemplateCatalog:
         channels = [c for c in CHANNELS if self.has(c, template)]
         if not channels:
             raise UnknownTemplate("any", template, self.names())
-        variables = {c: self.variables(c, template) for c in channels}
+        variables: dict[str, TemplateVariables] = {c: self.variables(c, template) for c in channels}
         return TemplateInfo(name=template, variables=MappingProxyType(variables))
 
     def templates(self) -> list[TemplateInfo]:

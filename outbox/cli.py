@@ -39,6 +39,7 @@ from outbox._progress import ProgressBar
 from outbox._schema_check import SchemaNotReady, schema_problem
 from outbox._settings import Settings, parse_duration
 from outbox._table import format_table
+from outbox.vocabulary import CHANNELS, LANES
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="user ids, one per line ('-': standard input)",
     )
-    campaign.add_argument("--channel", required=True, choices=("email", "telegram", "push"))
+    campaign.add_argument("--channel", required=True, choices=CHANNELS)
     campaign.add_argument("--template", required=True, help="template name (outbox templates)")
     campaign.add_argument(
         "--vars",
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     campaign.add_argument(
         "--lane",
         default="campaign",
-        choices=("campaign", "transactional"),
+        choices=LANES,
         help="lane (default campaign)",
     )
     campaign.add_argument(

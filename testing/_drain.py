@@ -24,8 +24,7 @@ from dataclasses import dataclass, field, replace
 from outbox._settings import Settings, parse_rate_limits
 from outbox.dispatcher import Dispatcher, DispatcherOptions
 from outbox.dispatcher.channels.base import Envelope, Outcome, Sent
-
-CHANNELS = ("email", "telegram", "push")
+from outbox.vocabulary import CHANNELS
 
 
 @dataclass

@@ -25,11 +25,11 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-ChannelName = Literal["email", "telegram", "push"]
-CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push")
-
+from outbox.vocabulary import CHANNELS as CHANNELS  # re-exported for channel plugins
+from outbox.vocabulary import ChannelName as ChannelName
+from outbox.vocabulary import LaneName
 
 # --- rendered content ---------------------------------------------------------
 
@@ -92,7 +92,7 @@ class Envelope:
     """One message to send on one channel."""
 
     message_id: int
-    lane: Literal["transactional", "campaign"]
+    lane: LaneName
     channel: ChannelName
     user_id: str
     template: str

@@ -1,0 +1,23 @@
+"""The names every part of outbox shares: channels and lanes.
+
+One place, so that adding a channel or a lane is one edit here plus the code that
+handles it; the SQL schema checks the same names (``outbox.message`` CHECK
+constraints) and ``tests/unit/test_vocabulary.py`` holds the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ChannelName = Literal["email", "telegram", "push"]
+CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push")
+"""Delivery channels, in the default fallback order's spelling (not its order)."""
+
+LaneName = Literal["transactional", "campaign"]
+LANES: tuple[LaneName, ...] = ("transactional", "campaign")
+"""``transactional`` (alerts, priority 0-99) goes before ``campaign`` (100-199)."""
+
+PRIORITY_RANGES: dict[str, range] = {"transactional": range(0, 100), "campaign": range(100, 200)}
+"""The priorities a lane's messages may have; lower is more urgent."""
+
+__all__ = ["CHANNELS", "LANES", "PRIORITY_RANGES", "ChannelName", "LaneName"]
