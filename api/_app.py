@@ -40,6 +40,7 @@ from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
+from outbox.dispatcher.rendering import RenderCache
 
 log = logging.getLogger("outbox.api")
 
@@ -215,6 +216,7 @@ def create_app(
         app.state["outbox"] = ApiContext(
             settings=settings,
             catalog=templates,
+            renderer=RenderCache(templates, platform_base_url=settings.platform_base_url),
             channels=channels if channels is not None else owned,
             pool=pool,
         )

@@ -24,7 +24,6 @@ cluster rate limit or circuit breaker applies: the endpoint has its own limit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
@@ -52,28 +51,16 @@ from outbox._queries import QUERIES
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._auth import SECURITY_SCHEME, owner_only
-from outbox.dispatcher._routing import RecipientRecord
-from outbox.dispatcher.channels.base import (
-    Channel,
-    DeletePushSubscription,
-    DisableTelegram,
-    Effect,
-    Envelope,
-    MarkEmailUndeliverable,
-    Outcome,
-    RateLimited,
-    Sent,
-    TransientFailure,
-    UpdateTelegramChat,
-)
-from outbox.dispatcher.rendering import render
+from outbox.dispatcher import delivery
+from outbox.dispatcher.channels.base import Channel, Effect, Sent, TransientFailure
+from outbox.dispatcher.delivery import Attempt, RecipientRecord, clip_error, failure_of
+from outbox.dispatcher.rendering import RenderCache
 
 log = logging.getLogger("outbox.api")
 
 MAX_BODY_BYTES = 64 * 1024
 SEND_TIMEOUT = 30.0
 DB_TIMEOUT = 5.0
-MAX_ERROR_LENGTH = 2000
 DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError, TimeoutError)
 
 
@@ -109,6 +96,7 @@ class ApiContext:
 
     settings: Settings
     catalog: TemplateCatalog
+    renderer: RenderCache
     channels: Mapping[str, Channel]
     pool: AsyncConnectionPool[Any]
 
@@ -161,12 +149,6 @@ async def vars_depth_guard(
         )
 
 
-def _clip(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_ERROR_LENGTH:
-        return text
-    return text[: MAX_ERROR_LENGTH - 1] + "…"
-
-
 def address_problem(record: RecipientRecord, channel: str) -> str | None:
     """Why ``record`` cannot be reached on ``channel``, or None when it can."""
     if channel in record.disabled_channels:
@@ -184,8 +166,7 @@ def address_problem(record: RecipientRecord, channel: str) -> str | None:
 async def _load_recipient(pool: AsyncConnectionPool[Any], user_id: str) -> RecipientRecord | None:
     try:
         async with pool.connection(timeout=DB_TIMEOUT) as conn:
-            cursor = await conn.execute(QUERIES["recipients"], {"user_ids": [user_id]})
-            row = await cursor.fetchone()
+            return await delivery.load_recipient(conn, user_id)
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
         raise ServiceUnavailableException(
             "the database is not migrated: run `outbox migrate`"
@@ -193,7 +174,6 @@ async def _load_recipient(pool: AsyncConnectionPool[Any], user_id: str) -> Recip
     except DB_ERRORS as error:
         log.warning("test send: recipient lookup failed error=%s", type(error).__name__)
         raise ServiceUnavailableException("the database is unavailable") from error
-    return None if row is None else RecipientRecord.from_row(row)
 
 
 async def _record(
@@ -210,53 +190,13 @@ async def _record(
         async with pool.connection(timeout=DB_TIMEOUT) as conn, conn.transaction():
             await conn.execute(QUERIES["api_log_test_attempt"], params)
             for effect in effects:
-                await _apply_effect(conn, user_id, effect)
+                await delivery.write_effect(conn, user_id, effect)
     except DB_ERRORS as error:
         log.warning(
             "test send: attempt not logged id=%s error=%s",
             params["message_id"],
             type(error).__name__,
         )
-
-
-async def _apply_effect(conn: psycopg.AsyncConnection[Any], user_id: str, effect: Effect) -> None:
-    match effect:
-        case DisableTelegram():
-            await conn.execute(QUERIES["effect_disable_telegram"], {"user_id": user_id})
-        case MarkEmailUndeliverable():
-            await conn.execute(QUERIES["effect_email_undeliverable"], {"user_id": user_id})
-        case UpdateTelegramChat(chat_id=chat_id):
-            await conn.execute(
-                QUERIES["effect_telegram_chat"], {"user_id": user_id, "chat_id": chat_id}
-            )
-        case DeletePushSubscription(endpoint=endpoint):
-            await conn.execute(
-                QUERIES["effect_delete_subscription"], {"user_id": user_id, "endpoint": endpoint}
-            )
-
-
-async def _send(channel: Channel | None, envelope: Envelope) -> Outcome:
-    if channel is None:
-        return TransientFailure(
-            error_class="channel_unconfigured", error=f"no {envelope.channel} channel is configured"
-        )
-    try:
-        return await asyncio.wait_for(channel.send(envelope), SEND_TIMEOUT)
-    except TimeoutError:
-        return TransientFailure(
-            error_class="timeout", error=f"no answer within {SEND_TIMEOUT:.0f} s"
-        )
-    except Exception as error:  # a channel must not raise; answer 502, not 500
-        log.exception("test send: channel raised channel=%s", envelope.channel)
-        return TransientFailure(error_class="internal", error=type(error).__name__)
-
-
-def _error_of(outcome: Outcome) -> tuple[str | None, str | None]:
-    if isinstance(outcome, Sent):
-        return None, None
-    if isinstance(outcome, RateLimited):
-        return "rate_limited", f"{outcome.error} (retry after {outcome.retry_after:.0f} s)"
-    return outcome.error_class, outcome.error
 
 
 def _errors(description: str) -> ResponseSpec:
@@ -309,32 +249,33 @@ async def send_test_message(
     try:
         # in a thread: up to 64 KiB of vars may take a noticeable time to render,
         # which the other requests (and /health) must not wait for
-        content = await asyncio.to_thread(
-            render,
-            context.catalog,
-            data.channel,
-            data.template_name,
-            data.template_vars,
+        envelope = await delivery.prepare(
+            context.renderer,
             message_id=message_id,
             lane="transactional",
-            platform_base_url=context.settings.platform_base_url,
+            channel=data.channel,
+            user_id=data.user_id,
+            template=data.template_name,
+            vars=data.template_vars,
+            vars_key=None,
+            attempt=1,
+            recipient=record,
+            in_thread=True,
         )
     except TemplateRenderError as error:
         raise ClientException(str(error)) from error
-    envelope = Envelope(
-        message_id=message_id,
-        lane="transactional",
-        channel=data.channel,
-        user_id=data.user_id,
-        template=data.template_name,
-        attempt=1,
-        recipient=record.addresses(),
-        content=content,
-    )
-    started = time.perf_counter()
-    outcome = await _send(context.channels.get(data.channel), envelope)
-    duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    error_class, provider_error = _error_of(outcome)
+    channel = context.channels.get(data.channel)
+    if channel is None:
+        failure = f"no {data.channel} channel is configured"
+        attempt = Attempt(
+            outcome=TransientFailure(error_class="channel_unconfigured", error=failure),
+            duration_ms=0.0,
+        )
+    else:
+        attempt = await delivery.send(channel, envelope, timeout=SEND_TIMEOUT)
+    outcome = attempt.outcome
+    duration_ms = round(attempt.duration_ms, 3)
+    error_class, provider_error = failure_of(outcome)
     sent = isinstance(outcome, Sent)
     caller = request.user.sub if isinstance(request.user, Token) else "?"
     await _record(
@@ -346,9 +287,9 @@ async def send_test_message(
             "template": data.template_name,
             "outcome": "sent" if sent else "failed",
             "error_class": error_class,
-            "error": _clip(provider_error),
+            "error": clip_error(provider_error),
             "duration_ms": duration_ms,
-            "caller": _clip(f"api:{caller}"),
+            "caller": clip_error(f"api:{caller}"),
         },
         data.user_id,
         outcome.effects,
@@ -368,6 +309,6 @@ async def send_test_message(
         status="sent" if sent else "failed",
         message_id=message_id,
         delivery_time_ms=duration_ms,
-        error=_clip(provider_error),
+        error=clip_error(provider_error),
     )
     return Response(result, status_code=200 if sent else 502)

@@ -30,14 +30,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
+from outbox.dispatcher._store import Store, StoreError
+
 log = logging.getLogger("outbox.dispatcher")
 
 CHANNEL = "outbox_wakeup"
+
+LISTENER_CONNECT_KWARGS: dict[str, Any] = {
+    # notice a half-open connection within about 15 s
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms: unacknowledged data fails the connection
+    "connect_timeout": 10,
+}
 
 
 class Wakeup:
@@ -53,7 +66,7 @@ class Wakeup:
     ) -> None:
         self._conninfo = conninfo
         self._on_wake = on_wake
-        self._connect_kwargs = connect_kwargs or {}
+        self._connect_kwargs = LISTENER_CONNECT_KWARGS if connect_kwargs is None else connect_kwargs
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._health_check_interval = health_check_interval
         self._failures = 0
@@ -128,3 +141,34 @@ class Wakeup:
         if conn is not None:
             with contextlib.suppress(psycopg.Error, TimeoutError, OSError):
                 await asyncio.wait_for(conn.close(), timeout=1)
+
+
+class Sleeper:
+    """The registering half: tells producers (``outbox.sleeper``) that we wait.
+
+    Registered only while the listener is connected: producers name one sleeper
+    to wake, and one that cannot hear them would hold their messages until its
+    next poll. A registration is renewed every third of ``stale_seconds`` while
+    we keep sleeping; older rows are dispatchers that died asleep, and whoever
+    registers next deletes them.
+    """
+
+    def __init__(self, store: Store, *, poll_interval: float) -> None:
+        self._store = store
+        self.stale_seconds = max(30.0, poll_interval * 10)
+        self.asleep = False
+        self._registered_at = 0.0
+
+    async def set(self, asleep: bool) -> None:
+        """Register (or renew) or unregister; a database error leaves it as it was."""
+        renew = time.monotonic() - self._registered_at > self.stale_seconds / 3
+        if asleep == self.asleep and not (asleep and renew):
+            return
+        try:
+            await self._store.set_sleeper(asleep, stale_seconds=self.stale_seconds)
+        except StoreError as error:
+            log.warning("sleeper update failed error=%s", error)
+            return
+        self.asleep = asleep
+        if asleep:
+            self._registered_at = time.monotonic()

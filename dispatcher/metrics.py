@@ -5,10 +5,9 @@ The dispatcher calls it synchronously from its event loop:
 
 - ``sent(message, outcome, duration_ms)`` after every provider call;
 - ``acked(batch, result)`` after every flush of finishing writes, with the ids the
-  flush really finished (``result.finished``: the rows whose lease it still held);
-- ``claimed(messages)`` after every claim (optional: without it, messages that
-  finish without reaching a channel, such as an unknown recipient, are not
-  labelled and so not counted as enqueued).
+  flush really finished (``result.finished``: the rows whose lease it still held).
+  Each finish carries its message (the labels) and, when a provider call was made
+  in that lease, its duration: nothing is remembered between the two hooks.
 
 What each series counts (docs/metrics.md says why):
 
@@ -40,20 +39,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import MetricsHandler
 
-from outbox.dispatcher._acks import AckBatch, AckResult, FinishDead, FinishRequeue
+from outbox.dispatcher._claimed import Claimed
+from outbox.dispatcher._finishes import AckBatch, AckResult, FinishDead, FinishRequeue
 from outbox.dispatcher.channels.base import Outcome, RateLimited, Sent
 
 if TYPE_CHECKING:
     from outbox._settings import Settings
-    from outbox.dispatcher._dispatcher import Claimed
 
 POSITION_FAILURE_TYPES = {
     "position_failure_entry": "entry",
@@ -64,15 +61,6 @@ POSITION_FAILURE_TYPES = {
 
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Seconds; provider calls range from a loopback millisecond to a 30 s SMTP timeout."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Seen:
-    lane: str
-    channel: str
-    template: str
-    sent: bool = False
-    """A provider call was made during the current lease (failures counted then)."""
 
 
 class DispatcherMetrics:
@@ -115,23 +103,11 @@ class DispatcherMetrics:
             ["type", "channel"],
             registry=self.registry,
         )
-        # Messages of the current leases, by id: what ``acked`` needs to label them.
-        self._seen: dict[int, _Seen] = {}
 
     # ------------------------------------------------------------------ hooks
 
-    def claimed(self, messages: Iterable[Claimed]) -> None:
-        """Remember the labels of freshly claimed messages until they are acknowledged."""
-        for message in messages:
-            self._seen[message.id] = _Seen(
-                lane=message.lane, channel=message.channel, template=message.template
-            )
-
     def sent(self, message: Claimed, outcome: Outcome, duration_ms: float) -> None:
         """Count one provider call and its outcome."""
-        self._seen[message.id] = _Seen(
-            lane=message.lane, channel=message.channel, template=message.template, sent=True
-        )
         self.duration.labels(channel=message.channel).observe(max(duration_ms, 0.0) / 1000)
         if isinstance(outcome, Sent):
             self.sent_total.labels(channel=message.channel, type=message.template).inc()
@@ -149,15 +125,13 @@ class DispatcherMetrics:
         finished by the replica that holds the new lease, and counted there.
         """
         for finish in batch.finishes:
-            seen = self._seen.pop(finish.lease.id, None)
-            if seen is None or finish.lease.id not in result.finished:
+            if finish.lease.id not in result.finished or isinstance(finish, FinishRequeue):
                 continue
-            if isinstance(finish, FinishRequeue):
-                continue
-            self.enqueued.labels(priority=seen.lane, channel=seen.channel).inc()
-            if isinstance(finish, FinishDead) and not seen.sent:
+            message = finish.message
+            self.enqueued.labels(priority=message.lane, channel=message.channel).inc()
+            if isinstance(finish, FinishDead) and finish.duration_ms is None:
                 # died before any provider call (unknown recipient, template error)
-                self.failed.labels(reason=finish.error_class, channel=seen.channel).inc()
+                self.failed.labels(reason=finish.error_class, channel=message.channel).inc()
 
 
 def serve_metrics(

@@ -373,7 +373,7 @@ async def test_a_message_claimed_again_by_its_own_dispatcher_is_still_delivered(
         )
         channel.gate.set()
         await wait_for(lambda: rows(admin, "SELECT count(*) FROM outbox.message") == [(0,)])
-        await wait_for(lambda: not dispatcher._in_flight)
+        await wait_for(lambda: not dispatcher.in_flight)
     sent = [envelope.message_id for _, envelope in channel.sent]
     assert set(sent) == set(ids)
     outcomes = rows(
@@ -398,9 +398,9 @@ async def test_a_queued_message_whose_lease_was_taken_over_is_not_sent_by_us(
             " leased_until = now() + interval '1 hour' WHERE id = %s",
             [taken],
         )
-        await wait_for(lambda: taken not in dispatcher._in_flight, timeout=5)  # heartbeat
+        await wait_for(lambda: taken not in dispatcher.in_flight, timeout=5)  # heartbeat
         channel.gate.set()
         await wait_for(lambda: rows(admin, "SELECT id FROM outbox.message") == [(taken,)])
-        await wait_for(lambda: not dispatcher._in_flight)
+        await wait_for(lambda: not dispatcher.in_flight)
     assert [envelope.message_id for _, envelope in channel.sent] == [first, third]
     assert rows(admin, "SELECT leased_by FROM outbox.message") == [("other",)]

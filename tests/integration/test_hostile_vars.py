@@ -31,7 +31,7 @@ from outbox import MAX_VARS_BYTES, Settings
 from outbox._queries import QUERIES
 from outbox._settings import parse_rate_limits
 from outbox.dispatcher import Dispatcher, DispatcherOptions
-from outbox.dispatcher._acks import AckBatch, AckResult
+from outbox.dispatcher._finishes import AckBatch, AckResult
 from outbox.dispatcher.channels.base import Outcome
 from tests.support.channels import RecordingChannel
 
@@ -86,9 +86,6 @@ class Observer:
 
     def __init__(self) -> None:
         self.lost: set[int] = set()
-
-    def claimed(self, messages: Any) -> None:
-        pass
 
     def sent(self, message: Any, outcome: Outcome, duration_ms: float) -> None:
         pass

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from outbox import Settings
 from outbox._settings import parse_rate_limits
 from outbox.dispatcher import Dispatcher, DispatcherOptions
-from outbox.dispatcher._acks import AckBatch, AckResult, FinishDead, FinishSent, Lease
-from outbox.dispatcher._dispatcher import Claimed
+from outbox.dispatcher._claimed import Claimed, Lease
+from outbox.dispatcher._finishes import AckBatch, AckResult, FinishDead, FinishSent
 from outbox.dispatcher.channels.base import Envelope, Outcome, Sent, TransientFailure
 from outbox.dispatcher.metrics import DispatcherMetrics, serve_metrics
 from tests.support.channels import RecordingChannel
@@ -146,12 +146,11 @@ def test_a_message_that_dies_before_any_send_counts_as_enqueued_and_failed() -> 
     registry = CollectorRegistry()
     metrics = DispatcherMetrics(registry)
     message = claimed(7)
-    metrics.claimed([message])
 
     batch = AckBatch(
         finishes=[
             FinishDead(
-                lease=message.lease,
+                message=message,
                 error_class="unknown_recipient",
                 error="no outbox.recipient row",
             )
@@ -171,7 +170,7 @@ def test_a_finish_whose_lease_was_lost_is_left_to_the_replica_that_finishes_it()
     message = claimed(8, template="position_failure_tp")
     metrics.sent(message, Sent(), 12.0)
 
-    batch = AckBatch(finishes=[FinishSent(lease=message.lease, duration_ms=12.0)])
+    batch = AckBatch(finishes=[FinishSent(message=message, duration_ms=12.0)])
     metrics.acked(batch, AckResult(finished=frozenset(), lost=frozenset({8}), fallback_ids=()))
 
     assert value(registry, "messages_enqueued_total", priority="campaign", channel="telegram") == 0

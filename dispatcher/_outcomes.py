@@ -1,0 +1,154 @@
+"""After a send (or a failure to get that far): which finish ends this lease.
+
+A pure decision (no database, no event loop), one row per outcome:
+
+=====================  ==============================================================
+``Sent``               sent: the row is deleted
+``TransientFailure``   retry after the policy's backoff (an attempt burned); dead once
+                       the policy is exhausted
+``PermanentFailure``   dead at once
+``RateLimited``        deferred by the provider's ``retry_after`` (nothing burned)
+``Unreachable``        fallback to the next channel of the chain; dead when none is left
+``ChannelOutage``      deferred for the circuit breaker's pause (nothing burned)
+=====================  ==============================================================
+
+Whether an attempt is burned follows from the finish (``FinishRequeue.outcome``),
+and every finish carries the outcome's recipient effects. A new outcome type gets
+its row here and in ``tests/unit/test_outcomes.py``.
+"""
+
+from __future__ import annotations
+
+from outbox.dispatcher._claimed import Claimed
+from outbox.dispatcher._finishes import (
+    Finish,
+    FinishDead,
+    FinishHandoff,
+    FinishRequeue,
+    FinishSent,
+)
+from outbox.dispatcher._retry import RetryPolicy
+from outbox.dispatcher._routing import RecipientRecord, next_channel
+from outbox.dispatcher.channels.base import (
+    ChannelOutage,
+    Effect,
+    Outcome,
+    PermanentFailure,
+    RateLimited,
+    Sent,
+    TransientFailure,
+    Unreachable,
+)
+
+
+def finish_for(
+    message: Claimed,
+    recipient: RecipientRecord,
+    outcome: Outcome,
+    duration_ms: float,
+    *,
+    policy: RetryPolicy,
+    outage_pause: float = 0.0,
+) -> Finish:
+    """The finish of a provider call that answered ``outcome``.
+
+    ``outage_pause``: seconds the circuit breaker paused the channel for (only read
+    for a ``ChannelOutage``; tripping the breaker is the caller's database call).
+    """
+    effects = outcome.effects
+    match outcome:
+        case Sent():
+            return FinishSent(message=message, duration_ms=duration_ms, effects=effects)
+        case TransientFailure(error_class=error_class, error=error):
+            return failed(message, error_class, error, duration_ms, policy=policy, effects=effects)
+        case PermanentFailure(error_class=error_class, error=error):
+            return FinishDead(
+                message=message,
+                error_class=error_class,
+                error=error,
+                duration_ms=duration_ms,
+                effects=effects,
+            )
+        case RateLimited(retry_after=after, error=error):
+            return FinishRequeue(
+                message=message,
+                delay=max(after, 0.0),
+                outcome="deferred",
+                error_class="rate_limited",
+                error=error,
+                duration_ms=duration_ms,
+                effects=effects,
+            )
+        case Unreachable(error_class=error_class, error=error):
+            follow = next_channel(message.channel, message.fallback, recipient)
+            if follow is None:
+                return FinishDead(
+                    message=message,
+                    error_class=error_class,
+                    error=error,
+                    duration_ms=duration_ms,
+                    effects=effects,
+                )
+            return FinishHandoff(
+                message=message,
+                outcome="fallback",
+                error_class=error_class,
+                error=error,
+                next_channel=follow[0],
+                next_fallback=follow[1],
+                duration_ms=duration_ms,
+                effects=effects,
+            )
+        case ChannelOutage(error_class=error_class, error=error):
+            return FinishRequeue(
+                message=message,
+                delay=max(outage_pause, 0.0),
+                outcome="deferred",
+                error_class=error_class,
+                error=error,
+                duration_ms=duration_ms,
+                effects=effects,
+            )
+    raise AssertionError(f"unknown outcome {outcome!r}")
+
+
+def failed(
+    message: Claimed,
+    error_class: str,
+    error: str,
+    duration_ms: float | None,
+    *,
+    policy: RetryPolicy,
+    effects: tuple[Effect, ...] = (),
+) -> Finish:
+    """A failed attempt: a retry after the policy's wait, or dead when it is exhausted."""
+    delay = policy.next_delay(message.attempts + 1)
+    if delay is None:
+        return FinishDead(
+            message=message,
+            error_class=error_class,
+            error=error,
+            duration_ms=duration_ms,
+            effects=effects,
+        )
+    return FinishRequeue(
+        message=message,
+        delay=delay,
+        outcome="retry",
+        error_class=error_class,
+        error=error,
+        duration_ms=duration_ms,
+        effects=effects,
+    )
+
+
+def unrenderable(message: Claimed, error: str) -> Finish:
+    """The template cannot be rendered with these vars: retrying cannot help."""
+    return FinishDead(message=message, error_class="template", error=error)
+
+
+def rate_limit_wait(message: Claimed, wait: float) -> Finish:
+    """No send slot within the limiter's horizon: try again when one may be free."""
+    return FinishRequeue(
+        message=message, delay=wait, outcome="deferred", error_class="rate_limit", error=None
+    )

@@ -1,0 +1,303 @@
+"""Every statement the dispatcher runs, and the one place its database errors are mapped.
+
+The rest of the dispatcher never sees psycopg: a call either answers or raises
+:class:`StoreUnavailable` (the connection, the pool or the server is gone or slow:
+try again later; the leases keep the rows safe meanwhile) or :class:`StoreRejected`
+(the server refused the statement itself: retrying the same write cannot help).
+The rate limiter and circuit breaker share the pool (:attr:`Store.pool`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool
+
+from outbox._db import (
+    RECONNECT_TIMEOUT,
+    connect_kwargs,
+    deadline_connection_class,
+    reconnect_afresh,
+)
+from outbox._queries import QUERIES
+from outbox._settings import Settings
+from outbox.dispatcher._claimed import Lease
+from outbox.dispatcher._finishes import (
+    AckBatch,
+    AckResult,
+    FinishDead,
+    FinishHandoff,
+    FinishRequeue,
+    FinishSent,
+)
+from outbox.dispatcher.delivery import clip_error, write_effect
+
+log = logging.getLogger("outbox.dispatcher")
+
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    OSError,
+    TimeoutError,
+)
+"""Errors that say "not now": the server, the network or the pool."""
+
+
+class StoreError(Exception):
+    """A statement of the dispatcher did not run; ``str()`` is its first line."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached in time: try again later."""
+
+
+class StoreRejected(StoreError):
+    """The database refused the statement (a constraint, a missing object)."""
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Any:
+    try:
+        yield
+    except UNAVAILABLE as error:
+        raise StoreUnavailable(f"{what}: {_first_line(error)}") from error
+    except psycopg.Error as error:
+        raise StoreRejected(f"{what}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class Store:
+    """The dispatcher's connection pool and statements."""
+
+    def __init__(self, settings: Settings, *, dispatcher_id: str) -> None:
+        self.settings = settings
+        self.dispatcher_id = dispatcher_id
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            kwargs={"autocommit": True, **connect_kwargs(settings)},
+            configure=_configure,
+            reconnect_timeout=RECONNECT_TIMEOUT,
+            reconnect_failed=reconnect_afresh,
+            # a round trip that gets no answer (half-open connection) fails in bounded time
+            connection_class=deadline_connection_class(settings.db_timeout),
+        )
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, what: str, timeout: float = 10.0) -> AsyncIterator[Any]:
+        with _mapped(what):
+            async with self.pool.connection(timeout=timeout) as conn:
+                yield conn
+
+    # ------------------------------------------------------------------ claims
+
+    async def claim(self, limit: int, token: uuid.UUID) -> list[tuple[Any, ...]]:
+        """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``."""
+        async with self._connection("claim") as conn:
+            cursor = await conn.execute(
+                QUERIES["claim_batch"],
+                {
+                    "batch_size": limit,
+                    "lease_seconds": self.settings.lease_seconds,
+                    "dispatcher_id": self.dispatcher_id,
+                    "lease_token": str(token),
+                },
+            )
+            return list(await cursor.fetchall())
+
+    async def next_due(self) -> tuple[float | None, bool]:
+        """Seconds until the next pending message is due (None: none pending), and
+        whether any message is in flight.
+        """
+        async with self._connection("next due") as conn:
+            row = await (await conn.execute(QUERIES["next_due"])).fetchone()
+        if row is None:
+            return None, False
+        return (float(row[0]) if row[0] is not None else None), bool(row[1])
+
+    async def deferred_summary(self) -> tuple[int, datetime | None]:
+        """How many messages are pending, and when the first is due."""
+        async with self._connection("deferred summary") as conn:
+            row = await (await conn.execute(QUERIES["deferred_summary"])).fetchone()
+        return (0, None) if row is None else (int(row[0]), row[1])
+
+    # ------------------------------------------------------------------ leases
+
+    async def extend_leases(self, leases: Sequence[Lease], *, timeout: float) -> set[int]:
+        """Heartbeat: the ids whose lease (id and token) we still hold, now extended."""
+        async with self._connection("heartbeat", timeout) as conn:
+            cursor = await conn.execute(
+                QUERIES["extend_leases"],
+                {
+                    "ids": [lease.id for lease in leases],
+                    "tokens": [lease.token for lease in leases],
+                    "lease_seconds": self.settings.lease_seconds,
+                },
+            )
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def release_leases(self, leases: Sequence[Lease]) -> None:
+        """Give unfinished messages back without burning an attempt."""
+        async with self._connection("release", timeout=5.0) as conn:
+            await conn.execute(
+                QUERIES["release_leases"],
+                {
+                    "ids": [lease.id for lease in leases],
+                    "tokens": [lease.token for lease in leases],
+                },
+            )
+
+    # ------------------------------------------------------------------ sleeper
+
+    async def set_sleeper(self, asleep: bool, *, stale_seconds: float) -> None:
+        """Register (or renew) this dispatcher as asleep, or unregister it.
+
+        The sleeper row is soft state: visible at commit whether flushed or not,
+        and worthless after a crash, so it does not wait for the WAL flush.
+        """
+        async with (
+            self._connection("sleeper", timeout=5.0) as conn,
+            conn.pipeline(),
+            conn.transaction(),
+        ):
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            if asleep:
+                await conn.execute(
+                    QUERIES["register_sleeper"],
+                    {"dispatcher_id": self.dispatcher_id, "stale_seconds": stale_seconds},
+                )
+            else:
+                await conn.execute(
+                    QUERIES["unregister_sleeper"], {"dispatcher_id": self.dispatcher_id}
+                )
+
+    # ------------------------------------------------------------------ finishes
+
+    async def write_finishes(self, batch: AckBatch) -> AckResult:
+        """Write every finish of ``batch`` and its effects in one transaction.
+
+        Every statement filters on the lease token: a finish whose lease was lost
+        (another replica claimed the message again) changes nothing and comes back
+        in ``lost``.
+        """
+        async with self._connection("acknowledge") as conn, conn.transaction():
+            return await _write_finishes(conn.cursor(), batch, self.dispatcher_id)
+
+
+async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckResult:
+    sent = [f for f in batch.finishes if isinstance(f, FinishSent)]
+    requeue = [f for f in batch.finishes if isinstance(f, FinishRequeue)]
+    dead = [f for f in batch.finishes if isinstance(f, FinishDead)]
+    handoff = [f for f in batch.finishes if isinstance(f, FinishHandoff)]
+    finished: set[int] = set()
+    fallback_ids: list[int] = []
+    common = {"dispatcher_id": dispatcher_id}
+    if sent:
+        await cur.execute(
+            QUERIES["finish_sent"],
+            {
+                "ids": _int_array(f.lease.id for f in sent),
+                "tokens": "{" + ",".join(_token_text(f.lease.token) for f in sent) + "}",
+                "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
+                **common,
+            },
+        )
+        finished.update(row[0] for row in await cur.fetchall())
+    if requeue:
+        await cur.execute(
+            QUERIES["finish_requeue"],
+            {
+                **_failures(requeue),
+                "delays": [max(float(f.delay), 0.0) for f in requeue],
+                "burn": [f.burns_attempt for f in requeue],
+                "outcomes": [f.outcome for f in requeue],
+                **common,
+            },
+        )
+        finished.update(row[0] for row in await cur.fetchall())
+    if dead:
+        await cur.execute(QUERIES["finish_dead"], {**_failures(dead), **common})
+        finished.update(row[0] for row in await cur.fetchall())
+    if handoff:
+        await cur.execute(
+            QUERIES["finish_handoff"],
+            {
+                **_failures(handoff),
+                "outcomes": [f.outcome for f in handoff],
+                "next_channels": [f.next_channel for f in handoff],
+                "next_fallbacks": [",".join(f.next_fallback) for f in handoff],
+                **common,
+            },
+        )
+        fallback_ids = [row[0] for row in await cur.fetchall()]
+        # a handoff's own row is deleted whether or not it had a follow-up
+        finished.update(f.lease.id for f in handoff)
+    for finish in batch.finishes:
+        for effect in finish.effects:
+            await write_effect(cur, finish.message.user_id, effect)
+    all_ids = {f.lease.id for f in batch.finishes}
+    return AckResult(
+        finished=frozenset(finished & all_ids),
+        lost=frozenset(all_ids - finished),
+        fallback_ids=tuple(fallback_ids),
+    )
+
+
+def _failures(items: Sequence[FinishRequeue | FinishDead | FinishHandoff]) -> dict[str, Any]:
+    """The columns every finish but ``sent`` writes: lease, error and duration."""
+    return {
+        "ids": [f.lease.id for f in items],
+        "tokens": [f.lease.token for f in items],
+        "error_classes": [f.error_class for f in items],
+        "errors": [clip_error(f.error) for f in items],
+        "durations": [None if f.duration_ms is None else float(f.duration_ms) for f in items],
+    }
+
+
+def _int_array(values: Iterable[int]) -> str:
+    """A PostgreSQL array literal of integers (psycopg dumps a list item by item in
+    Python; one string is much cheaper for the hot statements).
+    """
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+@lru_cache(maxsize=64)
+def _token_text(token: uuid.UUID) -> str:
+    """A claim's token as text; every message of the claim shares it."""
+    return str(token)
+
+
+_json_decode = json.JSONDecoder().raw_decode
+
+
+def _load_json(data: Any) -> Any:
+    """Jsonb from the server is one well-formed value: skip ``json.loads``'s checks."""
+    return _json_decode(str(data, "utf-8"))[0]
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_loads(_load_json, conn)
+    await conn.execute("SET statement_timeout = '30s'")
+    await conn.execute("SET application_name = 'outbox-dispatcher'")
