@@ -199,6 +199,38 @@ async def _record(
         )
 
 
+async def _attempt(
+    context: ApiContext, data: MessagingTestRequest, record: RecipientRecord, message_id: int
+) -> Attempt:
+    """Render (400 when it cannot be), then send: the dispatcher's delivery path."""
+    try:
+        # in a thread: up to 64 KiB of vars may take a noticeable time to render,
+        # which the other requests (and /health) must not wait for
+        envelope = await delivery.prepare(
+            context.renderer,
+            message_id=message_id,
+            lane="transactional",
+            channel=data.channel,
+            user_id=data.user_id,
+            template=data.template_name,
+            vars=data.template_vars,
+            vars_key=None,
+            attempt=1,
+            recipient=record,
+            in_thread=True,
+        )
+    except TemplateRenderError as error:
+        raise ClientException(str(error)) from error
+    channel = context.channels.get(data.channel)
+    if channel is None:
+        failure = f"no {data.channel} channel is configured"
+        return Attempt(
+            outcome=TransientFailure(error_class="channel_unconfigured", error=failure),
+            duration_ms=0.0,
+        )
+    return await delivery.send(channel, envelope, timeout=SEND_TIMEOUT)
+
+
 def _errors(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=ErrorBody, description=description)
 
@@ -246,33 +278,7 @@ async def send_test_message(
     if problem is not None:
         raise ClientException(problem)
     message_id = next_test_message_id()
-    try:
-        # in a thread: up to 64 KiB of vars may take a noticeable time to render,
-        # which the other requests (and /health) must not wait for
-        envelope = await delivery.prepare(
-            context.renderer,
-            message_id=message_id,
-            lane="transactional",
-            channel=data.channel,
-            user_id=data.user_id,
-            template=data.template_name,
-            vars=data.template_vars,
-            vars_key=None,
-            attempt=1,
-            recipient=record,
-            in_thread=True,
-        )
-    except TemplateRenderError as error:
-        raise ClientException(str(error)) from error
-    channel = context.channels.get(data.channel)
-    if channel is None:
-        failure = f"no {data.channel} channel is configured"
-        attempt = Attempt(
-            outcome=TransientFailure(error_class="channel_unconfigured", error=failure),
-            duration_ms=0.0,
-        )
-    else:
-        attempt = await delivery.send(channel, envelope, timeout=SEND_TIMEOUT)
+    attempt = await _attempt(context, data, record, message_id)
     outcome = attempt.outcome
     duration_ms = round(attempt.duration_ms, 3)
     error_class, provider_error = failure_of(outcome)

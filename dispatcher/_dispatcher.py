@@ -34,32 +34,26 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
-from outbox._errors import OutboxError, TemplateRenderError
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
-from outbox.dispatcher import delivery
 from outbox.dispatcher._acknowledger import Acknowledger
-from outbox.dispatcher._claimed import Claimed, decode_claim
-from outbox.dispatcher._finishes import AckBatch, AckResult, Finish, FinishSent
+from outbox.dispatcher._claimed import decode_claim
+from outbox.dispatcher._finishes import AckBatch, AckResult, FinishSent
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
 from outbox.dispatcher._observer import NoObserver, Observer
-from outbox.dispatcher._outcomes import failed, finish_for, rate_limit_wait, unrenderable
-from outbox.dispatcher._presend import presend
 from outbox.dispatcher._ready import ReadyQueue
 from outbox.dispatcher._retry import RetryPolicy
-from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher._senders import Senders
 from outbox.dispatcher._store import Store, StoreError
 from outbox.dispatcher._until_idle import UntilIdle
 from outbox.dispatcher._wakeup import Sleeper, Wakeup
-from outbox.dispatcher.channels.base import Channel, ChannelOutage, Outcome, Sent
+from outbox.dispatcher.channels.base import Channel
 from outbox.dispatcher.rendering import RenderCache
 from outbox.vocabulary import CHANNELS
 
@@ -125,22 +119,31 @@ class Dispatcher:
             on_flushed=self._flushed,
         )
         self._ready = ReadyQueue()
+        limits = settings.rate_limits
+        limited: set[str] = {c for c in CHANNELS if c in limits}
+        if "telegram_chat" in limits:
+            limited.add("telegram")
+        self._senders = Senders(
+            ready=self._ready,
+            leases=self._leases,
+            acknowledger=self._acker,
+            channels=self.channels,
+            renderer=self.renderer,
+            limiter=RateLimiter(self._store.pool, limits),
+            limited=limited,
+            breaker=CircuitBreaker(self._store.pool),
+            policy=self.policy,
+            observer=self.observer,
+            concurrency=options.concurrency,
+            send_timeout=options.send_timeout or settings.lease_seconds * 0.8,
+        )
         self._sleeper = Sleeper(self._store, poll_interval=settings.poll_interval)
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)
-        self._limiter = RateLimiter(self._store.pool, settings.rate_limits)
-        self._breaker = CircuitBreaker(self._store.pool)
         self._wakeup: Wakeup | None = None
         self._stopping = asyncio.Event()
         # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
         # (it may have written follow-ups, which send no NOTIFY) or stop()
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()  # sends waiting for a rate-limit slot
-        self._sem = asyncio.Semaphore(options.concurrency)
-        self._sending = 0
-        limits = settings.rate_limits
-        self._limited = {c for c in CHANNELS if c in limits}
-        if "telegram_chat" in limits:
-            self._limited.add("telegram")
 
     @property
     def in_flight(self) -> frozenset[int]:
@@ -166,7 +169,7 @@ class Dispatcher:
         acker = asyncio.create_task(self._acker.run(), name="outbox-acks")
         heartbeat = asyncio.create_task(self._leases.heartbeat(), name="outbox-heartbeat")
         senders = [
-            asyncio.create_task(self._send_loop(), name=f"outbox-sender-{n}")
+            asyncio.create_task(self._senders.run(), name=f"outbox-sender-{n}")
             for n in range(self.options.concurrency)
         ]
         log.info(
@@ -183,18 +186,7 @@ class Dispatcher:
     async def _shutdown(
         self, acker: asyncio.Task[None], heartbeat: asyncio.Task[None], senders: list[Any]
     ) -> None:
-        # senders take nothing new once stopping; sends under way get the grace period
-        self._ready.wake_all()
-        deadline = time.monotonic() + self.options.shutdown_grace
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.options.shutdown_grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                while self._sending:
-                    await asyncio.sleep(0.01)
+        await self._senders.stop(self.options.shutdown_grace)
         for task in senders:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
@@ -261,7 +253,7 @@ class Dispatcher:
     async def _idle(self) -> bool:
         """Nothing was due. Sleep until woken; return True to exit (until-idle)."""
         timeout = self.settings.poll_interval
-        if self.options.until_idle and not len(self._leases) and not self._tasks:
+        if self.options.until_idle and not len(self._leases) and not self._senders.waiting:
             cap = await self._until_idle.wait_cap()
             if cap is None:
                 return True
@@ -299,105 +291,6 @@ class Dispatcher:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-
-    # ------------------------------------------------------------------ sending
-
-    async def _send_loop(self) -> None:
-        """One sender: take the most urgent queued message, deliver it, repeat.
-
-        Senders are long-lived, so a message costs no task of its own, except one
-        whose channel is rate limited: it may wait for its slot, and waits in a
-        task so that it holds no sender (and no other channel) back.
-        """
-        done = 0
-        while not self._stopping.is_set():
-            entry = self._ready.pop()
-            if entry is None:
-                await self._ready.wait()
-                continue
-            message, recipient = entry
-            if not self._leases.holds(message.lease):
-                continue  # another dispatcher has it now, or our own later claim of it
-            if message.channel in self._limited:
-                task = asyncio.create_task(self._deliver(message, recipient))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                continue
-            self._sending += 1
-            try:
-                await self._deliver(message, recipient)
-            finally:
-                self._sending -= 1
-            done += 1
-            if done % 32 == 0:  # sends that never suspend must not starve claims and acks
-                await asyncio.sleep(0)
-
-    async def _deliver(self, message: Claimed, recipient: RecipientRecord | None) -> None:
-        try:
-            finish = await self._attempt(message, recipient)
-        except Exception as error:  # a bug must not lose the message or stop the loop
-            log.exception("unexpected error id=%d", message.id)
-            error_text = f"{type(error).__name__}: {error}"
-            finish = failed(message, "internal", error_text, None, policy=self.policy)
-        self._acker.add(finish)
-
-    async def _attempt(self, message: Claimed, recipient: RecipientRecord | None) -> Finish:
-        held_back = presend(message, recipient, now=datetime.now(UTC), configured=self.channels)
-        if held_back is not None:
-            return held_back
-        assert recipient is not None  # presend finishes an unknown recipient
-        try:
-            envelope = await delivery.prepare(
-                self.renderer,
-                message_id=message.id,
-                lane=message.lane,
-                channel=message.channel,
-                user_id=message.user_id,
-                template=message.template,
-                vars=message.vars,
-                vars_key=message.vars_key,
-                attempt=message.attempts + 1,
-                recipient=recipient,
-            )
-        except (TemplateRenderError, OutboxError) as error:
-            return unrenderable(message, str(error))
-        reservation = await self._limiter.acquire_for(envelope)
-        if not reservation.granted:
-            return rate_limit_wait(message, reservation.wait)
-        if reservation.slots:
-            envelope = replace(envelope, send_slots=reservation.slots)
-        timeout = (self.options.send_timeout or self.settings.lease_seconds * 0.8) + (
-            reservation.spread
-        )
-        async with self._sem:
-            attempt = await delivery.send(self.channels[message.channel], envelope, timeout=timeout)
-        self.observer.sent(message, attempt.outcome, attempt.duration_ms)
-        pause = await self._update_breaker(message.channel, attempt.outcome)
-        return finish_for(
-            message,
-            recipient,
-            attempt.outcome,
-            attempt.duration_ms,
-            policy=self.policy,
-            outage_pause=pause,
-        )
-
-    async def _update_breaker(self, channel: str, outcome: Outcome) -> float:
-        """Close the channel's breaker on a delivery, trip it on an outage (for every
-        replica); the pause in seconds an outage gets.
-        """
-        if isinstance(outcome, Sent):
-            await self._breaker.success(channel)
-        elif isinstance(outcome, ChannelOutage):
-            pause = await self._breaker.trip(channel, outcome.error)
-            log.warning(
-                "channel outage channel=%s pause=%.1fs error_class=%s",
-                channel,
-                pause,
-                outcome.error_class,
-            )
-            return pause
-        return 0.0
 
     def _flushed(self, batch: AckBatch, result: AckResult) -> None:
         self.delivered += sum(

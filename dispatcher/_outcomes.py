@@ -69,6 +69,8 @@ def finish_for(
                 duration_ms=duration_ms,
                 effects=effects,
             )
+        case Unreachable():
+            return _fall_back(message, recipient, outcome, duration_ms)
         case RateLimited(retry_after=after, error=error):
             return FinishRequeue(
                 message=message,
@@ -76,26 +78,6 @@ def finish_for(
                 outcome="deferred",
                 error_class="rate_limited",
                 error=error,
-                duration_ms=duration_ms,
-                effects=effects,
-            )
-        case Unreachable(error_class=error_class, error=error):
-            follow = next_channel(message.channel, message.fallback, recipient)
-            if follow is None:
-                return FinishDead(
-                    message=message,
-                    error_class=error_class,
-                    error=error,
-                    duration_ms=duration_ms,
-                    effects=effects,
-                )
-            return FinishHandoff(
-                message=message,
-                outcome="fallback",
-                error_class=error_class,
-                error=error,
-                next_channel=follow[0],
-                next_fallback=follow[1],
                 duration_ms=duration_ms,
                 effects=effects,
             )
@@ -110,6 +92,31 @@ def finish_for(
                 effects=effects,
             )
     raise AssertionError(f"unknown outcome {outcome!r}")
+
+
+def _fall_back(
+    message: Claimed, recipient: RecipientRecord, outcome: Unreachable, duration_ms: float
+) -> Finish:
+    """The next channel of the chain gets the message; dead when none is left."""
+    follow = next_channel(message.channel, message.fallback, recipient)
+    if follow is None:
+        return FinishDead(
+            message=message,
+            error_class=outcome.error_class,
+            error=outcome.error,
+            duration_ms=duration_ms,
+            effects=outcome.effects,
+        )
+    return FinishHandoff(
+        message=message,
+        outcome="fallback",
+        error_class=outcome.error_class,
+        error=outcome.error,
+        next_channel=follow[0],
+        next_fallback=follow[1],
+        duration_ms=duration_ms,
+        effects=outcome.effects,
+    )
 
 
 def failed(

@@ -9,6 +9,10 @@ comment lines saying what the statement does, then the statement itself with
     UPDATE ...
 
 ``QUERIES["claim_batch"]`` is the statement text, comments stripped.
+
+A block whose name starts with ``_`` is a fragment, not a statement: written once,
+it is pasted wherever a statement says ``{_name}`` (the recipient columns that the
+claim and the recipient lookup both return, for one).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from importlib import resources
 from typing import LiteralString, cast
 
 _HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
+_FRAGMENT = re.compile(r"\{(_[a-z0-9_]+)\}")
 
 
 def read_sql_file(name: str) -> str:
@@ -41,7 +46,18 @@ def parse_queries(text: str) -> dict[str, LiteralString]:
             raise ValueError(f"query {name!r} has no statement")
         # The file ships with the package; its text is as trusted as a literal.
         queries[name] = cast(LiteralString, statement)  # type: ignore[redundant-cast]
-    return queries
+    fragments = {name: text for name, text in queries.items() if name.startswith("_")}
+
+    def paste(match: re.Match[str]) -> str:
+        if match.group(1) not in fragments:
+            raise ValueError(f"no fragment named {match.group(1)!r}")
+        return fragments[match.group(1)]
+
+    return {
+        name: cast(LiteralString, _FRAGMENT.sub(paste, text))  # type: ignore[redundant-cast]
+        for name, text in queries.items()
+        if not name.startswith("_")
+    }
 
 
 @cache

@@ -1,8 +1,9 @@
 """The names every part of outbox shares: channels and lanes.
 
-One place, so that adding a channel or a lane is one edit here plus the code that
-handles it; the SQL schema checks the same names (``outbox.message`` CHECK
-constraints) and ``tests/unit/test_vocabulary.py`` holds the two in step.
+One place in Python, so that adding a channel or a lane is one edit here plus the
+code that handles it. The SQL schema checks the same names (``outbox.enqueue``,
+the recipient and channel-state constraints: a new name there needs a migration);
+``tests/unit/test_vocabulary.py`` holds the two in step.
 """
 
 from __future__ import annotations

@@ -144,28 +144,28 @@ WITH async_commit AS (
 SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
        CASE WHEN octet_length(v.text) <= 262144 THEN v.text END,
        c.fallback, c.attempts,
-       r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
-       r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
-       r.email_undeliverable_at IS NOT NULL,
-       r.telegram_blocked_at IS NOT NULL,
-       coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
-                   FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
+       {_recipient_columns}
   FROM claimed c
  -- OFFSET 0: the text is built once per row, not once per use
  CROSS JOIN LATERAL (SELECT CAST(c.vars AS text) AS text OFFSET 0) v
  CROSS JOIN async_commit
   LEFT JOIN outbox.recipient r ON r.user_id = c.user_id
 
+-- _recipient_columns --
+-- Fragment: one recipient as the dispatcher reads it (RecipientRecord.from_row),
+-- from outbox.recipient r: addresses, preferences, and push subscriptions as JSON.
+r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
+r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
+r.email_undeliverable_at IS NOT NULL AS email_undeliverable,
+r.telegram_blocked_at IS NOT NULL AS telegram_blocked,
+coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
+            FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
+    AS subscriptions
+
 -- recipients --
 -- Addresses, preferences and push subscriptions of the given users (the claim
 -- returns the same columns with each message).
-SELECT r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
-       r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
-       r.email_undeliverable_at IS NOT NULL AS email_undeliverable,
-       r.telegram_blocked_at IS NOT NULL AS telegram_blocked,
-       coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
-                   FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
-           AS subscriptions
+SELECT {_recipient_columns}
   FROM outbox.recipient r
  WHERE r.user_id = ANY (CAST(%(user_ids)s AS text[]))
 
@@ -366,17 +366,18 @@ INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attemp
 VALUES (%(message_id)s, 'transactional', %(channel)s, %(user_id)s, %(template)s, 1,
         %(outcome)s, %(error_class)s, %(error)s, %(duration_ms)s, %(caller)s, true)
 
--- ================================================ dispatcher: shared limits (v2)
--- Rate limits as send calendars and recipient paces, and a circuit breaker whose
--- state every replica shares (dispatcher/_limits.py explains both).
+-- ====================================================== dispatcher: shared limits
+-- Rate limits as send calendars and recipient paces (outbox.rate_limit), and a
+-- circuit breaker whose state every replica shares (dispatcher/_limits.py explains
+-- both).
 
 -- hold_pace --
 -- Lock one recipient's pace row for this transaction (created on first use); return
 -- the earliest moment its next send may go out and the database's clock, both in
 -- epoch seconds.
-INSERT INTO outbox.rate_limit AS p (key, tokens, updated_at)
-VALUES (%(key)s, 0, '-infinity')
-ON CONFLICT (key) DO UPDATE SET tokens = 0
+INSERT INTO outbox.rate_limit AS p (key, updated_at)
+VALUES (%(key)s, '-infinity')
+ON CONFLICT (key) DO UPDATE SET updated_at = p.updated_at  -- locks the row, changes nothing
 RETURNING CAST(extract(epoch FROM greatest(p.updated_at, clock_timestamp())) AS float8),
           CAST(extract(epoch FROM clock_timestamp()) AS float8)
 
@@ -400,8 +401,8 @@ WITH start AS (
                               extract(epoch FROM clock_timestamp()))
                      / %(interval)s) AS bigint) AS n
 )
-INSERT INTO outbox.rate_limit (key, tokens, updated_at)
-SELECT %(prefix)s || g.n, 0, to_timestamp(g.n * CAST(%(interval)s AS float8))
+INSERT INTO outbox.rate_limit (key, updated_at)
+SELECT %(prefix)s || g.n, to_timestamp(g.n * CAST(%(interval)s AS float8))
   FROM start, generate_series(start.n, start.n + %(horizon)s) AS g(n)
  WHERE NOT EXISTS (SELECT 1 FROM outbox.rate_limit r WHERE r.key = %(prefix)s || g.n)
  ORDER BY g.n

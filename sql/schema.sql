@@ -199,13 +199,19 @@ CREATE TABLE outbox.sleeper (
     since         timestamptz NOT NULL DEFAULT now()
 );
 
--- Token buckets shared by every dispatcher replica (rate limits per channel,
--- per bot, per chat).
+-- Cluster-wide rate limits (dispatcher/_limits.py): send calendars, a row per
+-- taken slot, and recipient paces, a row per recipient with its next allowed send.
 CREATE TABLE outbox.rate_limit (
     key        text             PRIMARY KEY,
-    tokens     double precision NOT NULL,
+    tokens     double precision NOT NULL DEFAULT 0,
     updated_at timestamptz      NOT NULL DEFAULT clock_timestamp()
 );
+
+COMMENT ON TABLE outbox.rate_limit IS
+    'Send calendars (key slot:<limit>:<n>, one send each, at updated_at) and recipient paces '
+    '(key pace:<...>, next send not before updated_at), shared by every dispatcher replica';
+COMMENT ON COLUMN outbox.rate_limit.tokens IS
+    'Unused (always 0); kept for dispatchers older than outbox_0007, dropped by a later revision';
 
 -- Channel-wide circuit breaker: while paused_until is in the future no
 -- dispatcher sends on the channel except one probe.

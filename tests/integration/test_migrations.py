@@ -11,6 +11,7 @@ import pytest
 
 from outbox._migrate import downgrade, upgrade
 from outbox._queries import read_sql_file
+from outbox._schema_check import head_revision
 
 CATALOG_QUERIES = {
     "columns": """
@@ -101,7 +102,7 @@ def test_upgrade_twice_is_a_no_op(empty_database_url: str) -> None:
     upgrade(empty_database_url)
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT version_num FROM outbox_alembic_version").fetchall() == [
-            ("outbox_0006",)
+            (head_revision(),)
         ]
 
 
@@ -171,6 +172,35 @@ def test_downgrading_outbox_0006_restores_outbox_0005_exactly(
     before, after = catalog(empty_database_url), catalog(second_empty_database_url)
     for name in CATALOG_QUERIES:
         assert before[name] == after[name], f"{name} differ"
+
+
+def test_downgrading_outbox_0007_restores_outbox_0006_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0006")
+    upgrade(second_empty_database_url, "outbox_0007")
+    downgrade(second_empty_database_url, "outbox_0006")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
+def test_a_dispatcher_of_outbox_0006_still_takes_slots_after_outbox_0007(
+    empty_database_url: str,
+) -> None:
+    """Migrate first, then roll the dispatchers: the old statements still run."""
+    upgrade(empty_database_url, "outbox_0007")
+    with psycopg.connect(empty_database_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox.rate_limit AS p (key, tokens, updated_at)"
+            " VALUES ('pace:old', 0, '-infinity')"
+            " ON CONFLICT (key) DO UPDATE SET tokens = 0"
+        )
+        conn.execute(
+            "INSERT INTO outbox.rate_limit (key, updated_at) VALUES ('pace:new', '-infinity')"
+        )
+        rows = conn.execute("SELECT key, tokens FROM outbox.rate_limit ORDER BY key").fetchall()
+    assert rows == [("pace:new", 0.0), ("pace:old", 0.0)]
 
 
 def test_outbox_0006_keeps_existing_keys_for_the_default_window(empty_database_url: str) -> None:

@@ -1,0 +1,186 @@
+"""The senders: take claimed messages, most urgent first, and deliver each once.
+
+``concurrency`` long-lived tasks share one ``ReadyQueue``. For each message a sender
+applies the pre-send rules (``_presend``), renders and addresses it
+(``delivery.prepare``), takes its send slots from the cluster-wide rate limiter,
+sends under a timeout (``delivery.send``), tells the circuit breaker, and hands
+the finish (``_outcomes``) to the acknowledger. A message whose channel is rate
+limited may have to wait for its slot: it waits in a task of its own, so that it
+holds no sender (and no other channel) back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from outbox._errors import OutboxError, TemplateRenderError
+from outbox.dispatcher import delivery
+from outbox.dispatcher._acknowledger import Acknowledger
+from outbox.dispatcher._claimed import Claimed
+from outbox.dispatcher._finishes import Finish
+from outbox.dispatcher._leases import LeaseBook
+from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
+from outbox.dispatcher._observer import Observer
+from outbox.dispatcher._outcomes import failed, finish_for, rate_limit_wait, unrenderable
+from outbox.dispatcher._presend import presend
+from outbox.dispatcher._ready import ReadyQueue
+from outbox.dispatcher._retry import RetryPolicy
+from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher.channels.base import Channel, ChannelOutage, Outcome, Sent
+from outbox.dispatcher.rendering import RenderCache
+
+log = logging.getLogger("outbox.dispatcher")
+
+
+class Senders:
+    """Delivery for one replica; ``run()`` is one sender task (start ``concurrency``)."""
+
+    def __init__(
+        self,
+        *,
+        ready: ReadyQueue,
+        leases: LeaseBook,
+        acknowledger: Acknowledger,
+        channels: Mapping[str, Channel],
+        renderer: RenderCache,
+        limiter: RateLimiter,
+        limited: set[str],
+        breaker: CircuitBreaker,
+        policy: RetryPolicy,
+        observer: Observer,
+        concurrency: int,
+        send_timeout: float,
+    ) -> None:
+        self._ready = ready
+        self._leases = leases
+        self._acker = acknowledger
+        self.channels = channels
+        self.renderer = renderer
+        self._limiter = limiter
+        self._breaker = breaker
+        self.policy = policy
+        self.observer = observer
+        self._send_timeout = send_timeout
+        self._sem = asyncio.Semaphore(concurrency)
+        self._stopping = False
+        self._sending = 0
+        self.waiting: set[asyncio.Task[None]] = set()
+        """Sends waiting for a rate-limit slot, each in a task of its own."""
+        self._limited = limited
+        """Channels with a cluster-wide rate limit (their sends may wait for a slot)."""
+
+    async def stop(self, grace: float) -> None:
+        """Take nothing new; give sends under way up to ``grace`` seconds to finish."""
+        self._stopping = True
+        self._ready.wake_all()
+        deadline = time.monotonic() + grace
+        if self.waiting:
+            _, pending = await asyncio.wait(set(self.waiting), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                while self._sending:
+                    await asyncio.sleep(0.01)
+
+    async def run(self) -> None:
+        """One sender: take the most urgent queued message, deliver it, repeat.
+
+        Senders are long-lived, so a message costs no task of its own, except one
+        whose channel is rate limited: it may wait for its slot, and waits in a
+        task so that it holds no sender (and no other channel) back.
+        """
+        done = 0
+        while not self._stopping:
+            entry = self._ready.pop()
+            if entry is None:
+                await self._ready.wait()
+                continue
+            message, recipient = entry
+            if not self._leases.holds(message.lease):
+                continue  # another dispatcher has it now, or our own later claim of it
+            if message.channel in self._limited:
+                task = asyncio.create_task(self._deliver(message, recipient))
+                self.waiting.add(task)
+                task.add_done_callback(self.waiting.discard)
+                continue
+            self._sending += 1
+            try:
+                await self._deliver(message, recipient)
+            finally:
+                self._sending -= 1
+            done += 1
+            if done % 32 == 0:  # sends that never suspend must not starve claims and acks
+                await asyncio.sleep(0)
+
+    async def _deliver(self, message: Claimed, recipient: RecipientRecord | None) -> None:
+        try:
+            finish = await self._attempt(message, recipient)
+        except Exception as error:  # a bug must not lose the message or stop the loop
+            log.exception("unexpected error id=%d", message.id)
+            error_text = f"{type(error).__name__}: {error}"
+            finish = failed(message, "internal", error_text, None, policy=self.policy)
+        self._acker.add(finish)
+
+    async def _attempt(self, message: Claimed, recipient: RecipientRecord | None) -> Finish:
+        held_back = presend(message, recipient, now=datetime.now(UTC), configured=self.channels)
+        if held_back is not None:
+            return held_back
+        assert recipient is not None  # presend finishes an unknown recipient
+        try:
+            envelope = await delivery.prepare(
+                self.renderer,
+                message_id=message.id,
+                lane=message.lane,
+                channel=message.channel,
+                user_id=message.user_id,
+                template=message.template,
+                vars=message.vars,
+                vars_key=message.vars_key,
+                attempt=message.attempts + 1,
+                recipient=recipient,
+            )
+        except (TemplateRenderError, OutboxError) as error:
+            return unrenderable(message, str(error))
+        reservation = await self._limiter.acquire_for(envelope)
+        if not reservation.granted:
+            return rate_limit_wait(message, reservation.wait)
+        if reservation.slots:
+            envelope = replace(envelope, send_slots=reservation.slots)
+        timeout = self._send_timeout + reservation.spread
+        async with self._sem:
+            attempt = await delivery.send(self.channels[message.channel], envelope, timeout=timeout)
+        self.observer.sent(message, attempt.outcome, attempt.duration_ms)
+        pause = await self._update_breaker(message.channel, attempt.outcome)
+        return finish_for(
+            message,
+            recipient,
+            attempt.outcome,
+            attempt.duration_ms,
+            policy=self.policy,
+            outage_pause=pause,
+        )
+
+    async def _update_breaker(self, channel: str, outcome: Outcome) -> float:
+        """Close the channel's breaker on a delivery, trip it on an outage (for every
+        replica); the pause in seconds an outage gets.
+        """
+        if isinstance(outcome, Sent):
+            await self._breaker.success(channel)
+        elif isinstance(outcome, ChannelOutage):
+            pause = await self._breaker.trip(channel, outcome.error)
+            log.warning(
+                "channel outage channel=%s pause=%.1fs error_class=%s",
+                channel,
+                pause,
+                outcome.error_class,
+            )
+            return pause
+        return 0.0

@@ -1,0 +1,142 @@
+"""The outcome decision as a table: every outcome a channel can answer, and the retry policy."""
+
+from __future__ import annotations
+
+import random
+import typing
+import uuid
+
+import pytest
+
+from outbox.dispatcher._claimed import Claimed, Lease
+from outbox.dispatcher._finishes import FinishDead, FinishHandoff, FinishRequeue, FinishSent
+from outbox.dispatcher._outcomes import failed, finish_for, rate_limit_wait, unrenderable
+from outbox.dispatcher._retry import RetryPolicy
+from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher.channels.base import (
+    ChannelOutage,
+    DeletePushSubscription,
+    DisableTelegram,
+    Outcome,
+    PermanentFailure,
+    RateLimited,
+    Sent,
+    TransientFailure,
+    Unreachable,
+)
+
+POLICY = RetryPolicy(delays=(1.0, 2.0, 4.0), max_attempts=3, jitter=0.0, rng=random.Random(0))
+USER = RecipientRecord(user_id="u1", email="u1@example.com", telegram_chat_id=5)
+
+
+def message(*, attempts: int = 0, channel: str = "telegram", fallback=None) -> Claimed:
+    return Claimed(
+        id=7,
+        lane="transactional",
+        priority=10,
+        channel=channel,
+        user_id="u1",
+        template="price_alert",
+        vars={},
+        fallback=fallback,
+        attempts=attempts,
+        lease=Lease(id=7, token=uuid.uuid4()),
+    )
+
+
+BLOCKED = (DisableTelegram(),)
+# (case, attempts so far, outcome, finish type, its name, error class, delay, burns an attempt)
+TABLE = [
+    ("sent", 0, Sent(), FinishSent, "sent", None, None, False),
+    ("sent on the last try", 2, Sent(), FinishSent, "sent", None, None, False),
+    ("transient: first retry", 0, TransientFailure(error_class="http_500", error="500"),
+     FinishRequeue, "retry", "http_500", 1.0, True),
+    ("transient: second retry", 1, TransientFailure(error_class="timeout", error="slow"),
+     FinishRequeue, "retry", "timeout", 2.0, True),
+    ("transient: exhausted", 2, TransientFailure(error_class="http_500", error="500"),
+     FinishDead, "dead", "http_500", None, False),
+    ("permanent", 0, PermanentFailure(error_class="http_400", error="bad"), FinishDead, "dead",
+     "http_400", None, False),
+    ("rate limited", 2, RateLimited(retry_after=7.5), FinishRequeue, "deferred", "rate_limited",
+     7.5, False),
+    ("rate limited, negative wait", 0, RateLimited(retry_after=-3), FinishRequeue, "deferred",
+     "rate_limited", 0.0, False),
+    ("unreachable: falls back", 0,
+     Unreachable(error_class="bot_blocked", error="403", effects=BLOCKED), FinishHandoff,
+     "fallback", "bot_blocked", None, False),
+    ("outage", 2, ChannelOutage(error_class="connect", error="refused"), FinishRequeue,
+     "deferred", "connect", 12.0, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("attempts", "outcome", "kind", "name", "error_class", "delay", "burns"),
+    [row[1:] for row in TABLE],
+    ids=[row[0] for row in TABLE],
+)
+def test_outcome_table(attempts, outcome, kind, name, error_class, delay, burns) -> None:
+    claimed = message(attempts=attempts)
+    finish = finish_for(claimed, USER, outcome, 42.0, policy=POLICY, outage_pause=12.0)
+    assert type(finish) is kind
+    assert finish.name == name
+    assert finish.message is claimed
+    assert finish.duration_ms == 42.0
+    assert finish.effects == outcome.effects
+    assert getattr(finish, "error_class", None) == error_class
+    assert getattr(finish, "delay", None) == delay
+    assert (isinstance(finish, FinishRequeue) and finish.burns_attempt) is burns
+
+
+@pytest.mark.parametrize(
+    ("fallback", "disabled", "expected"),
+    [
+        (None, frozenset(), ("push", ("email",))),
+        (("email",), frozenset(), ("email", ())),
+        (None, frozenset({"push"}), ("email", ())),
+        ((), frozenset(), None),
+        (None, frozenset({"push", "email"}), None),
+    ],
+)
+def test_unreachable_hands_off_along_the_chain_and_dies_at_its_end(
+    fallback, disabled, expected
+) -> None:
+    user = RecipientRecord(user_id="u1", disabled_channels=disabled)
+    outcome = Unreachable(error_class="no_address", error="no chat")
+    finish = finish_for(message(fallback=fallback), user, outcome, 1.0, policy=POLICY)
+    if expected is None:
+        assert isinstance(finish, FinishDead) and finish.error_class == "no_address"
+    else:
+        assert isinstance(finish, FinishHandoff)
+        assert (finish.next_channel, finish.next_fallback) == expected
+
+
+def test_effects_travel_with_a_dead_letter_too() -> None:
+    gone = (DeletePushSubscription(endpoint="https://push.example/1"),)
+    outcome = PermanentFailure(error_class="http_410", error="gone", effects=gone)
+    finish = finish_for(message(channel="push"), USER, outcome, 3.0, policy=POLICY)
+    assert isinstance(finish, FinishDead) and finish.effects == gone
+
+
+def test_an_internal_error_is_a_failed_attempt_with_no_provider_call() -> None:
+    retry = failed(message(), "internal", "KeyError: 'x'", None, policy=POLICY)
+    assert isinstance(retry, FinishRequeue) and retry.burns_attempt and retry.duration_ms is None
+    dead = failed(message(attempts=2), "internal", "KeyError: 'x'", None, policy=POLICY)
+    assert isinstance(dead, FinishDead) and dead.error_class == "internal"
+
+
+def test_a_render_error_dies_and_a_missing_slot_defers() -> None:
+    dead = unrenderable(message(), "price_alert (telegram): 'symbol' is undefined")
+    assert isinstance(dead, FinishDead) and dead.error_class == "template"
+    wait = rate_limit_wait(message(), 0.25)
+    assert isinstance(wait, FinishRequeue)
+    assert (wait.name, wait.error_class, wait.delay, wait.burns_attempt) == (
+        "deferred",
+        "rate_limit",
+        0.25,
+        False,
+    )
+
+
+def test_every_outcome_type_has_a_row() -> None:
+    covered = {type(row[2]) for row in TABLE}
+    assert set(typing.get_args(Outcome)) == covered
