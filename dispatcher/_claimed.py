@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbox.dispatcher._routing import RecipientRecord
-from outbox.dispatcher.rendering import stored_vars
+from outbox.dispatcher._stored_vars import stored_vars
 
 MESSAGE_COLUMNS = 9
 """``claim_batch`` returns the message in its first columns, then its recipient."""
@@ -37,7 +37,7 @@ class Claimed:
     user_id: str
     template: str
     vars: Mapping[str, Any] | None
-    """None: not decoded yet (long, withheld or too deep; see ``rendering.stored_vars``)."""
+    """None: not decoded yet (long, withheld or too deep; see ``_stored_vars``)."""
     fallback: tuple[str, ...] | None
     attempts: int
     lease: Lease

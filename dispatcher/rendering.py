@@ -34,24 +34,42 @@ import asyncio
 import base64
 import hashlib
 import json
-import threading
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from json.encoder import encode_basestring
 from typing import Any
 
-from jinja2 import Template
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from outbox import MAX_VARS_BYTES, MAX_VARS_DEPTH, vars_depth_exceeds
+from outbox import vars_depth_exceeds
 from outbox._errors import OutboxError, TemplateRenderError
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher import markdown
+from outbox.dispatcher._environments import Environments, OutputTooLong, environments
+from outbox.dispatcher._stored_vars import (
+    INLINE_VARS_CHARS,
+    TOO_DEEP,
+    decode_stored_vars,
+    stored_vars,
+    stored_vars_problem,
+)
 from outbox.dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
 from outbox.dispatcher.html_text import extract_title, html_to_text
 
 Rendered = RenderedEmail | RenderedTelegram | RenderedPush
+
+__all__ = [
+    "EMAIL_SIZE_LIMIT",
+    "INLINE_VARS_CHARS",
+    "OFFLOAD_CONCURRENCY",
+    "PUSH_PAYLOAD_LIMIT",
+    "RENDER_OUTPUT_LIMITS",
+    "TELEGRAM_MAX_PARTS",
+    "OutputTooLong",
+    "RenderCache",
+    "Rendered",
+    "decode_stored_vars",
+    "push_topic",
+    "render",
+    "stored_vars",
+    "stored_vars_problem",
+]
 
 PUSH_PAYLOAD_LIMIT = 3993
 """Bytes of JSON a Web Push message may carry (4096 minus encryption overhead)."""
@@ -76,106 +94,14 @@ could accept, so it only cuts short work whose result would be refused anyway.
 What is left is bounded: at worst about 2 s of CPU (the email text derived from
 1 MiB of HTML), spent in a worker thread when the vars are long."""
 
-INLINE_VARS_CHARS = 4096
-"""Vars whose stored text is longer than this are decoded and rendered in a worker
-thread. Real notifications carry a few hundred characters and render inline (a
-thread hand-off would cost more than the render)."""
-
 OFFLOAD_CONCURRENCY = 2
 """Worker-thread renders one dispatcher runs at once: bounds the memory of large
 vars being decoded and rendered (a few MB each at most)."""
 
-TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
-"""Variables that identify what a push message is about, for its ``Topic``."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Environments:
-    html: ImmutableSandboxedEnvironment
-    text: ImmutableSandboxedEnvironment
-    telegram: ImmutableSandboxedEnvironment
-    push: ImmutableSandboxedEnvironment
-    compiled: dict[tuple[int, str], Template] = field(default_factory=dict)
-    """(environment id, loader name) -> the compiled template."""
-
-    def render(
-        self,
-        env: ImmutableSandboxedEnvironment,
-        name: str,
-        context: Mapping[str, Any],
-        *,
-        limit: int,
-    ) -> str:
-        """Render template ``name`` of ``env`` (one of ours) with ``context``.
-
-        What ``Template.render`` does, minus its per-call costs: the environment's
-        template cache is a locked LRU, and every call copies the template's
-        globals (a ``ChainMap``, slow to iterate) into the new context. Both are
-        done once per template here; the context is still a fresh dict per call.
-        The output is streamed: past ``limit`` characters rendering stops with
-        :class:`OutputTooLong`, before the rest is produced.
-        """
-        key = (id(env), name)
-        template = self.compiled.get(key)
-        if template is None:
-            template = env.get_template(name)
-            # Jinja keeps a template's globals in a ChainMap that every context
-            # creation iterates; these environments never change their globals.
-            template.globals = dict(template.globals)
-            template = self.compiled.setdefault(key, template)
-        ctx = template.new_context({**template.globals, **context}, shared=True)
-        parts: list[str] = []
-        size = 0
-        try:
-            for part in template.root_render_func(ctx):
-                size += len(part)
-                if size > limit:
-                    raise OutputTooLong(limit)
-                parts.append(part)
-        except OutputTooLong:
-            raise
-        except Exception:
-            env.handle_exception()  # re-raises with the template's line numbers
-            raise
-        return "".join(parts)
-
-
-class OutputTooLong(Exception):
-    """A template produced more than its channel's output budget."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"the template produced over {limit} characters (shorten the variables or the template)"
-        )
-
-
-_cache: weakref.WeakKeyDictionary[TemplateCatalog, _Environments] = weakref.WeakKeyDictionary()
-_cache_lock = threading.Lock()
-
-
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-
-def _json_string(value: object) -> str:
-    """Escape ``value`` for the inside of a JSON string literal (as ``json.dumps``)."""
-    return encode_basestring(str(value))[1:-1]
-
-
-def _environments(catalog: TemplateCatalog) -> _Environments:
-    """Return the catalog's rendering environments (built once; they cache templates)."""
-    with _cache_lock:
-        found = _cache.get(catalog)
-        if found is None:
-            found = _Environments(
-                html=catalog.create_environment(autoescape=True),
-                text=catalog.create_environment(),
-                telegram=catalog.create_environment(
-                    finalize=markdown.finalize, filters=markdown.FILTERS
-                ),
-                push=catalog.create_environment(finalize=_json_string),
-            )
-            _cache[catalog] = found
-        return found
+TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
+"""Variables that identify what a push message is about, for its ``Topic``."""
 
 
 def render(
@@ -200,7 +126,7 @@ def render(
     if not isinstance(vars, Mapping):
         raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
     if vars_depth_exceeds(vars):
-        raise TemplateRenderError(f"{template} ({channel}): {_TOO_DEEP}")
+        raise TemplateRenderError(f"{template} ({channel}): {TOO_DEEP}")
     context = {
         **vars,
         "message_id": message_id,
@@ -209,12 +135,12 @@ def render(
     }
     try:
         catalog.validate(channel, template, vars)
-        environments = _environments(catalog)
+        envs = environments(catalog)
         if channel == "email":
-            return _render_email(catalog, environments, template, context)
+            return _render_email(catalog, envs, template, context)
         if channel == "telegram":
-            return _render_telegram(catalog, environments, template, context)
-        return _render_push(catalog, environments, template, context)
+            return _render_telegram(catalog, envs, template, context)
+        return _render_push(catalog, envs, template, context)
     except TemplateRenderError:
         raise
     except Exception as error:  # rendering is pure: any failure would repeat
@@ -222,7 +148,7 @@ def render(
 
 
 def _render_email(
-    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+    catalog: TemplateCatalog, envs: Environments, template: str, context: dict[str, Any]
 ) -> RenderedEmail:
     files = catalog.files("email", template)
     limit = RENDER_OUTPUT_LIMITS["email"]
@@ -246,7 +172,7 @@ def _render_email(
 
 
 def _render_telegram(
-    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+    catalog: TemplateCatalog, envs: Environments, template: str, context: dict[str, Any]
 ) -> RenderedTelegram:
     text = envs.render(
         envs.telegram,
@@ -269,7 +195,7 @@ def _render_telegram(
 
 
 def _render_push(
-    catalog: TemplateCatalog, envs: _Environments, template: str, context: dict[str, Any]
+    catalog: TemplateCatalog, envs: Environments, template: str, context: dict[str, Any]
 ) -> RenderedPush:
     raw = envs.render(
         envs.push, catalog.files("push", template).main, context, limit=RENDER_OUTPUT_LIMITS["push"]
@@ -322,47 +248,6 @@ def push_topic(template: str, vars: Mapping[str, Any]) -> str | None:
     material = json.dumps([template, keys], ensure_ascii=False, sort_keys=True, default=str)
     digest = hashlib.sha256(material.encode("utf-8")).digest()
     return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
-
-
-_TOO_DEEP = (
-    f"vars nest deeper than {MAX_VARS_DEPTH} levels (the vars object is level 1;"
-    " every object or array inside adds one)"
-)
-_decode_json = json.JSONDecoder().raw_decode
-
-
-def stored_vars_problem(vars_text: str | None) -> str | None:
-    """Why stored vars (the jsonb text a claim returns) cannot be rendered, or None.
-
-    ``None`` text is what the claim returns instead of vars over
-    :data:`~outbox.MAX_VARS_BYTES`. The size is the UTF-8 length of the text as
-    received; it is measured only when the characters alone cannot settle it.
-    """
-    if vars_text is None:
-        return f"vars are over the limit of {MAX_VARS_BYTES} bytes as JSON text"
-    length = len(vars_text)
-    if length * 4 <= MAX_VARS_BYTES:  # UTF-8 takes at most 4 bytes a character
-        return None
-    if length > MAX_VARS_BYTES:
-        return f"vars are at least {length} bytes as JSON text; the limit is {MAX_VARS_BYTES}"
-    size = len(vars_text.encode("utf-8"))
-    if size > MAX_VARS_BYTES:
-        return f"vars are {size} bytes as JSON text; the limit is {MAX_VARS_BYTES}"
-    return None
-
-
-def decode_stored_vars(vars_text: str) -> Mapping[str, Any]:
-    """Decode stored vars; a document too deep for the decoder's stack is refused.
-
-    PostgreSQL writes well-formed JSON, so only nesting can fail here (the C
-    decoder stops at the interpreter's recursion limit). Anything but an object
-    decodes to an empty mapping, whose missing variables the render then names.
-    """
-    try:
-        decoded = _decode_json(vars_text)[0]
-    except RecursionError:
-        raise TemplateRenderError(_TOO_DEEP) from None
-    return decoded if type(decoded) is dict else {}
 
 
 class RenderCache:
@@ -486,19 +371,3 @@ class RenderCache:
                 message_id=message_id,
                 lane=lane,
             )
-
-
-def stored_vars(vars_text: str | None) -> Mapping[str, Any] | None:
-    """The vars of a claimed row for :meth:`RenderCache.render`, with its text as ``vars_key``.
-
-    Short texts are decoded at once (the common case: a few hundred characters);
-    a long, withheld or undecodable one is left for the renderer (None), which
-    refuses it or decodes it off the event loop. Never raises.
-    """
-    if vars_text is None or len(vars_text) > INLINE_VARS_CHARS:
-        return None
-    try:
-        decoded = _decode_json(vars_text)[0]
-    except RecursionError:  # refused by the renderer, with the reason
-        return None
-    return decoded if type(decoded) is dict else {}

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher import markdown
+from outbox.dispatcher._environments import environments
 from outbox.dispatcher.markdown import (
     MarkdownV2Error,
     escape_code,
@@ -25,7 +26,6 @@ from outbox.dispatcher.markdown import (
     split,
     validate,
 )
-from outbox.dispatcher.rendering import _environments
 from outbox.testing.markdown_v2 import ParsedText, parse_markdown_v2
 
 SPECIALS = "_*[]()~`>#+-=|{}.!"
@@ -33,7 +33,7 @@ SPECIALS = "_*[]()~`>#+-=|{}.!"
 
 def render(source: str, **vars: Any) -> str:
     """Render ``source`` in the very environment the dispatcher uses for Telegram."""
-    env = _environments(TemplateCatalog(builtin=False)).telegram
+    env = environments(TemplateCatalog(builtin=False)).telegram
     return env.from_string(source).render(vars)
 
 
