@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 
 from outbox._queries import QUERIES
+from outbox._schema_check import SchemaNotReady, schema_problem
+from outbox._settings import Settings
 from outbox._table import format_table
 
 
@@ -124,3 +126,13 @@ def purge_dead(conn: psycopg.Connection[Any], older_than_seconds: float) -> int:
         QUERIES["purge_dead"], {"older_than": timedelta(seconds=older_than_seconds)}
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def connect_migrated(settings: Settings) -> psycopg.Connection[Any]:
+    """An operator's connection to a database that is migrated (else SchemaNotReady)."""
+    conn = psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10)
+    problem = schema_problem(conn)
+    if problem is not None:
+        conn.close()
+        raise SchemaNotReady(problem)
+    return conn

@@ -14,103 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, entry_points, requires, version
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from outbox import __version__
+from outbox._cli_dlq import add_dlq_parser
 from outbox._errors import ConfigurationError, OutboxError
+from outbox._extras import DISTRIBUTION, extra_hint, missing_requirements, register_unavailable
 from outbox._logging import configure_logging
-from outbox._operator import (
-    dead_ids,
-    dead_letter_detail,
-    dead_letters,
-    purge_dead,
-    queue_stats,
-    retry_all_dead,
-    retry_dead,
-)
+from outbox._operator import connect_migrated, queue_stats
 from outbox._progress import ProgressBar
-from outbox._schema_check import SchemaNotReady, schema_problem
-from outbox._settings import Settings, parse_duration
+from outbox._schema_check import SchemaNotReady
+from outbox._settings import Settings
 from outbox._table import format_table
 from outbox.vocabulary import CHANNELS, LANES
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
-DISTRIBUTION = "pg-outbox"
-# `name[extras] >=1; extra == "dispatcher"`, as the wheel's metadata writes it
-_REQUIREMENT = re.compile(
-    r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[(?P<extras>[^\]]*)\])?"
-    r"[^;]*;\s*extra\s*==\s*[\"'](?P<extra>[^\"']+)[\"']\s*$"
-)
-
-
-def missing_requirements(extra: str) -> list[str]:
-    """The distributions that ``pg-outbox[extra]`` needs and that are not installed.
-
-    Follows self-references (``api`` needs ``pg-outbox[dispatcher]``). Empty when
-    pg-outbox itself is not installed as a distribution (nothing to compare with).
-    """
-    try:
-        declared = requires(DISTRIBUTION) or []
-    except PackageNotFoundError:
-        return []
-    by_extra: dict[str, list[tuple[str, list[str]]]] = {}
-    for line in declared:
-        match = _REQUIREMENT.match(line)
-        if match:
-            extras = [e.strip() for e in (match["extras"] or "").split(",") if e.strip()]
-            by_extra.setdefault(match["extra"], []).append((match["name"], extras))
-    missing: list[str] = []
-    seen: set[str] = set()
-    pending = [extra]
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        for name, extras in by_extra.get(current, []):
-            if name.lower().replace("_", "-") == DISTRIBUTION:
-                pending += extras
-                continue
-            try:
-                version(name)
-            except PackageNotFoundError:
-                missing.append(name)
-    return sorted(set(missing))
-
-
-def _extra_hint(command: str, extra: str, missing: Sequence[str]) -> str:
-    return (
-        f"outbox {command}: needs the {extra} extra, and {', '.join(missing)} "
-        f"{'is' if len(missing) == 1 else 'are'} not installed: "
-        f"pip install '{DISTRIBUTION}[{extra}]'"
-    )
-
-
 # What a statement meets on a database that was never migrated (commands that do not
-# go through _connect, such as a campaign's enqueue).
+# go through connect_migrated, such as a campaign's enqueue).
 _MISSING_SCHEMA_OBJECT = (
     psycopg.errors.UndefinedTable,
     psycopg.errors.UndefinedFunction,
     psycopg.errors.InvalidSchemaName,
 )
-
-
-def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    """An operator's connection to a database that is migrated (else SchemaNotReady)."""
-    conn = psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10)
-    problem = schema_problem(conn)
-    if problem is not None:
-        conn.close()
-        raise SchemaNotReady(problem)
-    return conn
 
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,118 +58,13 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
-    with _connect(settings) as conn:
+    with connect_migrated(settings) as conn:
         rows = queue_stats(conn)
     if not rows:
         print("The outbox is empty: nothing pending, in flight or dead.")
         return 0
     print(format_table(["lane", "channel", "status", "count", "oldest age"], rows))
     return 0
-
-
-def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    with _connect(settings) as conn:
-        if args.dlq_command == "list":
-            rows = dead_letters(conn, limit=args.limit)
-            if not rows:
-                print("No dead letters.")
-                return 0
-            print(
-                format_table(
-                    [
-                        "id",
-                        "lane",
-                        "channel",
-                        "user",
-                        "template",
-                        "tries",
-                        "class",
-                        "error",
-                        "dead since",
-                    ],
-                    rows,
-                )
-            )
-            return 0
-        if args.dlq_command == "show":
-            detail = dead_letter_detail(conn, args.id)
-            if detail is None:
-                print(f"outbox: no dead message with id {args.id}", file=sys.stderr)
-                return 1
-            print(detail)
-            return 0
-        if args.dlq_command == "retry":
-            if not args.all and not args.ids:
-                print("outbox: give message ids or --all", file=sys.stderr)
-                return 2
-            if args.batch_size < 1:
-                print("outbox: --batch-size must be at least 1", file=sys.stderr)
-                return 2
-            if args.all or args.dry_run:
-                targets = dead_ids(conn, ids=None if args.all else args.ids)
-                what = f"move {len(targets)} dead message(s) back to pending"
-                if not _confirmed(args, what, targets):
-                    return 0 if args.dry_run else 2
-            if args.all:
-                count = _retry_all_with_progress(conn, args.batch_size)
-            else:
-                count = retry_dead(conn, args.ids)
-            print(f"{count} dead message(s) back to pending.")
-            return 0
-        assert args.dlq_command == "purge"
-        older_than = parse_duration(args.older_than)
-        targets = dead_ids(conn, older_than_seconds=older_than)
-        what = f"delete {len(targets)} dead message(s) older than {args.older_than}"
-        if not _confirmed(args, what, targets):
-            return 0 if args.dry_run else 2
-        count = purge_dead(conn, older_than)
-        print(f"{count} dead message(s) older than {args.older_than} deleted.")
-        return 0
-
-
-def _confirmed(args: argparse.Namespace, what: str, ids: Sequence[int]) -> bool:
-    """Whether a destructive ``dlq`` command may go on: ``--dry-run`` prints and stops;
-    ``--yes`` goes on; a terminal is asked; anything else (a script, a pipe) is refused.
-    """
-    shown = ", ".join(map(str, ids[:20])) + (
-        f", ... ({len(ids) - 20} more)" if len(ids) > 20 else ""
-    )
-    if args.dry_run:
-        print(f"dry run: would {what}" + (f": {shown}" if ids else "") + "; nothing changed.")
-        return False
-    if args.yes or not ids:
-        return True
-    if not sys.stdin.isatty():
-        print(
-            f"outbox: refusing to {what} without confirmation: add --yes"
-            " (or --dry-run to list them first)",
-            file=sys.stderr,
-        )
-        return False
-    print(f"About to {what}: {shown}")
-    answer = input("Go ahead? [y/N] ").strip().lower()
-    if answer in ("y", "yes"):
-        return True
-    print("Nothing changed.")
-    return False
-
-
-def _retry_all_with_progress(conn: psycopg.Connection[Any], batch_size: int) -> int:
-    """``dlq retry --all``: batches of ``batch_size``; a progress bar when there are more."""
-    bar: ProgressBar | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None and total > batch_size:
-            bar = ProgressBar("retrying", total=total, unit="messages")
-        if bar is not None:
-            bar.update(done, total=total)
-
-    try:
-        return retry_all_dead(conn, batch_size=batch_size, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def read_user_ids(source: str) -> list[str]:
@@ -378,28 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="queue depth per lane, channel and status")
     stats.set_defaults(handler=_cmd_stats)
 
-    dlq = commands.add_parser("dlq", help="inspect and redrive dead letters")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    dlq_list = dlq_commands.add_parser("list", help="list dead messages, newest first")
-    dlq_list.add_argument("--limit", type=int, default=50)
-    dlq_show = dlq_commands.add_parser("show", help="everything about one dead message")
-    dlq_show.add_argument("id", type=int)
-    dlq_retry = dlq_commands.add_parser("retry", help="back to pending, attempts reset")
-    dlq_retry.add_argument("ids", type=int, nargs="*", metavar="ID")
-    dlq_retry.add_argument("--all", action="store_true", help="every dead message")
-    _destructive_flags(dlq_retry)
-    dlq_retry.add_argument(
-        "--batch-size",
-        type=int,
-        default=1000,
-        help="with --all: messages per statement, each committed (1000)",
-    )
-    dlq_purge = dlq_commands.add_parser("purge", help="delete old dead messages")
-    dlq_purge.add_argument(
-        "--older-than", required=True, help="with a unit: 30s, 15m, 12h, 7d or 2w"
-    )
-    _destructive_flags(dlq_purge)
-    dlq.set_defaults(handler=_cmd_dlq)
+    add_dlq_parser(commands)
 
     templates = commands.add_parser("templates", help="list templates and their variables")
     templates.set_defaults(handler=_cmd_templates)
@@ -408,47 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             register = entry.load()
         except ModuleNotFoundError as error:
-            _register_unavailable(commands, entry.name, entry.module, error)
+            register_unavailable(commands, entry.name, entry.module, error)
             continue
         register(commands)
     return parser
-
-
-def _destructive_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print what would change and change nothing"
-    )
-    parser.add_argument(
-        "-y", "--yes", action="store_true", help="do not ask (required when not on a terminal)"
-    )
-
-
-def _register_unavailable(
-    commands: Any, name: str, module: str, error: ModuleNotFoundError
-) -> None:
-    """A command whose module cannot load (its extra is not installed): it stays in
-    ``--help`` and, when run, names the extra to install instead of a traceback.
-    """
-    if (error.name or "outbox").split(".")[0] == "outbox":
-        raise error
-    # outbox.dispatcher.cli -> the `dispatcher` extra
-    parts = module.split(".")
-    extra = parts[1] if len(parts) > 1 and parts[0] == "outbox" else name
-    hint = _extra_hint(name, extra, [error.name or "?"])
-    # no option prefix: whatever options the real command takes are accepted here
-    parser = commands.add_parser(
-        name,
-        help=f"(not installed: pip install '{DISTRIBUTION}[{extra}]')",
-        prefix_chars="\x00",
-        add_help=False,
-    )
-    parser.add_argument("arguments", nargs="*", help=argparse.SUPPRESS)
-
-    def unavailable(args: argparse.Namespace, settings: Settings) -> int:
-        print(hint, file=sys.stderr)
-        return 2
-
-    parser.set_defaults(handler=unavailable, extra=extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -466,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra is not None:
         missing = missing_requirements(extra)
         if missing:
-            print(_extra_hint(args.command, extra, missing), file=sys.stderr)
+            print(extra_hint(args.command, extra, missing), file=sys.stderr)
             return 2
     try:
         settings = Settings.from_env()
@@ -475,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         if extra is None or (error.name or "outbox").split(".")[0] == "outbox":
             raise
-        print(_extra_hint(args.command, extra, [error.name or "?"]), file=sys.stderr)
+        print(extra_hint(args.command, extra, [error.name or "?"]), file=sys.stderr)
         return 2
     except ConfigurationError as error:
         print(f"outbox: configuration error: {error}", file=sys.stderr)
