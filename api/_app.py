@@ -204,32 +204,7 @@ def create_app(
     api_metrics = ApiMetrics.create()
     templates = catalog or TemplateCatalog(settings.templates_dir)
 
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool = _pool(settings)
-        await pool.open(wait=False)
-        owned: Mapping[str, Channel] = {}
-        if channels is None:
-            from outbox.dispatcher.channels import build_channels
-
-            owned = (channel_factory or build_channels)(settings)
-        app.state["outbox"] = ApiContext(
-            settings=settings,
-            catalog=templates,
-            renderer=RenderCache(templates, platform_base_url=settings.platform_base_url),
-            channels=channels if channels is not None else owned,
-            pool=pool,
-        )
-        app.state["metrics"] = api_metrics
-        try:
-            yield
-        finally:
-            for channel in owned.values():
-                try:
-                    await channel.aclose()
-                except Exception:  # closing one must not keep the others open
-                    log.exception("channel close failed channel=%s", channel.name)
-            await pool.close()
+    lifespan = _lifespan(settings, templates, api_metrics, channels, channel_factory)
 
     messaging = Router(
         path="/api/v1",
@@ -260,6 +235,45 @@ def create_app(
         ),
         debug=False,
     )
+
+
+def _lifespan(
+    settings: Settings,
+    templates: TemplateCatalog,
+    api_metrics: ApiMetrics,
+    channels: Mapping[str, Channel] | None,
+    channel_factory: Callable[[Settings], Mapping[str, Channel]] | None,
+) -> Callable[[Litestar], Any]:
+    """Open the pool and the channels at startup; close what the app owns at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = _pool(settings)
+        await pool.open(wait=False)
+        owned: Mapping[str, Channel] = {}
+        if channels is None:
+            from outbox.dispatcher.channels import build_channels
+
+            owned = (channel_factory or build_channels)(settings)
+        app.state["outbox"] = ApiContext(
+            settings=settings,
+            catalog=templates,
+            renderer=RenderCache(templates, platform_base_url=settings.platform_base_url),
+            channels=channels if channels is not None else owned,
+            pool=pool,
+        )
+        app.state["metrics"] = api_metrics
+        try:
+            yield
+        finally:
+            for channel in owned.values():
+                try:
+                    await channel.aclose()
+                except Exception:  # closing one must not keep the others open
+                    log.exception("channel close failed channel=%s", channel.name)
+            await pool.close()
+
+    return lifespan
 
 
 def _version() -> str:
