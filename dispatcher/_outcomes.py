@@ -61,14 +61,8 @@ def finish_for(
             return FinishSent(message=message, duration_ms=duration_ms, effects=effects)
         case TransientFailure(error_class=error_class, error=error):
             return failed(message, error_class, error, duration_ms, policy=policy, effects=effects)
-        case PermanentFailure(error_class=error_class, error=error):
-            return FinishDead(
-                message=message,
-                error_class=error_class,
-                error=error,
-                duration_ms=duration_ms,
-                effects=effects,
-            )
+        case PermanentFailure():
+            return _dead(message, outcome, duration_ms)
         case Unreachable():
             return _fall_back(message, recipient, outcome, duration_ms)
         case RateLimited(retry_after=after, error=error):
@@ -94,19 +88,25 @@ def finish_for(
     raise AssertionError(f"unknown outcome {outcome!r}")
 
 
+def _dead(
+    message: Claimed, outcome: PermanentFailure | Unreachable, duration_ms: float
+) -> FinishDead:
+    return FinishDead(
+        message=message,
+        error_class=outcome.error_class,
+        error=outcome.error,
+        duration_ms=duration_ms,
+        effects=outcome.effects,
+    )
+
+
 def _fall_back(
     message: Claimed, recipient: RecipientRecord, outcome: Unreachable, duration_ms: float
 ) -> Finish:
     """The next channel of the chain gets the message; dead when none is left."""
     follow = next_channel(message.channel, message.fallback, recipient)
     if follow is None:
-        return FinishDead(
-            message=message,
-            error_class=outcome.error_class,
-            error=outcome.error,
-            duration_ms=duration_ms,
-            effects=outcome.effects,
-        )
+        return _dead(message, outcome, duration_ms)
     return FinishHandoff(
         message=message,
         outcome="fallback",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -297,16 +298,18 @@ class RenderCache:
             except TemplateRenderError as error:
                 raise TemplateRenderError(f"{template} ({channel}): {error}") from None
             vars_key = None
+        uncached = functools.partial(
+            render,
+            self.catalog,
+            channel,
+            template,
+            vars,
+            message_id=message_id,
+            lane=lane,
+            platform_base_url=self.platform_base_url,
+        )
         if vars_key is None:
-            return render(
-                self.catalog,
-                channel,
-                template,
-                vars,
-                message_id=message_id,
-                lane=lane,
-                platform_base_url=self.platform_base_url,
-            )
+            return uncached()
         try:
             used = self.catalog.variables(channel, template).context
         except OutboxError as error:
@@ -322,15 +325,7 @@ class RenderCache:
         if found is not None:
             self.hits += 1
             return found
-        found = render(
-            self.catalog,
-            channel,
-            template,
-            vars,
-            message_id=message_id,
-            lane=lane,
-            platform_base_url=self.platform_base_url,
-        )
+        found = uncached()
         if len(self._rendered) >= self.max_entries:
             self._rendered.clear()
         self._rendered[key] = found

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any, ClassVar, LiteralString
+from typing import Any, ClassVar, LiteralString, NoReturn
 
 import psycopg
 
@@ -179,11 +179,16 @@ def fetch_one(conn: Any, name: str, params: Params) -> Row | None:
             result = connection.execute(_sqlalchemy_text(query), dict(params))
             return result.first() if result.returns_rows else None
     except (psycopg.Error, _sqlalchemy_error()) as error:
-        translated = _translate(error)
-        if translated is error:
-            raise
-        raise translated from error
+        _raise_translated(error)
     raise _unsupported(conn)
+
+
+def _raise_translated(error: Exception) -> NoReturn:
+    """Raise the outbox error a database error means, or the error itself."""
+    translated = _translate(error)
+    if translated is error:
+        raise error
+    raise translated from error
 
 
 async def fetch_one_async(conn: Any, name: str, params: Params) -> Row | None:
@@ -200,10 +205,7 @@ async def fetch_one_async(conn: Any, name: str, params: Params) -> Row | None:
             result = await connection.execute(_sqlalchemy_text(query), dict(params))
             return result.first() if result.returns_rows else None
     except (psycopg.Error, _sqlalchemy_error()) as error:
-        translated = _translate(error)
-        if translated is error:
-            raise
-        raise translated from error
+        _raise_translated(error)
     if isinstance(conn, psycopg.Connection) or _is_sqlalchemy_sync(conn):
         raise TypeError("this is a synchronous connection: call the non-async function")
     raise _unsupported(conn)

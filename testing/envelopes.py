@@ -5,18 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from outbox.dispatcher.channels.base import (
     Envelope,
     PushSubscription,
     Recipient,
+    Rendered,
     RenderedEmail,
     RenderedPush,
     RenderedTelegram,
 )
+from outbox.vocabulary import ChannelName, LaneName
 
-Lane = Literal["transactional", "campaign"]
+Lane = LaneName
 _ids = itertools.count(1000)
 
 
@@ -31,15 +33,14 @@ def email_envelope(
     attempt: int = 1,
 ) -> Envelope:
     """An email envelope for user ``u1``."""
-    return Envelope(
-        message_id=next(_ids) if message_id is None else message_id,
+    return _envelope(
+        "email",
+        "position_failure_entry",
+        Recipient(user_id="u1", email=to),
+        RenderedEmail(subject=subject, html=html, text=text),
+        message_id=message_id,
         lane=lane,
-        channel="email",
-        user_id="u1",
-        template="position_failure_entry",
         attempt=attempt,
-        recipient=Recipient(user_id="u1", email=to),
-        content=RenderedEmail(subject=subject, html=html, text=text),
     )
 
 
@@ -51,15 +52,14 @@ def telegram_envelope(
     attempt: int = 1,
 ) -> Envelope:
     """A Telegram envelope for user ``u1``; ``parts`` are MarkdownV2 texts."""
-    return Envelope(
-        message_id=next(_ids) if message_id is None else message_id,
+    return _envelope(
+        "telegram",
+        "price_alert",
+        Recipient(user_id="u1", telegram_chat_id=chat_id),
+        RenderedTelegram(parts=parts or ("*Price alert*: EURUSD above 1\\.1000",)),
+        message_id=message_id,
         lane=lane,
-        channel="telegram",
-        user_id="u1",
-        template="price_alert",
         attempt=attempt,
-        recipient=Recipient(user_id="u1", telegram_chat_id=chat_id),
-        content=RenderedTelegram(parts=parts or ("*Price alert*: EURUSD above 1\\.1000",)),
     )
 
 
@@ -80,13 +80,34 @@ def push_envelope(
         "data": {"url": "https://platform.example.com/dashboard/positions"},
     }
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return _envelope(
+        "push",
+        "price_alert",
+        Recipient(user_id="u1", push_subscriptions=tuple(subscriptions)),
+        RenderedPush(payload=payload, body=body, topic=topic),
+        message_id=message_id,
+        lane=lane,
+        attempt=attempt,
+    )
+
+
+def _envelope(
+    channel: ChannelName,
+    template: str,
+    recipient: Recipient,
+    content: Rendered,
+    *,
+    message_id: int | None,
+    lane: Lane,
+    attempt: int,
+) -> Envelope:
     return Envelope(
         message_id=next(_ids) if message_id is None else message_id,
         lane=lane,
-        channel="push",
+        channel=channel,
         user_id="u1",
-        template="price_alert",
+        template=template,
         attempt=attempt,
-        recipient=Recipient(user_id="u1", push_subscriptions=tuple(subscriptions)),
-        content=RenderedPush(payload=payload, body=body, topic=topic),
+        recipient=recipient,
+        content=content,
     )

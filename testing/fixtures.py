@@ -19,7 +19,7 @@ they need no database.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -34,68 +34,64 @@ SMTP_PASSWORD = "smtp-pa55word-never-shown"  # noqa: S105 (fake)
 SENDER = "alerts@outbox.test"
 
 
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    """A recording SMTP server on loopback (plain SMTP, no AUTH), stopped afterwards."""
-    server = SmtpServer().start()
+class _Server(Protocol):
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
+def _stopped_afterwards(server: S) -> Iterator[S]:
     try:
         yield server
     finally:
         server.stop()
+
+
+def _factory(start: Callable[..., S]) -> Iterator[Callable[..., S]]:
+    """A fixture body: ``start(**options)`` makes a started server; all stop afterwards."""
+    made: list[S] = []
+
+    def factory(**options: Any) -> S:
+        server = start(**options)
+        made.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A recording SMTP server on loopback (plain SMTP, no AUTH), stopped afterwards."""
+    yield from _stopped_afterwards(SmtpServer().start())
 
 
 @pytest.fixture
 def smtp_server_factory() -> Iterator[Callable[..., SmtpServer]]:
     """Start SMTP servers with options (``tls=``, ``username=``...); all stop afterwards."""
-    made: list[SmtpServer] = []
-
-    def factory(**options: Any) -> SmtpServer:
-        server = SmtpServer(**options).start()
-        made.append(server)
-        return server
-
-    try:
-        yield factory
-    finally:
-        for server in made:
-            server.stop()
+    yield from _factory(lambda **options: SmtpServer(**options).start())
 
 
 @pytest.fixture
 def telegram_server() -> Iterator[TelegramServer]:
     """A Bot API ``sendMessage`` server on loopback, with the token ``TELEGRAM_TOKEN``."""
-    server = TelegramServer(token=TELEGRAM_TOKEN).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _stopped_afterwards(TelegramServer(token=TELEGRAM_TOKEN).start())
 
 
 @pytest.fixture
 def push_server() -> Iterator[PushServer]:
     """A Web Push service on loopback that checks VAPID and decrypts payloads."""
-    server = PushServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _stopped_afterwards(PushServer().start())
 
 
 @pytest.fixture
 def push_server_factory() -> Iterator[Callable[..., PushServer]]:
     """Start Web Push services with options; all stop afterwards."""
-    made: list[PushServer] = []
-
-    def factory(**options: Any) -> PushServer:
-        server = PushServer(**options).start()
-        made.append(server)
-        return server
-
-    try:
-        yield factory
-    finally:
-        for server in made:
-            server.stop()
+    yield from _factory(lambda **options: PushServer(**options).start())
 
 
 @pytest.fixture

@@ -330,6 +330,10 @@ class EmailChannel:
         self._smtp = smtp
         return smtp, False
 
+    def _outage(self, error_class: str, error: str) -> _Outage:
+        """The whole channel is down (connect, TLS, login): secrets redacted."""
+        return _Outage(ChannelOutage(error_class=error_class, error=redact(error, self._secrets())))
+
     async def _open(self, smtp: _Session) -> None:
         settings = self._settings
         where = f"{settings.smtp_host}:{settings.smtp_port}"
@@ -338,37 +342,21 @@ class EmailChannel:
             smtp.opened = True
         except (aiosmtplib.SMTPException, OSError) as exc:
             tls_failed = isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
-            raise _Outage(
-                ChannelOutage(
-                    error_class="smtp_tls" if tls_failed else "smtp_connect",
-                    error=redact(f"cannot connect to {where}: {exc}", self._secrets()),
-                )
-            ) from exc
+            kind = "smtp_tls" if tls_failed else "smtp_connect"
+            raise self._outage(kind, f"cannot connect to {where}: {exc}") from exc
         if settings.smtp_tls == "starttls":
             try:
                 await smtp.starttls()
             except (aiosmtplib.SMTPException, OSError) as exc:
-                raise _Outage(
-                    ChannelOutage(
-                        error_class="smtp_tls",
-                        error=redact(f"STARTTLS with {where} failed: {exc}", self._secrets()),
-                    )
-                ) from exc
+                raise self._outage("smtp_tls", f"STARTTLS with {where} failed: {exc}") from exc
         if settings.smtp_username:
             try:
                 await smtp.login(settings.smtp_username, settings.smtp_password.reveal())
             except aiosmtplib.SMTPServerDisconnected as exc:
-                raise _Outage(
-                    ChannelOutage(
-                        error_class="smtp_connect",
-                        error=describe_error(exc, self._secrets()),
-                    )
-                ) from exc
+                outcome = ChannelOutage(
+                    error_class="smtp_connect", error=describe_error(exc, self._secrets())
+                )
+                raise _Outage(outcome) from exc
             except (aiosmtplib.SMTPException, OSError) as exc:
-                raise _Outage(
-                    ChannelOutage(
-                        error_class="smtp_auth",
-                        error=redact(f"login to {where} failed: {exc}", self._secrets()),
-                    )
-                ) from exc
+                raise self._outage("smtp_auth", f"login to {where} failed: {exc}") from exc
         logger.info("SMTP session open to %s (tls=%s)", where, settings.smtp_tls)
