@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from outbox.testing.push import PushServer, ReceivedPush
 from outbox.testing.smtp import ReceivedMail, SmtpServer
@@ -54,6 +54,32 @@ class JsonLines:
         with self._lock, self.path.open("a", encoding="utf-8") as file:
             file.write(line)
             self.count += 1
+
+
+class _RecordingSink:
+    """A loopback server that appends what it accepts to a JSON-lines file."""
+
+    _server: TelegramServer | PushServer
+    _records: JsonLines
+
+    @property
+    def url(self) -> str:
+        """``http(s)://127.0.0.1:port``."""
+        return self._server.url
+
+    @property
+    def count(self) -> int:
+        """Messages accepted so far."""
+        return self._records.count
+
+    def start(self) -> Self:
+        """Listen on a free port; return self."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self._server.stop()
 
 
 class MailSink:
@@ -105,7 +131,7 @@ class MailSink:
         self._server.stop()
 
 
-class TelegramSink:
+class TelegramSink(_RecordingSink):
     """``POST /bot<token>/sendMessage``, answered like the Bot API."""
 
     def __init__(
@@ -123,16 +149,6 @@ class TelegramSink:
         for chat, times in (flaky or {}).items():
             self._server.fail(chat, 500, times=times)
 
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:port``."""
-        return self._server.url
-
-    @property
-    def count(self) -> int:
-        """Messages accepted so far."""
-        return self._records.count
-
     def _write(self, message: TelegramMessage) -> None:
         self._records.append(
             {
@@ -143,18 +159,11 @@ class TelegramSink:
             }
         )
 
-    def start(self) -> TelegramSink:
-        """Listen on a free port; return self."""
-        self._server.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop listening."""
-        self._server.stop()
-
-
-class PushSink:
+class PushSink(_RecordingSink):
     """A Web Push service on ``https``: VAPID checked, ``aes128gcm`` decrypted."""
+
+    _server: PushServer
 
     def __init__(
         self, record_file: Path, *, certificate: LoopbackCertificate, vapid_public_key: str
@@ -163,16 +172,6 @@ class PushSink:
         self._vapid_key = vapid_public_key
         self._users: dict[str, str] = {}
         self._server = PushServer(tls=True, certificate=certificate, on_message=self._write)
-
-    @property
-    def url(self) -> str:
-        """``https://127.0.0.1:port``."""
-        return self._server.url
-
-    @property
-    def count(self) -> int:
-        """Notifications accepted so far."""
-        return self._records.count
 
     def subscribe(self, user_id: str, *, gone: bool = False) -> dict[str, Any]:
         """A browser subscribes: its ``PushSubscription.toJSON()``.
@@ -196,15 +195,6 @@ class PushSink:
                 "notification": push.json(),
             }
         )
-
-    def start(self) -> PushSink:
-        """Listen on a free port; return self."""
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        self._server.stop()
 
 
 def free_port() -> int:
