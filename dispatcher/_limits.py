@@ -47,10 +47,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from outbox._queries import QUERIES
 from outbox._settings import RateLimit
+from outbox.dispatcher._store import DATABASE_ERRORS
 from outbox.dispatcher.channels.base import Envelope, RenderedTelegram
 from outbox.vocabulary import CHANNELS
 
@@ -192,7 +193,7 @@ class RateLimiter:
                     if taken:
                         await conn.execute(QUERIES["release_slots"], {"keys": taken})
                     return Reservation(granted=False, wait=deferred.wait)
-        except (psycopg.Error, PoolTimeout, OSError) as error:
+        except DATABASE_ERRORS as error:
             log.warning(
                 "rate limit unavailable channel=%s error=%s; deferring",
                 channel,
@@ -310,7 +311,7 @@ class CircuitBreaker:
                         },
                     )
                 ).fetchone()
-        except (psycopg.Error, PoolTimeout, OSError) as failure:
+        except DATABASE_ERRORS as failure:
             log.warning("breaker not recorded channel=%s error=%s", channel, type(failure).__name__)
             return self._base
         return max(float(row[0]), 0.0) if row and row[0] is not None else self._base
@@ -326,7 +327,7 @@ class CircuitBreaker:
                 row = await (
                     await conn.execute(QUERIES["close_breaker_after_probe"], {"channel": channel})
                 ).fetchone()
-        except (psycopg.Error, PoolTimeout, OSError) as failure:
+        except DATABASE_ERRORS as failure:
             log.warning("breaker not closed channel=%s error=%s", channel, type(failure).__name__)
             return
         if row is not None and row[0]:

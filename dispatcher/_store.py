@@ -52,6 +52,11 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 """Errors that say "not now": the server, the network or the pool."""
 
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, *UNAVAILABLE)
+"""Everything a round trip can raise: for the few parts that run their own
+statements on a connection of their own (the listener, the limiter's locked
+transactions) and so cannot go through :class:`Store`."""
+
 
 class StoreError(Exception):
     """A statement of the dispatcher did not run; ``str()`` is its first line."""

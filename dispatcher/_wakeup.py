@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.dispatcher._store import Store, StoreError
+from outbox.dispatcher._store import DATABASE_ERRORS, Store, StoreError
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -106,7 +106,7 @@ class Wakeup:
                 **self._connect_kwargs,
             )
             await conn.execute(f"LISTEN {CHANNEL}")
-        except (psycopg.Error, OSError) as error:
+        except DATABASE_ERRORS as error:
             self._failures += 1
             log.warning(
                 "listener connect failed attempt=%d error=%s", self._failures, type(error).__name__
@@ -132,7 +132,7 @@ class Wakeup:
                     self._on_wake(notify.payload)
                 # quiet for a while: is the connection still there?
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
-            except (psycopg.Error, TimeoutError, OSError) as error:
+            except DATABASE_ERRORS as error:
                 log.warning("listener lost error=%s", type(error).__name__)
                 await self._drop()
 
