@@ -44,6 +44,8 @@ class Acknowledger:
         self._on_flushed = on_flushed
         self._batch = AckBatch()
         self._ready = asyncio.Event()
+        # one flush at a time: the shutdown's waits for the acker task's to commit
+        self._flushing = asyncio.Lock()
 
     def add(self, finish: Finish) -> None:
         self._batch.finishes.append(finish)
@@ -70,15 +72,20 @@ class Acknowledger:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write what is buffered now (also at shutdown)."""
-        self._ready.clear()
-        if not self._batch.finishes:
-            return
-        batch, self._batch = self._batch, AckBatch()
-        self._leases.acknowledging(finish.lease.id for finish in batch.finishes)
-        try:
-            result = await self._write(batch)
-        finally:
+        """Write what is buffered now; at shutdown, after the flush under way ends."""
+        async with self._flushing:
+            self._ready.clear()
+            if not self._batch.finishes:
+                return
+            batch, self._batch = self._batch, AckBatch()
+            self._leases.acknowledging(finish.lease.id for finish in batch.finishes)
+            try:
+                result = await self._write(batch)
+            except BaseException:
+                # cancelled mid-write: nothing was committed, so the leases are still
+                # ours and must stay in the book (the shutdown releases them)
+                self._leases.acknowledging(())
+                raise
             self._leases.acknowledged(finish.lease for finish in batch.finishes)
         if result.lost:
             log.warning("lease lost before ack ids=%s", sorted(result.lost)[:20])
