@@ -47,6 +47,7 @@ from outbox.dispatcher._finishes import AckBatch, AckResult, FinishSent
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
 from outbox.dispatcher._observer import NoObserver, Observer
+from outbox.dispatcher._outcomes import fall_back_lanes
 from outbox.dispatcher._ready import ReadyQueue
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._senders import Senders
@@ -136,6 +137,7 @@ class Dispatcher:
             observer=self.observer,
             concurrency=options.concurrency,
             send_timeout=options.send_timeout or settings.lease_seconds * 0.8,
+            fall_back_lanes=fall_back_lanes(settings.fallback_on_failure),
         )
         self._sleeper = Sleeper(self._store, poll_interval=settings.poll_interval)
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)

@@ -4,13 +4,18 @@ A pure decision (no database, no event loop), one row per outcome:
 
 =====================  ==============================================================
 ``Sent``               sent: the row is deleted
-``TransientFailure``   retry after the policy's backoff (an attempt burned); dead once
-                       the policy is exhausted
-``PermanentFailure``   dead at once
+``TransientFailure``   retry after the policy's backoff (an attempt burned); once the
+                       policy is exhausted, it dies on this channel (below)
+``PermanentFailure``   it dies on this channel at once (below)
 ``RateLimited``        deferred by the provider's ``retry_after`` (nothing burned)
 ``Unreachable``        fallback to the next channel of the chain; dead when none is left
 ``ChannelOutage``      deferred for the circuit breaker's pause (nothing burned)
 =====================  ==============================================================
+
+A message that dies on its channel is handed to the next channel of its chain on
+which the user can be reached (outcome ``fallback``) when its lane falls back on
+failure (``OUTBOX_FALLBACK_ON_FAILURE``: alerts by default); otherwise, or at the
+chain's end, it is dead.
 
 Whether an attempt is burned follows from the finish (``FinishRequeue.outcome``),
 and every finish carries the outcome's recipient effects. A new outcome type gets
@@ -18,6 +23,8 @@ its row here and in ``tests/unit/test_outcomes.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Container
 
 from outbox.dispatcher._claimed import Claimed
 from outbox.dispatcher._finishes import (
@@ -39,6 +46,7 @@ from outbox.dispatcher.channels.base import (
     TransientFailure,
     Unreachable,
 )
+from outbox.vocabulary import LANES
 
 
 def finish_for(
@@ -49,19 +57,35 @@ def finish_for(
     *,
     policy: RetryPolicy,
     outage_pause: float = 0.0,
+    fall_back_lanes: Container[str] = frozenset(),
 ) -> Finish:
     """The finish of a provider call that answered ``outcome``.
 
     ``outage_pause``: seconds the circuit breaker paused the channel for (only read
     for a ``ChannelOutage``; tripping the breaker is the caller's database call).
+    ``fall_back_lanes``: the lanes whose messages fall back when they die here
+    (:func:`fall_back_lanes`).
     """
     effects = outcome.effects
     match outcome:
         case Sent():
             return FinishSent(message=message, duration_ms=duration_ms, effects=effects)
         case TransientFailure(error_class=error_class, error=error):
-            return failed(message, error_class, error, duration_ms, policy=policy, effects=effects)
+            return failed(
+                message,
+                error_class,
+                error,
+                duration_ms,
+                policy=policy,
+                effects=effects,
+                recipient=recipient,
+                fall_back_lanes=fall_back_lanes,
+            )
         case PermanentFailure():
+            if message.lane in fall_back_lanes:
+                follow = next_reachable(message, recipient)
+                if follow is not None:
+                    return _handoff(message, outcome, follow, duration_ms)
             return _dead(message, outcome, duration_ms)
         case Unreachable():
             return _fall_back(message, recipient, outcome, duration_ms)
@@ -107,6 +131,15 @@ def _fall_back(
     follow = next_channel(message.channel, message.fallback, recipient)
     if follow is None:
         return _dead(message, outcome, duration_ms)
+    return _handoff(message, outcome, follow, duration_ms)
+
+
+def _handoff(
+    message: Claimed,
+    outcome: PermanentFailure | Unreachable | TransientFailure,
+    follow: tuple[str, tuple[str, ...]],
+    duration_ms: float | None,
+) -> FinishHandoff:
     return FinishHandoff(
         message=message,
         outcome="fallback",
@@ -119,6 +152,38 @@ def _fall_back(
     )
 
 
+def next_reachable(
+    message: Claimed, recipient: RecipientRecord | None
+) -> tuple[str, tuple[str, ...]] | None:
+    """The next channel of the message's chain on which the user has an address, and
+    the chain left after it; None at the chain's end. Channels without an address
+    (no email, a blocked bot, no push subscription) are passed over.
+    """
+    if recipient is None:
+        return None
+    addresses = recipient.addresses()
+    reachable = {
+        "email": addresses.email is not None,
+        "telegram": addresses.telegram_chat_id is not None,
+        "push": bool(addresses.push_subscriptions),
+    }
+    current, chain = message.channel, message.fallback
+    while (follow := next_channel(current, chain, recipient)) is not None:
+        if reachable.get(follow[0], True):  # a plugin channel decides for itself
+            return follow
+        current, chain = follow
+    return None
+
+
+def fall_back_lanes(setting: str) -> frozenset[str]:
+    """The lanes ``OUTBOX_FALLBACK_ON_FAILURE`` makes fall back on failure."""
+    return {
+        "transactional": frozenset({"transactional"}),
+        "all": frozenset(LANES),
+        "off": frozenset(),
+    }[setting]
+
+
 def failed(
     message: Claimed,
     error_class: str,
@@ -127,9 +192,18 @@ def failed(
     *,
     policy: RetryPolicy,
     effects: tuple[Effect, ...] = (),
+    recipient: RecipientRecord | None = None,
+    fall_back_lanes: Container[str] = frozenset(),
 ) -> Finish:
-    """A failed attempt: a retry after the policy's wait, or dead when it is exhausted."""
+    """A failed attempt: a retry after the policy's wait; when the policy is
+    exhausted, a fallback (its lane in ``fall_back_lanes``) or dead.
+    """
     delay = policy.next_delay(message.attempts + 1)
+    if delay is None and message.lane in fall_back_lanes:
+        follow = next_reachable(message, recipient)
+        if follow is not None:
+            failure = TransientFailure(error_class=error_class, error=error, effects=effects)
+            return _handoff(message, failure, follow, duration_ms)
     if delay is None:
         return FinishDead(
             message=message,

@@ -56,6 +56,7 @@ class Senders:
         observer: Observer,
         concurrency: int,
         send_timeout: float,
+        fall_back_lanes: frozenset[str] = frozenset(),
     ) -> None:
         self._ready = ready
         self._leases = leases
@@ -67,6 +68,8 @@ class Senders:
         self.policy = policy
         self.observer = observer
         self._send_timeout = send_timeout
+        self._fall_back_lanes = fall_back_lanes
+        """Lanes whose messages go to their next channel when they die on one."""
         self._sem = asyncio.Semaphore(concurrency)
         self._stopping = False
         self._sending = 0
@@ -126,7 +129,15 @@ class Senders:
         except Exception as error:  # a bug must not lose the message or stop the loop
             log.exception("unexpected error id=%d", message.id)
             error_text = f"{type(error).__name__}: {error}"
-            finish = failed(message, "internal", error_text, None, policy=self.policy)
+            finish = failed(
+                message,
+                "internal",
+                error_text,
+                None,
+                policy=self.policy,
+                recipient=recipient,
+                fall_back_lanes=self._fall_back_lanes,
+            )
         self._acker.add(finish)
 
     async def _attempt(self, message: Claimed, recipient: RecipientRecord | None) -> Finish:
@@ -166,6 +177,7 @@ class Senders:
             attempt.duration_ms,
             policy=self.policy,
             outage_pause=pause,
+            fall_back_lanes=self._fall_back_lanes,
         )
 
     async def _update_breaker(self, channel: str, outcome: Outcome) -> float:

@@ -11,11 +11,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from outbox._errors import ConfigurationError
 
 SmtpTls = Literal["none", "starttls", "tls"]
+FallbackOnFailure = Literal["transactional", "all", "off"]
+FALLBACK_ON_FAILURE: tuple[FallbackOnFailure, ...] = ("transactional", "all", "off")
 
 DEFAULT_DATABASE_URL = ""
 """Empty: libpq's own defaults and ``PG*`` variables (``PGHOST``, ``PGDATABASE``, ...)."""
@@ -258,6 +260,10 @@ class Settings:
     listen_database_url: str | None = None
     """A direct connection for LISTEN when ``database_url`` goes through a
     transaction-pooling PgBouncer (LISTEN needs a session of its own)."""
+    fallback_on_failure: FallbackOnFailure = "transactional"
+    """Which lanes hand a message that dies on its channel (a permanent failure, or
+    its last attempt failed) to the next reachable channel of its chain instead of
+    the dead letters: ``transactional`` (alerts), ``all``, or ``off``."""
     prepared_statements: bool = True
     """Off behind PgBouncer in transaction mode (before 1.21): no server-side
     prepared statements on the dispatcher's and the API's connections."""
@@ -266,6 +272,11 @@ class Settings:
         if self.smtp_tls not in ("none", "starttls", "tls"):
             raise ConfigurationError(
                 f"OUTBOX_SMTP_TLS must be none, starttls or tls, not {self.smtp_tls!r}"
+            )
+        if self.fallback_on_failure not in FALLBACK_ON_FAILURE:
+            raise ConfigurationError(
+                f"OUTBOX_FALLBACK_ON_FAILURE must be one of {', '.join(FALLBACK_ON_FAILURE)},"
+                f" not {self.fallback_on_failure!r}"
             )
         if self.max_attempts < 1:
             raise ConfigurationError("OUTBOX_MAX_ATTEMPTS must be at least 1")
@@ -332,4 +343,8 @@ class Settings:
             )
             or None,
             prepared_statements=_switch(env, "OUTBOX_PREPARED_STATEMENTS", True),
+            fallback_on_failure=cast(
+                FallbackOnFailure,  # validated in __post_init__
+                (get("OUTBOX_FALLBACK_ON_FAILURE") or "transactional").strip().lower(),
+            ),
         )

@@ -107,7 +107,7 @@ def test_an_email_alert_arrives_as_multipart_alternative_from_an_allowed_sender(
     wait_until(lambda: history(admin, "u1") == [("email", "sent", None, 1)], 10, "the ack")
 
 
-def test_a_451_recipient_is_retried_and_a_550_one_is_dead_at_once_then_reached_on_telegram(
+def test_a_451_recipient_is_retried_and_a_550_alert_reaches_telegram_at_once(
     admin: psycopg.Connection[Any],
     spawn_dispatcher: Spawn,
     smtp: SmtpServer,
@@ -121,7 +121,7 @@ def test_a_451_recipient_is_retried_and_a_550_one_is_dead_at_once_then_reached_o
     smtp.respond("flaky@example.com", "451 4.3.0 Mailbox busy, try again later", times=1)
     smtp.respond("gone@example.com", "550 5.1.1 No such user here")
     enqueue(admin, "flaky", "price_alert", ALERT)
-    dead_id = enqueue(admin, "gone", "price_alert", ALERT)
+    bounced_id = enqueue(admin, "gone", "price_alert", ALERT)
     spawn_dispatcher(
         **dispatcher_environment(
             smtp=smtp, sender=SENDER, telegram=telegram_server, vapid=vapid_keys
@@ -135,11 +135,20 @@ def test_a_451_recipient_is_retried_and_a_550_one_is_dead_at_once_then_reached_o
         ("email", "retry", "smtp_4xx", 1),
         ("email", "sent", None, 2),
     ]
-    dead = admin.execute(
-        "SELECT id, attempts, error_class, last_error FROM outbox.dead_letter"
-    ).fetchall()
-    assert [(i, n, cls) for i, n, cls, _ in dead] == [(dead_id, 1, "smtp_5xx")]
-    assert "550" in dead[0][3] and "No such user" in dead[0][3]
+    # fallback on failure (transactional, the default): the bounce is a hop, not a death;
+    # push is passed over (no browser subscribed) and Telegram gets the alert
+    [chat] = telegram_server.wait_for_messages(1, timeout=30)
+    assert chat.chat_id == 3003 and "Price alert: GBPUSD above 1.2700" in chat.plain_text
+    wait_until(lambda: len(history(admin, "gone")) == 2, 10, "the ack on Telegram")
+    assert history(admin, "gone") == [
+        ("email", "fallback", "smtp_5xx", 1),
+        ("telegram", "sent", None, 1),
+    ]
+    hop = admin.execute(
+        "SELECT message_id, error FROM outbox.attempt WHERE user_id = 'gone' ORDER BY id"
+    ).fetchall()[0]
+    assert hop[0] == bounced_id and "550" in hop[1] and "No such user" in hop[1]
+    assert count(admin, "SELECT count(*) FROM outbox.dead_letter") == 0
     assert (
         count(
             admin,
@@ -150,20 +159,46 @@ def test_a_451_recipient_is_retried_and_a_550_one_is_dead_at_once_then_reached_o
     )
 
     next_id = enqueue(admin, "gone", "price_alert", ALERT)
-    [chat] = telegram_server.wait_for_messages(1, timeout=30)
-    assert chat.chat_id == 3003 and "Price alert: GBPUSD above 1.2700" in chat.plain_text
-    wait_until(lambda: len(history(admin, "gone")) == 4, 10, "the ack on Telegram")
-    assert history(admin, "gone") == [
-        ("email", "dead", "smtp_5xx", 1),
+    telegram_server.wait_for_messages(2, timeout=30)
+    wait_until(lambda: len(history(admin, "gone")) == 5, 10, "the second alert's hops")
+    assert history(admin, "gone")[2:] == [
         ("email", "fallback", "no_address", 1),  # the bounced address is not used again
         ("push", "fallback", "no_address", 1),  # no browser subscribed
         ("telegram", "sent", None, 1),
     ]
-    first_hop = admin.execute(
+    third_row = admin.execute(
         "SELECT message_id FROM outbox.attempt WHERE user_id = 'gone' ORDER BY id"
-    ).fetchall()[1]
-    assert first_hop == (next_id,)
+    ).fetchall()[2]
+    assert third_row == (next_id,)
     assert len(smtp.messages) == 1, "the bounced address was sent to again"
+
+
+def test_a_campaign_message_that_bounces_dies_where_it_fails(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    smtp: SmtpServer,
+    telegram_server: TelegramServer,
+    vapid_keys: VapidKeys,
+) -> None:
+    admin.execute(
+        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
+        " VALUES ('reader', 'reader@example.com', 4004)"
+    )
+    smtp.respond("reader@example.com", "550 5.1.1 No such user here")
+    row = admin.execute(
+        "SELECT outbox.enqueue('email', 'price_alert', 'reader', %s, 'campaign')", [Jsonb(ALERT)]
+    ).fetchone()
+    assert row is not None
+    spawn_dispatcher(
+        **dispatcher_environment(
+            smtp=smtp, sender=SENDER, telegram=telegram_server, vapid=vapid_keys
+        )
+    )
+
+    wait_until(lambda: len(history(admin, "reader")) == 1, 30, "the campaign's death")
+    assert history(admin, "reader") == [("email", "dead", "smtp_5xx", 1)]
+    assert admin.execute("SELECT id FROM outbox.dead_letter").fetchall() == [(row[0],)]
+    assert telegram_server.messages == []
 
 
 @pytest.mark.slow

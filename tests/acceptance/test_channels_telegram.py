@@ -25,6 +25,15 @@ ALERT = {
     "current_price": "1.0862",
     "condition": "above",
 }
+SL_ALERT = {
+    "instrument": "EURUSD",
+    "side": "buy",
+    "entry_price": "1.0850",
+    "current_price": "1.0790",
+    "loss_amount": "-600.00",
+    "currency": "USD",
+    "broker_ticket": "T-77",
+}
 
 
 def enqueue(
@@ -163,3 +172,38 @@ def test_a_group_that_migrated_to_a_supergroup_gets_the_message_and_its_new_id_i
     enqueue(admin, "u1")
     telegram_server.wait_for_messages(2, timeout=30)
     assert [r.chat_id for r in telegram_server.requests] == [-100, -1001, -1001]
+
+
+def test_five_500s_on_telegram_hand_the_alert_to_email(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    telegram_server: TelegramServer,
+    smtp_server: SmtpServer,
+    vapid_keys: VapidKeys,
+) -> None:
+    admin.execute(
+        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
+        " VALUES ('u5', 'u5@example.com', 55)"
+    )
+    telegram_server.fail(55, 500, times=None)  # the Bot API keeps failing for this chat
+    alert_id = enqueue(admin, "u5", "position_failure_sl", SL_ALERT)
+    spawn_dispatcher(
+        **dispatcher_environment(telegram=telegram_server, smtp=smtp_server, vapid=vapid_keys),
+        OUTBOX_RATE_LIMITS=DEFAULT_LIMITS,
+        OUTBOX_RETRY_DELAYS="0.2,0.2,0.2,0.2",
+    )
+
+    [mail] = smtp_server.wait_for_messages(1, timeout=60)
+    assert mail.rcpt_tos == ("u5@example.com",)
+    wait_until(lambda: len(history(admin, "u5")) == 6, 10, "the ack by email")
+    assert history(admin, "u5") == [
+        *[("telegram", "retry", "telegram_5xx", n) for n in range(1, 5)],
+        ("telegram", "fallback", "telegram_5xx", 5),  # the fifth failure: a hop, not a death
+        ("email", "sent", None, 1),
+    ]
+    assert len(telegram_server.requests) == 5
+    first = admin.execute(
+        "SELECT message_id FROM outbox.attempt WHERE user_id = 'u5' ORDER BY id LIMIT 1"
+    ).fetchone()
+    assert first == (alert_id,)
+    assert admin.execute("SELECT count(*) FROM outbox.dead_letter").fetchone() == (0,)

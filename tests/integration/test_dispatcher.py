@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
+import pytest
 
 from outbox import Settings
 from outbox._settings import parse_rate_limits
@@ -119,7 +120,8 @@ async def test_a_failing_channel_retries_at_growing_intervals_then_dead_then_red
 
     channel = RecordingChannel("email", answer=answer)
     dispatcher = Dispatcher(
-        settings_for(database_url, poll_interval=0.2),
+        # the retry schedule down to the dead letter (fallback on failure: test_outcomes)
+        settings_for(database_url, poll_interval=0.2, fallback_on_failure="off"),
         {"email": channel},
         policy=RetryPolicy(jitter=0),
     )
@@ -155,7 +157,7 @@ async def test_outcomes_map_to_dead_deferral_fallback_and_outage(
     push = RecordingChannel("push")
     ids = {user: enqueue(admin, user) for user in answers}
     dispatcher = Dispatcher(
-        settings_for(database_url),
+        settings_for(database_url, fallback_on_failure="off"),  # u1 dies where it fails
         {"email": email, "push": push},
         options=DispatcherOptions(until_idle=False),
     )
@@ -181,6 +183,42 @@ async def test_outcomes_map_to_dead_deferral_fallback_and_outage(
     assert push.sent[0][1].user_id == "u3"
     paused = rows(admin, "SELECT channel, paused_until > now() FROM outbox.channel_state")
     assert paused == [("email", True)]
+
+
+@pytest.mark.parametrize(
+    ("lane", "setting", "falls_back"),
+    [
+        ("transactional", "transactional", True),
+        ("campaign", "transactional", False),
+        ("campaign", "all", True),
+        ("transactional", "off", False),
+    ],
+)
+async def test_a_permanent_failure_falls_back_by_lane_and_setting(
+    database_url: str, admin: psycopg.Connection[Any], lane: str, setting: str, falls_back: bool
+) -> None:
+    seed_users(admin, 1)
+    admin.execute(
+        "INSERT INTO outbox.push_subscription (user_id, endpoint, p256dh, auth)"
+        " VALUES ('u1', 'https://push.example/u1', 'k', 'a')"
+    )
+    bounce = PermanentFailure(error_class="smtp_5xx", error="550 no such user")
+    email = RecordingChannel("email", answer=lambda e: bounce)
+    push = RecordingChannel("push")
+    message_id = enqueue(admin, "u1", lane=lane)
+    dispatcher = Dispatcher(
+        settings_for(database_url, fallback_on_failure=setting),
+        {"email": email, "push": push},
+        options=DispatcherOptions(until_idle=True),
+    )
+    await asyncio.wait_for(dispatcher.run(), 30)
+    history = rows(admin, "SELECT message_id, channel, outcome FROM outbox.attempt ORDER BY id")
+    if falls_back:
+        assert [h[1:] for h in history] == [("email", "fallback"), ("push", "sent")]
+        assert history[0][0] == message_id and len(push.sent) == 1
+        assert rows(admin, "SELECT count(*) FROM outbox.dead_letter") == [(0,)]
+    else:
+        assert history == [(message_id, "email", "dead")] and push.sent == []
 
 
 async def test_a_render_failure_of_a_raw_sql_row_is_dead_with_class_template(

@@ -236,6 +236,7 @@ async def test_poison_messages_die_with_an_error_class_while_every_other_message
         retry_delays=(0.05,),
         max_attempts=3,
         poll_interval=0.2,
+        fallback_on_failure="off",  # poison dies where it fails, to be seen
     )
     transport = httpx.AsyncHTTPTransport(verify=push_server.client_tls_context())
     channels = {

@@ -5,20 +5,29 @@ from __future__ import annotations
 import random
 import typing
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from outbox.dispatcher._claimed import Claimed, Lease
 from outbox.dispatcher._finishes import FinishDead, FinishHandoff, FinishRequeue, FinishSent
-from outbox.dispatcher._outcomes import failed, finish_for, rate_limit_wait, unrenderable
+from outbox.dispatcher._outcomes import (
+    failed,
+    fall_back_lanes,
+    finish_for,
+    rate_limit_wait,
+    unrenderable,
+)
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher.channels.base import (
     ChannelOutage,
     DeletePushSubscription,
     DisableTelegram,
+    MarkEmailUndeliverable,
     Outcome,
     PermanentFailure,
+    PushSubscription,
     RateLimited,
     Sent,
     TransientFailure,
@@ -140,3 +149,111 @@ def test_a_render_error_dies_and_a_missing_slot_defers() -> None:
 def test_every_outcome_type_has_a_row() -> None:
     covered = {type(row[2]) for row in TABLE}
     assert set(typing.get_args(Outcome)) == covered
+
+
+# --- fallback on failure (OUTBOX_FALLBACK_ON_FAILURE) ---------------------------
+
+REACHABLE_EVERYWHERE = RecipientRecord(
+    user_id="u1",
+    email="u1@example.com",
+    telegram_chat_id=5,
+    subscriptions=(PushSubscription(endpoint="https://push.example/1", p256dh="k", auth="a"),),
+)
+BOUNCE = PermanentFailure(error_class="smtp_5xx", error="550 no such user")
+HTTP_500 = TransientFailure(error_class="http_5xx", error="500")
+
+
+def lane_message(lane: str, *, channel: str = "email", attempts: int = 0, fallback=None):
+    claimed = message(attempts=attempts, channel=channel, fallback=fallback)
+    return replace(claimed, lane=lane, priority=10 if lane == "transactional" else 100)
+
+
+# (case, setting, lane, channel, attempts so far, outcome, recipient, expected follow-up)
+FALLBACK_TABLE = [
+    ("bounce hands an alert on", "transactional", "transactional", "email", 0, BOUNCE,
+     REACHABLE_EVERYWHERE, ("push", ("telegram",))),
+    ("last 500 hands an alert on", "transactional", "transactional", "telegram", 2, HTTP_500,
+     REACHABLE_EVERYWHERE, ("push", ("email",))),
+    ("an earlier 500 is retried first", "transactional", "transactional", "telegram", 1,
+     HTTP_500, REACHABLE_EVERYWHERE, "retry"),
+    ("a campaign dies where it fails", "transactional", "campaign", "email", 0, BOUNCE,
+     REACHABLE_EVERYWHERE, "dead"),
+    ("all: a campaign falls back too", "all", "campaign", "email", 0, BOUNCE,
+     REACHABLE_EVERYWHERE, ("push", ("telegram",))),
+    ("off: an alert dies", "off", "transactional", "email", 0, BOUNCE, REACHABLE_EVERYWHERE,
+     "dead"),
+    ("channels without an address are passed over", "transactional", "transactional", "email",
+     0, BOUNCE, RecipientRecord(user_id="u1", email="e@x.y", telegram_chat_id=5),
+     ("telegram", ())),
+    ("nowhere else to go: dead", "transactional", "transactional", "email", 0, BOUNCE,
+     RecipientRecord(user_id="u1", email="e@x.y"), "dead"),
+    ("a disabled channel is passed over", "transactional", "transactional", "email", 0, BOUNCE,
+     replace(REACHABLE_EVERYWHERE, disabled_channels=frozenset({"push"})), ("telegram", ())),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setting", "lane", "channel", "attempts", "outcome", "recipient", "expected"),
+    [row[1:] for row in FALLBACK_TABLE],
+    ids=[row[0] for row in FALLBACK_TABLE],
+)
+def test_fallback_on_failure_table(
+    setting, lane, channel, attempts, outcome, recipient, expected
+) -> None:
+    claimed = lane_message(lane, channel=channel, attempts=attempts)
+    finish = finish_for(
+        claimed, recipient, outcome, 5.0, policy=POLICY, fall_back_lanes=fall_back_lanes(setting)
+    )
+    if expected == "dead":
+        assert isinstance(finish, FinishDead) and finish.error_class == outcome.error_class
+    elif expected == "retry":
+        assert isinstance(finish, FinishRequeue) and finish.burns_attempt
+    else:
+        assert isinstance(finish, FinishHandoff)
+        assert finish.name == "fallback"  # logged as a hop in outbox.attempt
+        assert (finish.error_class, finish.error) == (outcome.error_class, outcome.error)
+        assert (finish.next_channel, finish.next_fallback) == expected
+
+
+def test_the_chain_of_the_message_wins_and_its_end_is_dead() -> None:
+    lanes = fall_back_lanes("transactional")
+    claimed = lane_message("transactional", fallback=("telegram",))
+    hop = finish_for(
+        claimed, REACHABLE_EVERYWHERE, BOUNCE, 1.0, policy=POLICY, fall_back_lanes=lanes
+    )
+    assert isinstance(hop, FinishHandoff) and (hop.next_channel, hop.next_fallback) == (
+        "telegram",
+        (),
+    )
+    last = lane_message("transactional", channel="telegram", fallback=())
+    died = finish_for(last, REACHABLE_EVERYWHERE, BOUNCE, 1.0, policy=POLICY, fall_back_lanes=lanes)
+    assert isinstance(died, FinishDead)
+
+
+def test_an_internal_error_on_the_last_attempt_falls_back_too() -> None:
+    claimed = lane_message("transactional", attempts=2)
+    finish = failed(
+        claimed,
+        "internal",
+        "KeyError: 'x'",
+        None,
+        policy=POLICY,
+        recipient=REACHABLE_EVERYWHERE,
+        fall_back_lanes=fall_back_lanes("transactional"),
+    )
+    assert isinstance(finish, FinishHandoff) and finish.next_channel == "push"
+
+
+def test_the_bounce_effect_travels_with_the_fallback() -> None:
+    bounce = PermanentFailure(
+        error_class="smtp_5xx", error="550", effects=(MarkEmailUndeliverable(),)
+    )
+    finish = finish_for(
+        lane_message("transactional"),
+        REACHABLE_EVERYWHERE,
+        bounce,
+        1.0,
+        policy=POLICY,
+        fall_back_lanes=fall_back_lanes("transactional"),
+    )
+    assert isinstance(finish, FinishHandoff) and finish.effects == bounce.effects

@@ -39,6 +39,8 @@ REFUSED = [
     ("OUTBOX_DATABASE_URL", "mysql://u@h/db"),
     ("OUTBOX_DATABASE_URL", "host=h dbname=db"),
     ("OUTBOX_LISTEN_DATABASE_URL", "postgresql+psycopg2://u@h/db"),
+    ("OUTBOX_FALLBACK_ON_FAILURE", "campaign"),
+    ("OUTBOX_FALLBACK_ON_FAILURE", "yes"),
 ]
 
 
@@ -48,6 +50,15 @@ def test_an_unknown_or_malformed_value_is_refused_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigurationError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", "transactional"), ("transactional", "transactional"), (" ALL ", "all"), ("off", "off")],
+)
+def test_fallback_on_failure_takes_its_three_values(value: str, expected: str) -> None:
+    settings = Settings.from_env({"OUTBOX_FALLBACK_ON_FAILURE": value})
+    assert settings.fallback_on_failure == expected
 
 
 @pytest.mark.parametrize(
