@@ -23,9 +23,6 @@ class ReadyQueue:
         self._sequence = itertools.count()
         self._event = asyncio.Event()
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
     def push(self, message: Claimed, recipient: RecipientRecord | None) -> None:
         heapq.heappush(
             self._heap, (message.priority, message.id, next(self._sequence), message, recipient)
