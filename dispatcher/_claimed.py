@@ -12,7 +12,7 @@ from typing import Any
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher._stored_vars import stored_vars
 
-MESSAGE_COLUMNS = 14
+MESSAGE_COLUMNS = 15
 """``claim_batch`` returns the message in its first columns, then its recipient."""
 
 
@@ -51,6 +51,8 @@ class Claimed:
     """An alert: seconds it waits for the acknowledgement once sent."""
     acknowledged: bool = False
     """The user acknowledged it while it was in flight: nothing more to send."""
+    sent_before: bool = False
+    """An alert sent on an earlier channel (this is an escalation or its retry)."""
     escalated: bool = False
     """This claim is the escalation of an unacknowledged alert (logged by the claim)."""
     preferences: tuple[tuple[str, frozenset[str]], ...] = ()
@@ -88,6 +90,7 @@ class Claimed:
             expires_at,
             escalate_after,
             acknowledged,
+            sent_before,
             escalated,
             preferences,
         ) = row
@@ -108,6 +111,7 @@ class Claimed:
             expires_at=expires_at,
             escalate_after=escalate_after,
             acknowledged=acknowledged,
+            sent_before=sent_before,
             escalated=escalated,
             preferences=tuple((scope, frozenset(channels)) for scope, channels in preferences)
             if preferences

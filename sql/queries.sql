@@ -174,7 +174,8 @@ WITH async_commit AS (
                              UNION ALL SELECT id FROM escalate))
     RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
               m.fallback, m.attempts, m.expires_at, m.escalate_after,
-              m.acknowledged_at IS NOT NULL AS acknowledged, m.enqueued_by
+              m.acknowledged_at IS NOT NULL AS acknowledged, m.sent_at IS NOT NULL AS sent,
+              m.enqueued_by
 ), escalated AS (
     -- the escalation is logged by the claim that makes it, once
     INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
@@ -187,7 +188,7 @@ WITH async_commit AS (
 SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
        CASE WHEN octet_length(v.text) <= 262144 THEN v.text END,
        c.fallback, c.attempts, c.expires_at,
-       CAST(extract(epoch FROM c.escalate_after) AS float8), c.acknowledged,
+       CAST(extract(epoch FROM c.escalate_after) AS float8), c.acknowledged, c.sent,
        c.id IN (SELECT id FROM escalate),
        -- the user's preferences for this topic: [[instrument or '', [channels]], ...]
        (SELECT json_agg(json_build_array(p.instrument, p.channels))
