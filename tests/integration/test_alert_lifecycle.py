@@ -156,7 +156,7 @@ async def test_an_expired_message_is_never_sent_and_is_no_dead_letter(
     ("changes", "problem"),
     [
         ({"expires_at": datetime.now(UTC) - timedelta(seconds=1)}, "not in the future"),
-        ({"expires_at": datetime(2030, 1, 1)}, "timezone-aware"),  # noqa: DTZ001
+        ({"expires_at": datetime(2030, 1, 1)}, "timezone-aware"),
         (
             {
                 "send_at": datetime.now(UTC) + timedelta(hours=2),
