@@ -63,13 +63,19 @@ CREATE TABLE outbox.message (
     idempotency_key text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     dead_at         timestamptz,
+    expires_at      timestamptz,
+    collapse_key    text,
+    escalate_after  interval,
+    sent_at         timestamptz,
+    acknowledged_at timestamptz,
+    enqueued_by     oid DEFAULT to_regrole(quote_ident(session_user)),
     -- Only the state invariants are constraints. PostgreSQL parses and plans every
     -- CHECK expression again for each INSERT statement, which costs a single-row
     -- enqueue more than the insert itself (measured: 11 constraints, about 30 us of
     -- a 57 us enqueue); the rules for what a producer may write (lane, priority,
     -- channel, user id, template name, vars, fallback) are enforced by
     -- outbox.enqueue and outbox.enqueue_many, the only write path producers have.
-    CONSTRAINT message_status_check CHECK (status IN ('pending', 'sending', 'dead')),
+    CONSTRAINT message_status_check CHECK (status IN ('pending', 'sending', 'dead', 'awaiting_ack')),
     -- a lease exists exactly while the message is being sent
     CONSTRAINT message_lease_iff_sending CHECK (
         (status = 'sending') = (lease_token IS NOT NULL)
@@ -79,6 +85,16 @@ CREATE TABLE outbox.message (
 );
 COMMENT ON TABLE outbox.message IS
     'Messages waiting, in flight or dead; delivered messages are deleted (see outbox.attempt)';
+COMMENT ON COLUMN outbox.message.expires_at IS 'Not sent after this time (outcome expired)';
+COMMENT ON COLUMN outbox.message.collapse_key IS
+    'A newer pending message of the same user, key and producer withdraws this one';
+COMMENT ON COLUMN outbox.message.escalate_after IS
+    'An alert: once sent it waits this long for the acknowledgement, then goes to the next channel';
+COMMENT ON COLUMN outbox.message.sent_at IS 'First delivery of an alert (only alerts keep their row)';
+COMMENT ON COLUMN outbox.message.acknowledged_at IS
+    'Set by outbox.acknowledge while the alert is in flight; the finish then deletes the row';
+COMMENT ON COLUMN outbox.message.enqueued_by IS
+    'The login role (session_user) that enqueued it: the scope of cancel, acknowledge and status';
 
 -- The claim reads this index only: dead and leased rows are not in it.
 CREATE INDEX message_claim_idx ON outbox.message (priority, next_attempt_at, id)
@@ -88,6 +104,13 @@ CREATE INDEX message_lease_idx ON outbox.message (leased_until)
     WHERE status = 'sending';
 CREATE INDEX message_dead_idx ON outbox.message (dead_at)
     WHERE status = 'dead';
+-- Alerts whose escalation is due (status awaiting_ack: sent, waiting for the user;
+-- next_attempt_at is when it escalates); the claim reads it next to message_claim_idx.
+CREATE INDEX message_ack_due_idx ON outbox.message (next_attempt_at)
+    WHERE status = 'awaiting_ack';
+-- Collapse: the pending messages an enqueue with a collapse_key withdraws.
+CREATE INDEX message_collapse_idx ON outbox.message (user_id, collapse_key)
+    WHERE collapse_key IS NOT NULL AND status = 'pending';
 
 -- A queue table: every message leaves two dead row versions (the claim's update,
 -- the delivery's delete) and dead claim-index entries at the head of the queue,
@@ -134,11 +157,15 @@ CREATE TABLE outbox.attempt (
     dispatcher_id text,
     is_test       boolean     NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
+    enqueued_by   oid,
     CONSTRAINT attempt_outcome_check CHECK (
-        outcome IN ('sent', 'retry', 'dead', 'skipped', 'fallback', 'deferred', 'failed')
+        outcome IN ('sent', 'retry', 'dead', 'skipped', 'fallback', 'deferred', 'failed',
+                    'cancelled', 'expired', 'superseded', 'escalated', 'acknowledged')
     )
 );
 COMMENT ON TABLE outbox.attempt IS 'Append-only delivery log, one row per attempt and outcome';
+COMMENT ON COLUMN outbox.attempt.enqueued_by IS
+    'The message''s outbox.message.enqueued_by: status stays scoped after the row is gone';
 CREATE INDEX attempt_message_idx ON outbox.attempt (message_id);
 CREATE INDEX attempt_created_idx ON outbox.attempt USING brin (created_at);
 
@@ -173,6 +200,21 @@ CREATE TABLE outbox.recipient (
         fallback_order IS NULL OR fallback_order <@ ARRAY['email', 'telegram', 'push']::text[]
     )
 );
+
+CREATE TABLE outbox.preference (
+    user_id    text        NOT NULL,
+    topic      text        NOT NULL,
+    instrument text        NOT NULL DEFAULT '',
+    channels   text[]      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, topic, instrument),
+    CONSTRAINT preference_user_id_check CHECK (user_id <> '' AND length(user_id) <= 255),
+    CONSTRAINT preference_topic_check CHECK (topic <> '' AND length(topic) <= 255),
+    CONSTRAINT preference_instrument_check CHECK (length(instrument) <= 255)
+);
+COMMENT ON TABLE outbox.preference IS
+    'Per user and topic (template), optionally per vars.instrument (''''=any): the only '
+    'channels to deliver on; an empty list mutes';
 
 CREATE TABLE outbox.push_subscription (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -251,7 +293,10 @@ CREATE FUNCTION outbox.enqueue(
     send_at timestamptz DEFAULT NULL,
     priority smallint DEFAULT NULL,
     fallback text[] DEFAULT NULL,
-    dedup_window interval DEFAULT '24 hours'
+    dedup_window interval DEFAULT '24 hours',
+    expires_at timestamptz DEFAULT NULL,
+    collapse_key text DEFAULT NULL,
+    escalate_after interval DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -265,6 +310,7 @@ DECLARE
     v_sleeper  text;
     v_window   interval := coalesce(enqueue.dedup_window, interval '24 hours');
     v_size     integer;
+    v_producer oid;
 BEGIN
     IF enqueue.lane IS NULL OR enqueue.lane NOT IN ('transactional', 'campaign') THEN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign',
@@ -333,6 +379,25 @@ BEGIN
             USING ERRCODE = '23514';
     END IF;
 
+    -- The second wave's options cost nothing when unused: each check sits behind
+    -- its own IS NOT NULL.
+    IF enqueue.expires_at IS NOT NULL AND (
+           NOT isfinite(enqueue.expires_at) OR enqueue.expires_at <= now()
+           OR enqueue.expires_at <= enqueue.send_at) THEN
+        RAISE EXCEPTION 'outbox: expires_at % must be a finite time in the future and after send_at',
+            enqueue.expires_at USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.collapse_key IS NOT NULL
+       AND (enqueue.collapse_key = '' OR length(enqueue.collapse_key) > 255) THEN
+        RAISE EXCEPTION 'outbox: collapse_key must be 1-255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.escalate_after IS NOT NULL AND (
+           enqueue.escalate_after < interval '1 second'
+           OR enqueue.escalate_after > interval '7 days') THEN
+        RAISE EXCEPTION 'outbox: escalate_after % must be between 1 second and 7 days',
+            enqueue.escalate_after USING ERRCODE = '22023';
+    END IF;
+
     IF enqueue.idempotency_key IS NOT NULL THEN
         SELECT k.message_id INTO v_existing
           FROM outbox.idempotency_key k
@@ -343,11 +408,33 @@ BEGIN
         END IF;
     END IF;
 
+    IF enqueue.collapse_key IS NOT NULL THEN
+        -- A newer message withdraws the pending ones it collapses with: same user, same
+        -- key, same producer (the login role: one team cannot withdraw another's
+        -- alerts by guessing a key). Never one in flight, already sent or dead.
+        v_producer := to_regrole(quote_ident(session_user));
+        WITH gone AS (
+            DELETE FROM outbox.message m
+             WHERE m.user_id = enqueue.user_id AND m.collapse_key = enqueue.collapse_key
+               AND m.status = 'pending' AND m.sent_at IS NULL
+               AND m.enqueued_by = v_producer
+            RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, m.enqueued_by
+        )
+        INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
+                                    outcome, error_class, error, enqueued_by)
+        SELECT g.id, g.lane, g.channel, g.user_id, g.template, g.attempts + 1, 'superseded',
+               'collapsed', 'a newer message with the same collapse_key replaced it',
+               g.enqueued_by
+          FROM gone g;
+    END IF;
+
     INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars,
-                                fallback, next_attempt_at, idempotency_key)
+                                fallback, next_attempt_at, idempotency_key,
+                                expires_at, collapse_key, escalate_after)
     VALUES (enqueue.lane, v_priority, enqueue.channel, enqueue.user_id, enqueue.template,
             coalesce(enqueue.vars, '{}'::jsonb), enqueue.fallback,
-            greatest(coalesce(enqueue.send_at, now()), now()), enqueue.idempotency_key)
+            greatest(coalesce(enqueue.send_at, now()), now()), enqueue.idempotency_key,
+            enqueue.expires_at, enqueue.collapse_key, enqueue.escalate_after)
     RETURNING id INTO v_id;
 
     IF enqueue.idempotency_key IS NOT NULL THEN
@@ -385,7 +472,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint,
-                                   text[], interval) IS
+                                   text[], interval, timestamptz, text, interval) IS
     'Write a message in the caller''s transaction; returns its id (or the first id for a repeated idempotency key)';
 
 -- Many messages of one template in one statement (campaigns). vars_list holds
@@ -558,11 +645,230 @@ BEGIN
     GET DIAGNOSTICS v_count = ROW_COUNT;
     -- a key stays until its own dedup window has passed, whatever older_than says
     DELETE FROM outbox.idempotency_key WHERE expires_at <= now();
+    -- alerts at the end of their chain that nobody acknowledged, as old as the history
+    DELETE FROM outbox.message
+     WHERE status = 'awaiting_ack' AND next_attempt_at = 'infinity'
+       AND sent_at < now() - older_than;
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION outbox.prune_history(interval) IS
     'Retention: delete attempt rows older than older_than and idempotency keys past their window';
+
+-- ---------------------------------------------------------------------------
+-- Cancel, acknowledge, status, preferences (DESIGN section 9).
+-- ---------------------------------------------------------------------------
+-- Whether the session's login role may see and change every message (operators, the
+-- dispatcher and the API that runs as it, inspectors read only), not just its own.
+CREATE FUNCTION outbox._sees_all(writes boolean) RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role(session_user, 'outbox_operator', 'USAGE')
+        OR pg_has_role(session_user, 'outbox_dispatcher', 'USAGE')
+        OR (NOT writes AND pg_has_role(session_user, 'outbox_inspector', 'USAGE'))
+$$;
+
+CREATE FUNCTION outbox.cancel(message_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- Withdraw a message nobody has started sending. A message in flight is not
+-- cancelled: its dispatcher may already have handed it to the provider, and a
+-- "cancelled" that was delivered anyway would be a lie (docs/guarantees.md).
+DECLARE
+    v_count integer;
+BEGIN
+    WITH gone AS (
+        DELETE FROM outbox.message m
+         WHERE m.id = cancel.message_id AND m.status = 'pending' AND m.sent_at IS NULL
+           AND (m.enqueued_by = to_regrole(quote_ident(session_user))
+                OR outbox._sees_all(true))
+        RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, m.enqueued_by
+    )
+    INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
+                                outcome, enqueued_by)
+    SELECT g.id, g.lane, g.channel, g.user_id, g.template, g.attempts + 1, 'cancelled',
+           g.enqueued_by
+      FROM gone g;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count > 0;
+END
+$$;
+COMMENT ON FUNCTION outbox.cancel(bigint) IS
+    'Withdraw a pending message that was never sent; false when unknown, sent, in flight or dead';
+
+CREATE FUNCTION outbox.acknowledge(message_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- The user saw the alert: no more escalation. The row goes (pending, waiting or
+-- dead); one in flight is marked, and its dispatcher's finish deletes it.
+DECLARE
+    v_count integer;
+BEGIN
+    WITH target AS (
+        SELECT m.id, m.status
+          FROM outbox.message m
+         WHERE m.id = acknowledge.message_id
+           AND m.escalate_after IS NOT NULL AND m.sent_at IS NOT NULL
+           AND m.acknowledged_at IS NULL
+           AND (m.enqueued_by = to_regrole(quote_ident(session_user))
+                OR outbox._sees_all(true))
+           FOR UPDATE OF m
+    ), gone AS (
+        DELETE FROM outbox.message m USING target t
+         WHERE m.id = t.id AND t.status <> 'sending'
+        RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, m.enqueued_by
+    ), marked AS (
+        UPDATE outbox.message m SET acknowledged_at = now()
+          FROM target t
+         WHERE m.id = t.id AND t.status = 'sending'
+        RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, m.enqueued_by
+    )
+    INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
+                                outcome, enqueued_by)
+    SELECT a.id, a.lane, a.channel, a.user_id, a.template, a.attempts, 'acknowledged',
+           a.enqueued_by
+      FROM (SELECT * FROM gone UNION ALL SELECT * FROM marked) a;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count > 0;
+END
+$$;
+COMMENT ON FUNCTION outbox.acknowledge(bigint) IS
+    'The user saw this alert: stop its escalation; false when unknown, not an alert, not sent yet or acknowledged';
+
+CREATE FUNCTION outbox.message_status(message_id bigint) RETURNS text
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- Two index probes: the row (primary key) while it exists, else the delivery log
+-- (attempt_message_idx). NULL for a message that is unknown or not the caller's.
+DECLARE
+    v_status   text;
+    v_by       oid;
+    v_outcome  text;
+    v_acked    boolean;
+BEGIN
+    SELECT m.status, m.enqueued_by INTO v_status, v_by
+      FROM outbox.message m WHERE m.id = message_status.message_id;
+    IF NOT FOUND THEN
+        SELECT (array_agg(a.outcome ORDER BY a.id DESC))[1],
+               bool_or(a.outcome = 'acknowledged'), min(a.enqueued_by)
+          INTO v_outcome, v_acked, v_by
+          FROM outbox.attempt a
+         WHERE a.message_id = message_status.message_id AND NOT a.is_test;
+        IF v_outcome IS NULL THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    IF v_by IS DISTINCT FROM to_regrole(quote_ident(session_user))
+       AND NOT outbox._sees_all(false) THEN
+        RETURN NULL;
+    END IF;
+    IF v_status IS NOT NULL THEN
+        RETURN v_status;  -- pending, sending, dead, awaiting_ack
+    END IF;
+    IF v_acked THEN
+        RETURN 'acknowledged';
+    END IF;
+    RETURN CASE WHEN v_outcome IN ('sent', 'dead', 'cancelled', 'expired', 'superseded',
+                                   'skipped')
+                THEN v_outcome
+                ELSE 'sent' END;
+END
+$$;
+COMMENT ON FUNCTION outbox.message_status(bigint) IS
+    'pending, sending, sent, dead, cancelled, expired, superseded, awaiting_ack, acknowledged or skipped; NULL when unknown';
+
+CREATE FUNCTION outbox.message_attempts(message_id bigint)
+RETURNS TABLE (attempt integer, channel text, outcome text, error_class text,
+               at timestamptz)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- The delivery log of one message, oldest first, scoped like outbox.message_status.
+-- Error texts stay with operators (they may quote a provider's answer).
+BEGIN
+    IF NOT outbox._sees_all(false) AND NOT EXISTS (
+        SELECT 1 FROM outbox.message m
+         WHERE m.id = message_attempts.message_id
+           AND m.enqueued_by = to_regrole(quote_ident(session_user))
+        UNION ALL
+        SELECT 1 FROM outbox.attempt a
+         WHERE a.message_id = message_attempts.message_id AND NOT a.is_test
+           AND a.enqueued_by = to_regrole(quote_ident(session_user))
+    ) THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT a.attempt, a.channel, a.outcome, a.error_class, a.created_at
+          FROM outbox.attempt a
+         WHERE a.message_id = message_attempts.message_id AND NOT a.is_test
+         ORDER BY a.id;
+END
+$$;
+COMMENT ON FUNCTION outbox.message_attempts(bigint) IS
+    'The attempt rows of one message, oldest first (empty when unknown or not the caller''s)';
+
+CREATE FUNCTION outbox.set_preference(
+    user_id text,
+    topic text,
+    channels text[],
+    instrument text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- channels NULL forgets the preference; '{}' mutes the topic (or the instrument).
+BEGIN
+    IF set_preference.user_id IS NULL OR set_preference.user_id = ''
+       OR length(set_preference.user_id) > 255 THEN
+        RAISE EXCEPTION 'outbox: user_id must be 1-255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF set_preference.topic IS NULL OR set_preference.topic = ''
+       OR length(set_preference.topic) > 255 THEN
+        RAISE EXCEPTION 'outbox: topic must be 1-255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF set_preference.instrument IS NOT NULL AND (set_preference.instrument = ''
+       OR length(set_preference.instrument) > 255) THEN
+        RAISE EXCEPTION 'outbox: instrument must be 1-255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF set_preference.channels IS NULL THEN
+        DELETE FROM outbox.preference p
+         WHERE p.user_id = set_preference.user_id AND p.topic = set_preference.topic
+           AND p.instrument = coalesce(set_preference.instrument, '');
+        RETURN;
+    END IF;
+    IF array_position(set_preference.channels, NULL) IS NOT NULL
+       OR NOT set_preference.channels <@ ARRAY['email', 'telegram', 'push']::text[] THEN
+        RAISE EXCEPTION 'outbox: channels % names an unknown channel', set_preference.channels
+            USING ERRCODE = '22023';
+    END IF;
+    -- A failed stop-loss, take-profit or entry must reach the trader somewhere.
+    IF cardinality(set_preference.channels) = 0
+       AND starts_with(set_preference.topic, 'position_failure_') THEN
+        RAISE EXCEPTION 'outbox: position-failure alerts (%) cannot be muted on every channel',
+            set_preference.topic USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO outbox.preference AS p (user_id, topic, instrument, channels)
+    VALUES (set_preference.user_id, set_preference.topic,
+            coalesce(set_preference.instrument, ''),
+            ARRAY(SELECT DISTINCT c FROM unnest(set_preference.channels) AS c ORDER BY c))
+    ON CONFLICT ON CONSTRAINT preference_pkey DO UPDATE
+        SET channels = excluded.channels, updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION outbox.set_preference(text, text, text[], text) IS
+    'Deliver messages of topic (optionally only for vars.instrument) only on channels; NULL forgets';
 
 -- ---------------------------------------------------------------------------
 -- Privileges. Functions are executable by PUBLIC by default; take that back.
@@ -576,7 +882,8 @@ GRANT USAGE ON SCHEMA outbox TO outbox_owner, outbox_operator, outbox_recipient_
 
 -- Producers: the two enqueue functions, nothing else.
 GRANT EXECUTE ON FUNCTION
-    outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval),
+    outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval,
+                   timestamptz, text, interval),
     outbox.enqueue_many(text, text, text[], jsonb[], text, timestamptz, smallint)
     TO outbox_producer, outbox_dispatcher;
 
@@ -616,9 +923,38 @@ GRANT SELECT, INSERT, UPDATE ON outbox.recipient, outbox.push_subscription
 -- superuser): a SECURITY DEFINER function runs with its owner's privileges.
 ALTER FUNCTION outbox._wake_dispatchers() OWNER TO outbox_owner;
 ALTER FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint,
-                              text[], interval) OWNER TO outbox_owner;
+                              text[], interval, timestamptz, text, interval) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.enqueue_many(text, text, text[], jsonb[], text, timestamptz, smallint)
     OWNER TO outbox_owner;
 ALTER FUNCTION outbox.retry_dead(bigint[]) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.purge_dead(interval) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.prune_history(interval) OWNER TO outbox_owner;
+
+-- Producers: enqueue, and cancel, acknowledge and read the status of their own messages.
+GRANT EXECUTE ON FUNCTION
+    outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval,
+                   timestamptz, text, interval),
+    outbox.cancel(bigint), outbox.acknowledge(bigint), outbox.message_status(bigint),
+    outbox.message_attempts(bigint)
+    TO outbox_producer, outbox_dispatcher;
+GRANT EXECUTE ON FUNCTION
+    outbox.cancel(bigint), outbox.acknowledge(bigint), outbox.message_status(bigint),
+    outbox.message_attempts(bigint)
+    TO outbox_operator;
+GRANT EXECUTE ON FUNCTION outbox.message_status(bigint), outbox.message_attempts(bigint)
+    TO outbox_inspector;
+-- The dispatcher reads preferences with each claim; the service that registers users
+-- writes them.
+GRANT SELECT ON outbox.preference TO outbox_dispatcher;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.preference TO outbox_owner;
+GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text)
+    TO outbox_recipient_writer;
+GRANT INSERT ON outbox.attempt TO outbox_owner;
+GRANT EXECUTE ON FUNCTION outbox._sees_all(boolean) TO outbox_owner;
+
+ALTER FUNCTION outbox.cancel(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.acknowledge(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.message_status(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.message_attempts(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.set_preference(text, text, text[], text) OWNER TO outbox_owner;
+ALTER FUNCTION outbox._sees_all(boolean) OWNER TO outbox_owner;

@@ -219,3 +219,37 @@ def test_outbox_0006_keeps_existing_keys_for_the_default_window(empty_database_u
             "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', idempotency_key => 'k')"
         ).fetchone()
         assert again == (1,)
+
+
+def test_downgrading_outbox_0008_restores_outbox_0007_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0007")
+    upgrade(second_empty_database_url, "outbox_0008")
+    downgrade(second_empty_database_url, "outbox_0007")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
+def test_producers_of_outbox_0007_keep_working_after_outbox_0008(empty_database_url: str) -> None:
+    """Migrate first, then roll the producers: the ten-argument enqueue still runs, and
+    messages written before the revision belong to the role that migrated."""
+    upgrade(empty_database_url, "outbox_0007")
+    with psycopg.connect(empty_database_url) as conn:
+        before = conn.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', 'transactional',"
+            " NULL, NULL, NULL, NULL, interval '1 hour')"
+        ).fetchone()
+    upgrade(empty_database_url, "outbox_0008")
+    with psycopg.connect(empty_database_url) as conn:
+        after = conn.execute(
+            "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', 'transactional',"
+            " NULL, NULL, NULL, NULL, interval '1 hour')"
+        ).fetchone()
+        owners = conn.execute(
+            "SELECT DISTINCT enqueued_by::regrole::text = current_user FROM outbox.message"
+        ).fetchall()
+        assert before is not None and after is not None
+        assert conn.execute("SELECT outbox.cancel(%s)", [before[0]]).fetchone() == (True,)
+    assert owners == [(True,)]
