@@ -7,7 +7,8 @@
      │    ├── UnknownTemplate               no such template for that channel
      │    └── MissingTemplateVariables      the template needs variables not given
      ├── ConfigurationError (also ValueError)  bad OUTBOX_* settings
-     └── TemplateRenderError                a stored message could not be rendered
+     ├── TemplateRenderError                a stored message could not be rendered
+     └── InvalidAckToken                    an acknowledgement link that does not verify
 
 Every error raised by an enqueue call is raised *before* anything is written, so
 the caller's transaction stays usable.
@@ -55,3 +56,14 @@ class ConfigurationError(OutboxError, ValueError):
 
 class TemplateRenderError(OutboxError):
     """A message could not be rendered (a row written through raw SQL, say)."""
+
+
+class InvalidAckToken(OutboxError):
+    """An acknowledgement token is forged, malformed, expired or oversized.
+
+    One message whatever the reason: whoever holds a bad link learns nothing from
+    the answer about which part of it failed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("invalid or expired acknowledgement link")

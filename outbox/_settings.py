@@ -6,13 +6,18 @@ once in the entry point and pass the object down.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
+from urllib.parse import urlsplit
 
+from outbox._ack_tokens import sign
 from outbox._errors import ConfigurationError
 
 SmtpTls = Literal["none", "starttls", "tls"]
@@ -30,6 +35,18 @@ DEFAULT_PUSH_ALLOWED_HOSTS = (
     "web.push.apple.com",
     "*.push.apple.com",
 )
+
+
+DEFAULT_API_PUBLIC_URL = "http://127.0.0.1:8000"
+DEFAULT_ACK_LINK_TTL = 7 * 86400.0
+MAX_ACK_LINK_TTL = 90 * 86400.0
+"""A link in a mailbox stays usable that long at most: past it, the alert is old news."""
+MIN_ACK_SECRET_BYTES = 32
+"""As for the JWT secret: a token carries its MAC and the data it covers, so a shorter
+secret can be searched offline from one link."""
+ACK_KEY_LABEL = b"outbox ack link v1"
+"""What the ack signing key is derived for: a key derived from the JWT secret signs
+nothing a JWT check would accept, and no JWT is an ack token."""
 
 
 class Secret:
@@ -206,6 +223,29 @@ def database_url(raw: str | None, name: str = "OUTBOX_DATABASE_URL") -> str:
     return url
 
 
+def public_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the API's public address, or None when it can.
+
+    Links in messages are built on it, so it is an absolute http(s) URL (a path, for
+    a reverse proxy's prefix, is fine) with nothing a link would carry along by
+    accident: no query, no fragment, no credentials, no whitespace.
+    """
+    if any(char.isspace() for char in url):
+        return "it contains whitespace"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range)
+    except ValueError:
+        return "it is not a URL"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "it must start with http:// or https:// and name a host"
+    if "?" in url or "#" in url:
+        return "it must have no query (?) or fragment (#)"
+    if "@" in parts.netloc:
+        return "it must carry no user name or password"
+    return None
+
+
 def _list(raw: str | None) -> tuple[str, ...]:
     if not raw:
         return ()
@@ -244,6 +284,14 @@ class Settings:
     """Failed authentications (401) one client address may cause per minute."""
     templates_dir: Path | None = None
     platform_base_url: str = "https://platform.example.com"
+    api_public_url: str = DEFAULT_API_PUBLIC_URL
+    """Where recipients and providers reach the API (links in messages); no trailing
+    slash."""
+    ack_secret: Secret = field(default_factory=lambda: Secret(""))
+    """Signs acknowledgement links; when empty, ``api_jwt_secret`` does (through a
+    derived key, see :meth:`ack_signing_key`)."""
+    ack_link_ttl: float = DEFAULT_ACK_LINK_TTL
+    """Seconds an acknowledgement link stays valid after the message is rendered."""
 
     retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     max_attempts: int = 5
@@ -284,11 +332,53 @@ class Settings:
             raise ConfigurationError("OUTBOX_LEASE_SECONDS must be at least 1")
         if self.db_timeout <= 0:
             raise ConfigurationError("OUTBOX_DB_TIMEOUT must be positive")
+        problem = public_url_problem(self.api_public_url)
+        if problem is not None:
+            # the value is not echoed: a refused URL may be one that carries a password
+            raise ConfigurationError(f"OUTBOX_API_PUBLIC_URL is refused: {problem}")
+        # frozen: the one normalisation, so every link is built on the same spelling
+        object.__setattr__(self, "api_public_url", self.api_public_url.rstrip("/"))
+        if not (math.isfinite(self.ack_link_ttl) and 0 < self.ack_link_ttl <= MAX_ACK_LINK_TTL):
+            raise ConfigurationError(
+                "OUTBOX_ACK_LINK_TTL must be positive seconds, at most"
+                f" {MAX_ACK_LINK_TTL:.0f} (90 days), not {self.ack_link_ttl!r}"
+            )
+        secret_bytes = len(self.ack_secret.reveal().encode())
+        if 0 < secret_bytes < MIN_ACK_SECRET_BYTES:
+            raise ConfigurationError(
+                f"OUTBOX_ACK_SECRET is {secret_bytes} bytes; at least {MIN_ACK_SECRET_BYTES}"
+                ' are required (e.g. python -c "import secrets; print(secrets.token_urlsafe(48))")'
+            )
 
     @property
     def allowed_senders(self) -> tuple[str, ...]:
         """Addresses allowed in ``From``; the configured sender is always one."""
         return self.smtp_allowed_senders or (self.smtp_from,)
+
+    def ack_signing_key(self) -> bytes | None:
+        """The key that signs and verifies acknowledgement links, or None without one.
+
+        HMAC-SHA256 of a fixed label under ``OUTBOX_ACK_SECRET``, else under
+        ``OUTBOX_API_JWT_SECRET``: the dispatcher that signs and the API that verifies
+        derive the same key from the same settings, and the JWT secret itself never
+        signs a link.
+        """
+        secret = self.ack_secret or self.api_jwt_secret
+        if not secret:
+            return None
+        return hmac.new(secret.reveal().encode(), ACK_KEY_LABEL, hashlib.sha256).digest()
+
+    def ack_url(self, message_id: int, *, now: float | None = None) -> str | None:
+        """The link that acknowledges ``message_id``, or None without a signing key.
+
+        ``<public url>/ack/<token>``, valid for ``ack_link_ttl`` seconds from ``now``
+        (epoch seconds, the clock by default).
+        """
+        key = self.ack_signing_key()
+        if key is None:
+            return None
+        token = sign(message_id, key=key, ttl_seconds=self.ack_link_ttl, now=now)
+        return f"{self.api_public_url}/ack/{token}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -330,6 +420,10 @@ class Settings:
             platform_base_url=(
                 get("OUTBOX_PLATFORM_BASE_URL") or "https://platform.example.com"
             ).rstrip("/"),
+            # validated and stripped of a trailing slash in __post_init__
+            api_public_url=(get("OUTBOX_API_PUBLIC_URL") or "").strip() or DEFAULT_API_PUBLIC_URL,
+            ack_secret=Secret(get("OUTBOX_ACK_SECRET") or ""),
+            ack_link_ttl=_float(env, "OUTBOX_ACK_LINK_TTL", DEFAULT_ACK_LINK_TTL),
             retry_delays=_delays(get("OUTBOX_RETRY_DELAYS") or "1,2,4,8,16"),
             max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 5, 1),
             lease_seconds=_float(env, "OUTBOX_LEASE_SECONDS", 30.0, 1.0),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import subprocess
 import sys
 
 import pytest
 
-from outbox._errors import ConfigurationError
-from outbox._settings import Settings, database_url
+from outbox._ack_tokens import verify
+from outbox._errors import ConfigurationError, InvalidAckToken
+from outbox._settings import Secret, Settings, database_url
 
 # (variable, a value it must refuse)
 REFUSED = [
@@ -41,6 +45,21 @@ REFUSED = [
     ("OUTBOX_LISTEN_DATABASE_URL", "postgresql+psycopg2://u@h/db"),
     ("OUTBOX_FALLBACK_ON_FAILURE", "campaign"),
     ("OUTBOX_FALLBACK_ON_FAILURE", "yes"),
+    ("OUTBOX_API_PUBLIC_URL", "127.0.0.1:8000"),
+    ("OUTBOX_API_PUBLIC_URL", "ftp://api.example.com"),
+    ("OUTBOX_API_PUBLIC_URL", "https://"),
+    ("OUTBOX_API_PUBLIC_URL", "https://api.example.com/?src=mail"),
+    ("OUTBOX_API_PUBLIC_URL", "https://api.example.com/#top"),
+    ("OUTBOX_API_PUBLIC_URL", "https://ops:pw@api.example.com"),
+    ("OUTBOX_API_PUBLIC_URL", "https://api.example.com:99999"),
+    ("OUTBOX_API_PUBLIC_URL", "https://api.example.com/a b"),
+    ("OUTBOX_ACK_LINK_TTL", "0"),
+    ("OUTBOX_ACK_LINK_TTL", "-60"),
+    ("OUTBOX_ACK_LINK_TTL", "7d"),
+    ("OUTBOX_ACK_LINK_TTL", "7776001"),
+    ("OUTBOX_ACK_LINK_TTL", "inf"),
+    ("OUTBOX_ACK_LINK_TTL", "nan"),
+    ("OUTBOX_ACK_SECRET", "x" * 31),
 ]
 
 
@@ -115,3 +134,119 @@ def test_the_dispatcher_refuses_an_unknown_listen_value_in_one_line() -> None:
     assert "OUTBOX_LISTEN" in result.stderr and "'maybe'" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ------------------------------------------------------------------ ack links
+
+JWT_SECRET = "jwt-secret-for-the-settings-tests-0123456789"
+ACK_SECRET = "ack-secret-for-the-settings-tests-9876543210"
+NOW = 1_790_000_000.0
+
+
+def test_the_public_url_defaults_to_the_local_api() -> None:
+    assert Settings.from_env({}).api_public_url == "http://127.0.0.1:8000"
+    assert Settings.from_env({"OUTBOX_API_PUBLIC_URL": "  "}).api_public_url == (
+        "http://127.0.0.1:8000"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("https://alerts.example.com/", "https://alerts.example.com"),
+        ("https://alerts.example.com///", "https://alerts.example.com"),
+        (" https://example.com/outbox/ ", "https://example.com/outbox"),
+        ("HTTP://[::1]:8000", "HTTP://[::1]:8000"),
+    ],
+)
+def test_the_public_url_loses_its_trailing_slash_and_keeps_a_path(raw: str, expected: str) -> None:
+    assert Settings.from_env({"OUTBOX_API_PUBLIC_URL": raw}).api_public_url == expected
+    # built directly as well as from the environment
+    assert Settings(api_public_url=raw.strip()).api_public_url == expected
+
+
+def test_a_refused_public_url_is_not_echoed_it_may_hold_a_password() -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env({"OUTBOX_API_PUBLIC_URL": "https://ops:hunter2@api.example.com"})
+    assert "OUTBOX_API_PUBLIC_URL" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def test_a_short_ack_secret_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env({"OUTBOX_ACK_SECRET": "s3cr3t-but-short"})
+    assert "at least 32" in str(refused.value) and "s3cr3t" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("", 604_800.0), ("3600", 3600.0), ("7776000", 7_776_000.0)]
+)
+def test_the_ack_link_ttl_is_seconds_up_to_90_days(raw: str, expected: float) -> None:
+    assert Settings.from_env({"OUTBOX_ACK_LINK_TTL": raw}).ack_link_ttl == expected
+
+
+def test_without_either_secret_there_is_no_signing_key_and_no_link() -> None:
+    settings = Settings.from_env({})
+
+    assert settings.ack_signing_key() is None
+    assert settings.ack_url(42) is None
+
+
+def test_the_signing_key_is_derived_from_the_jwt_secret_when_no_ack_secret_is_set() -> None:
+    settings = Settings.from_env({"OUTBOX_API_JWT_SECRET": JWT_SECRET})
+    expected = hmac.new(JWT_SECRET.encode(), b"outbox ack link v1", hashlib.sha256).digest()
+
+    assert settings.ack_signing_key() == expected
+    assert JWT_SECRET.encode() not in expected
+
+
+def test_the_ack_secret_wins_over_the_jwt_secret() -> None:
+    settings = Settings.from_env(
+        {"OUTBOX_API_JWT_SECRET": JWT_SECRET, "OUTBOX_ACK_SECRET": ACK_SECRET}
+    )
+    expected = hmac.new(ACK_SECRET.encode(), b"outbox ack link v1", hashlib.sha256).digest()
+
+    assert settings.ack_signing_key() == expected
+    # a dispatcher and an API configured alike derive the same key
+    assert Settings(ack_secret=Secret(ACK_SECRET)).ack_signing_key() == expected
+
+
+def test_an_ack_url_is_the_public_url_and_a_token_for_that_message_valid_for_the_ttl() -> None:
+    settings = Settings.from_env(
+        {
+            "OUTBOX_API_JWT_SECRET": JWT_SECRET,
+            "OUTBOX_API_PUBLIC_URL": "https://alerts.example.com/outbox/",
+            "OUTBOX_ACK_LINK_TTL": "3600",
+        }
+    )
+    key = settings.ack_signing_key()
+    assert key is not None
+
+    url = settings.ack_url(42, now=NOW)
+
+    assert url is not None
+    prefix = "https://alerts.example.com/outbox/ack/"
+    assert url.startswith(prefix)
+    token = url.removeprefix(prefix)
+    assert verify(token, key=key, now=NOW + 3599) == 42
+    with pytest.raises(InvalidAckToken):
+        verify(token, key=key, now=NOW + 3600)
+
+
+def test_no_secret_or_key_shows_in_the_settings_repr() -> None:
+    settings = Settings.from_env(
+        {"OUTBOX_API_JWT_SECRET": JWT_SECRET, "OUTBOX_ACK_SECRET": ACK_SECRET}
+    )
+    key = settings.ack_signing_key()
+    assert key is not None
+
+    shown = repr(settings) + str(settings)
+
+    assert "ack_secret=Secret('********')" in shown
+    for leak in (
+        ACK_SECRET,
+        JWT_SECRET,
+        key.hex(),
+        repr(key),
+        base64.urlsafe_b64encode(key).decode(),
+    ):
+        assert leak not in shown
