@@ -182,6 +182,11 @@ class Dispatcher:
             self.options.concurrency,
             self.options.batch_size,
         )
+        if self.settings.ack_signing_key() is None:
+            log.warning(
+                "no OUTBOX_ACK_SECRET or OUTBOX_API_JWT_SECRET: alerts (escalate_after)"
+                " are sent without an acknowledgement link"
+            )
         try:
             await self._claim_loop()
         finally:
