@@ -154,12 +154,11 @@ WITH async_commit AS (
      LIMIT %(batch_size)s
      FOR UPDATE OF m SKIP LOCKED
 ), escalate AS (
-    -- alerts nobody acknowledged in time; each already sits on its next channel
-    -- (the sent finish moved it there), so a claim lost in a crash cannot send the
-    -- same channel twice
+    -- alerts nobody acknowledged in time; the sent finish put the channel they
+    -- escalate to first in their chain (fallback[1])
     SELECT m.id FROM outbox.message m, paused
      WHERE m.status = 'awaiting_ack' AND m.next_attempt_at <= now()
-       AND m.channel <> ALL (paused.channels)
+       AND m.fallback[1] <> ALL (paused.channels)
      ORDER BY m.next_attempt_at
      LIMIT %(batch_size)s
      FOR UPDATE OF m SKIP LOCKED
@@ -167,6 +166,12 @@ WITH async_commit AS (
     -- the lease
     UPDATE outbox.message m
        SET status = 'sending',
+           -- an escalation moves to its next channel in the claim itself: a claim
+           -- lost in a crash then cannot send the same channel twice
+           channel = CASE WHEN m.status = 'awaiting_ack' THEN m.fallback[1]
+                          ELSE m.channel END,
+           fallback = CASE WHEN m.status = 'awaiting_ack' THEN m.fallback[2:]
+                           ELSE m.fallback END,
            lease_token = CAST(%(lease_token)s AS uuid),
            leased_until = now() + make_interval(secs => %(lease_seconds)s),
            leased_by = %(dispatcher_id)s
@@ -245,10 +250,10 @@ RETURNING message_id
 
 -- finish_sent_alert --
 -- Delivered alerts (escalate_after): each waits for its acknowledgement
--- (awaiting_ack), already moved to the channel it escalates to after %(waits)s
--- seconds, or without a deadline ('' next channel: the chain's end). One the user
--- acknowledged while it was in flight is deleted instead. Logs 'sent' on the
--- channel it went out on.
+-- (awaiting_ack) on the channel it went out on, its chain now starting with the
+-- channel it escalates to after %(waits)s seconds; without a next channel (the
+-- chain's end) it waits without a deadline. One the user acknowledged while it
+-- was in flight is deleted instead. Logs 'sent'.
 WITH f AS (
     SELECT * FROM unnest(
         CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(durations)s AS float8[]),
@@ -265,9 +270,9 @@ WITH f AS (
 ), waiting AS (
     UPDATE outbox.message m
        SET status = 'awaiting_ack', sent_at = coalesce(m.sent_at, now()), attempts = 0,
-           channel = coalesce(f.next_channel, m.channel),
            fallback = CASE WHEN f.next_channel IS NULL THEN m.fallback
-                           ELSE CAST(string_to_array(f.next_fallback, ',') AS text[]) END,
+                           ELSE f.next_channel
+                                || CAST(string_to_array(f.next_fallback, ',') AS text[]) END,
            next_attempt_at = CASE WHEN f.next_channel IS NULL THEN 'infinity'
                                   ELSE now() + make_interval(secs => f.wait) END,
            lease_token = NULL, leased_until = NULL, leased_by = NULL
