@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -312,9 +313,11 @@ async def test_bad_links_do_not_lock_the_owner_api_or_health_out_of_that_address
     strict = replace(settings, api_auth_failures_per_minute=2)
     async with AsyncTestClient(app=create_app(strict, channels={})) as client:
         guesses = [(await client.get(f"/ack/guess-{n}")).status_code for n in range(3)]
+        status = await client.get(STATUS.format(alert), headers=owner())
         health = await client.get("/health")
 
     assert guesses == [404, 404, 429]
+    assert status.status_code == 200, status.text
     assert health.status_code == 200, health.text
 
 
@@ -336,6 +339,105 @@ async def test_the_link_answers_503_when_the_database_is_down(settings: Settings
         response = await client.get(link_path(settings, 42))
 
     assert response.status_code == 503, response.text
+
+
+# ------------------------------------------------------------------- message status
+
+
+STATUS = "/api/v1/messages/{}"
+
+
+async def test_the_status_needs_an_owner_token(
+    client: AsyncTestClient[Litestar], alert: int
+) -> None:
+    assert (await client.get(STATUS.format(alert))).status_code == 401
+    forged = {"Authorization": "Bearer " + jwt.encode({"sub": "x", "role": "owner"}, "k" * 40)}
+    assert (await client.get(STATUS.format(alert), headers=forged)).status_code == 401
+    assert (await client.get(STATUS.format(alert), headers=owner("user"))).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "message_id", ["999999", "-1732000000000000", "0", str(2**63), str(10**30)]
+)
+async def test_an_unknown_message_answers_404(
+    client: AsyncTestClient[Litestar], message_id: str
+) -> None:
+    response = await client.get(STATUS.format(message_id), headers=owner())
+
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": "message not found"}
+
+
+async def test_the_status_of_an_alert_waiting_for_its_acknowledgement(
+    client: AsyncTestClient[Litestar], alert: int
+) -> None:
+    response = await client.get(STATUS.format(alert), headers=owner())
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["id"] == alert and answer["state"] == "awaiting_ack"
+    assert answer["channel"] == "email"
+    [attempt] = answer["attempts"]
+    assert set(attempt) == {"attempt", "channel", "outcome", "error_class", "at"}
+    assert (attempt["attempt"], attempt["channel"], attempt["outcome"]) == (1, "email", "sent")
+    assert attempt["error_class"] is None
+    at = datetime.fromisoformat(attempt["at"])
+    assert attempt["at"].endswith("Z") and at.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - at) < timedelta(minutes=5)
+
+
+async def test_attempt_times_are_in_utc_whatever_the_servers_time_zone(
+    settings: Settings, admin: psycopg.Connection[Any], alert: int
+) -> None:
+    (database,) = admin.execute("SELECT current_database()").fetchone() or ("",)
+    admin.execute(f"ALTER DATABASE \"{database}\" SET TimeZone = 'Asia/Kolkata'")
+    async with AsyncTestClient(app=create_app(settings, channels={})) as client:
+        answer = (await client.get(STATUS.format(alert), headers=owner())).json()
+
+    [attempt] = answer["attempts"]
+    assert attempt["at"].endswith("Z"), attempt
+
+
+async def test_the_status_after_the_link_keeps_the_channel_of_the_last_attempt(
+    client: AsyncTestClient[Litestar], settings: Settings, alert: int
+) -> None:
+    assert (await client.get(link_path(settings, alert))).status_code == 200
+
+    answer = (await client.get(STATUS.format(alert), headers=owner())).json()
+
+    assert answer["state"] == "acknowledged" and answer["channel"] == "email"
+    assert [a["outcome"] for a in answer["attempts"]] == ["sent", "acknowledged"]
+    first, second = (datetime.fromisoformat(a["at"]) for a in answer["attempts"])
+    assert first <= second
+
+
+async def test_the_status_of_a_message_never_attempted(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    message_id = enqueue_alert(admin)
+
+    answer = (await client.get(STATUS.format(message_id), headers=owner())).json()
+
+    assert answer == {"id": message_id, "state": "pending", "channel": "email", "attempts": []}
+
+
+async def test_the_status_answers_503_when_the_database_is_down(settings: Settings) -> None:
+    down = replace(settings, database_url="postgresql://postgres@127.0.0.1:9/outbox")
+    async with AsyncTestClient(app=create_app(down, channels={})) as client:
+        response = await client.get(STATUS.format(1), headers=owner())
+
+    assert response.status_code == 503, response.text
+
+
+async def test_both_routes_are_in_the_openapi_schema(client: AsyncTestClient[Litestar]) -> None:
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+
+    ack = paths["/ack/{token}"]["get"]
+    status = paths["/api/v1/messages/{message_id}"]["get"]
+    assert "security" not in ack and {"200", "404", "409", "429", "503"} <= set(ack["responses"])
+    assert status["security"] == [{"BearerToken": []}]
+    assert {"200", "401", "403", "404", "503"} <= set(status["responses"])
+    assert "head" not in paths["/ack/{token}"]
 
 
 # --------------------------------------------- the API's real role: outbox_dispatcher
@@ -363,6 +465,9 @@ async def test_the_api_role_acknowledges_and_reads_messages_it_did_not_enqueue(
     as_api = replace(settings, database_url=dispatcher_login)
     async with AsyncTestClient(app=create_app(as_api, channels={})) as client:
         acknowledged = await client.get(link_path(settings, alert))
+        status = await client.get(STATUS.format(alert), headers=owner())
 
     assert acknowledged.status_code == 200, acknowledged.text
+    assert status.status_code == 200, status.text
+    assert status.json()["state"] == "acknowledged"
     assert outcomes(admin, alert) == ["sent", "acknowledged"]
