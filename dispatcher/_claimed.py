@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher._stored_vars import stored_vars
 
-MESSAGE_COLUMNS = 9
+MESSAGE_COLUMNS = 15
 """``claim_batch`` returns the message in its first columns, then its recipient."""
 
 
@@ -43,11 +45,57 @@ class Claimed:
     lease: Lease
     vars_key: str | None = None
     """The stored text of ``vars``: equal texts render equally (see RenderCache)."""
+    expires_at: datetime | None = None
+    """Not sent after this moment (outcome ``expired``)."""
+    escalate_after: float | None = None
+    """An alert: seconds it waits for the acknowledgement once sent."""
+    acknowledged: bool = False
+    """The user acknowledged it while it was in flight: nothing more to send."""
+    sent_before: bool = False
+    """An alert sent on an earlier channel (this is an escalation or its retry)."""
+    escalated: bool = False
+    """This claim is the escalation of an unacknowledged alert (logged by the claim)."""
+    preferences: tuple[tuple[str, frozenset[str]], ...] = ()
+    """The user's preferences for this topic: (instrument or '', allowed channels)."""
+
+    def allowed_channels(self) -> frozenset[str] | None:
+        """The channels the user's preferences allow for this message, None: all.
+
+        A preference for the message's ``vars["instrument"]`` wins over the topic's.
+        """
+        if not self.preferences:
+            return None
+        instrument = self.vars.get("instrument") if self.vars is not None else None
+        topic_wide = None
+        for scope, channels in self.preferences:
+            if scope == "":
+                topic_wide = channels
+            elif scope == instrument:
+                return channels
+        return topic_wide
 
     @classmethod
     def from_row(cls, row: Sequence[Any], token: uuid.UUID) -> Claimed:
         """Build from the message columns of a ``claim_batch`` row run with ``token``."""
-        id_, lane, priority, channel, user_id, template, vars_text, fallback, attempts = row
+        (
+            id_,
+            lane,
+            priority,
+            channel,
+            user_id,
+            template,
+            vars_text,
+            fallback,
+            attempts,
+            expires_at,
+            escalate_after,
+            acknowledged,
+            sent_before,
+            escalated,
+            preferences,
+        ) = row
+        if isinstance(preferences, str):
+            preferences = json.loads(preferences)
         return cls(
             id=id_,
             lane=lane,
@@ -60,6 +108,14 @@ class Claimed:
             attempts=attempts,
             lease=Lease(id=id_, token=token),
             vars_key=vars_text,
+            expires_at=expires_at,
+            escalate_after=escalate_after,
+            acknowledged=acknowledged,
+            sent_before=sent_before,
+            escalated=escalated,
+            preferences=tuple((scope, frozenset(channels)) for scope, channels in preferences)
+            if preferences
+            else (),
         )
 
 

@@ -138,6 +138,7 @@ class Dispatcher:
             concurrency=options.concurrency,
             send_timeout=options.send_timeout or settings.lease_seconds * 0.8,
             fall_back_lanes=fall_back_lanes(settings.fallback_on_failure),
+            ack_url=settings.ack_url,
         )
         self._sleeper = Sleeper(self._store, poll_interval=settings.poll_interval)
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)

@@ -29,9 +29,22 @@ class _Finish:
 
 @dataclass(frozen=True, kw_only=True)
 class FinishSent(_Finish):
-    """Delivered: delete the row, log ``sent``."""
+    """Delivered: delete the row, log ``sent``.
+
+    An alert (``escalate_after``) keeps its row instead: it waits for the
+    acknowledgement (``awaiting_ack``), already moved to ``next_channel``, where it
+    escalates ``ack_wait`` seconds from now; with no next channel it waits without a
+    deadline.
+    """
 
     duration_ms: float
+    ack_wait: float | None = None
+    next_channel: str | None = None
+    next_fallback: tuple[str, ...] = ()
+
+    @property
+    def awaits_ack(self) -> bool:
+        return self.ack_wait is not None
 
     @property
     def name(self) -> str:
@@ -75,12 +88,12 @@ class FinishDead(_Finish):
 
 @dataclass(frozen=True, kw_only=True)
 class FinishHandoff(_Finish):
-    """The row is deleted: ``skipped``, or ``fallback`` to ``next_channel`` (a new
-    message with ``next_fallback`` as its remaining chain, written in the same
-    transaction).
+    """``fallback`` or ``skipped`` to ``next_channel``: the message moves there in
+    place (same id, ``next_fallback`` its remaining chain); without a next channel
+    (``skipped`` at the chain's end, ``expired``) the row is deleted.
     """
 
-    outcome: Literal["fallback", "skipped"]
+    outcome: Literal["fallback", "skipped", "expired"]
     error_class: str | None
     error: str | None
     next_channel: str | None = None
@@ -106,7 +119,9 @@ class AckBatch:
 
 @dataclass(frozen=True, kw_only=True)
 class AckResult:
-    """What a flush wrote: ids finished, ids whose lease was lost, new fallback ids."""
+    """What a flush wrote: ids finished, ids whose lease was lost, ids moved to their
+    next channel.
+    """
 
     finished: frozenset[int]
     lost: frozenset[int]

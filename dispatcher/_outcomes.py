@@ -3,7 +3,9 @@
 A pure decision (no database, no event loop), one row per outcome:
 
 =====================  ==============================================================
-``Sent``               sent: the row is deleted
+``Sent``               sent: the row is deleted; an alert (``escalate_after``) waits
+                       for its acknowledgement instead, moved to the next reachable
+                       channel of its chain, where it escalates if nobody acknowledges
 ``TransientFailure``   retry after the policy's backoff (an attempt burned); once the
                        policy is exhausted, it dies on this channel (below)
 ``PermanentFailure``   it dies on this channel at once (below)
@@ -69,6 +71,8 @@ def finish_for(
     effects = outcome.effects
     match outcome:
         case Sent():
+            if message.escalate_after is not None:
+                return _awaiting_ack(message, recipient, duration_ms, effects)
             return FinishSent(message=message, duration_ms=duration_ms, effects=effects)
         case TransientFailure(error_class=error_class, error=error):
             return failed(
@@ -112,6 +116,27 @@ def finish_for(
     raise AssertionError(f"unknown outcome {outcome!r}")
 
 
+def _awaiting_ack(
+    message: Claimed,
+    recipient: RecipientRecord,
+    duration_ms: float,
+    effects: tuple[Effect, ...],
+) -> FinishSent:
+    """A sent alert: it escalates to the next reachable channel of its chain unless
+    acknowledged within ``escalate_after``; at the chain's end it just waits.
+    """
+    assert message.escalate_after is not None
+    follow = next_reachable(message, recipient)
+    return FinishSent(
+        message=message,
+        duration_ms=duration_ms,
+        effects=effects,
+        ack_wait=message.escalate_after,
+        next_channel=follow[0] if follow else None,
+        next_fallback=follow[1] if follow else (),
+    )
+
+
 def _dead(
     message: Claimed, outcome: PermanentFailure | Unreachable, duration_ms: float
 ) -> FinishDead:
@@ -128,7 +153,9 @@ def _fall_back(
     message: Claimed, recipient: RecipientRecord, outcome: Unreachable, duration_ms: float
 ) -> Finish:
     """The next channel of the chain gets the message; dead when none is left."""
-    follow = next_channel(message.channel, message.fallback, recipient)
+    follow = next_channel(
+        message.channel, message.fallback, recipient, allowed=message.allowed_channels()
+    )
     if follow is None:
         return _dead(message, outcome, duration_ms)
     return _handoff(message, outcome, follow, duration_ms)
@@ -157,7 +184,8 @@ def next_reachable(
 ) -> tuple[str, tuple[str, ...]] | None:
     """The next channel of the message's chain on which the user has an address, and
     the chain left after it; None at the chain's end. Channels without an address
-    (no email, a blocked bot, no push subscription) are passed over.
+    (no email, a blocked bot, no push subscription) and channels the user's topic
+    preference leaves out are passed over.
     """
     if recipient is None:
         return None
@@ -168,7 +196,8 @@ def next_reachable(
         "push": bool(addresses.push_subscriptions),
     }
     current, chain = message.channel, message.fallback
-    while (follow := next_channel(current, chain, recipient)) is not None:
+    allowed = message.allowed_channels()
+    while (follow := next_channel(current, chain, recipient, allowed=allowed)) is not None:
         if reachable.get(follow[0], True):  # a plugin channel decides for itself
             return follow
         current, chain = follow

@@ -4,10 +4,15 @@ A pure decision (no database, no event loop): ``None`` means go ahead; otherwise
 the finish that ends this lease without a provider call. The rules, in order:
 
 =====================================  =======================================
+past its ``expires_at``                expired: never sent, no dead letter
+an alert the user acknowledged while   skipped, ``acknowledged``: nothing more
+it was in flight                       to send
 no ``outbox.recipient`` row            dead, ``unknown_recipient``
 campaign, user opted out of campaigns  skipped, ``opted_out``
 user disabled the channel              skipped, ``channel_disabled``; the next
                                        channel of the chain gets the message
+the user's preference for this topic   skipped, ``preference``; the next channel
+(and instrument) excludes the channel  of the chain it allows gets the message
 campaign inside the user's quiet hours deferred to the end of them,
                                        ``quiet_hours`` (no attempt burned)
 no channel of that name configured     deferred 30 s, ``channel_unconfigured``
@@ -41,6 +46,20 @@ def presend(
     ``now`` is timezone-aware; ``configured`` holds the channels this dispatcher
     can send on.
     """
+    if message.expires_at is not None and now >= message.expires_at:
+        return FinishHandoff(
+            message=message,
+            outcome="expired",
+            error_class="expired",
+            error=f"not sent by its expires_at {message.expires_at.isoformat()}",
+        )
+    if message.acknowledged:
+        return FinishHandoff(
+            message=message,
+            outcome="skipped",
+            error_class="acknowledged",
+            error="the user acknowledged the alert",
+        )
     if recipient is None:
         return FinishDead(
             message=message,
@@ -62,6 +81,17 @@ def presend(
             outcome="skipped",
             error_class="channel_disabled",
             error=f"the user disabled {message.channel}",
+            next_channel=follow[0] if follow else None,
+            next_fallback=follow[1] if follow else (),
+        )
+    allowed = message.allowed_channels()
+    if allowed is not None and message.channel not in allowed:
+        follow = next_channel(message.channel, message.fallback, recipient, allowed=allowed)
+        return FinishHandoff(
+            message=message,
+            outcome="skipped",
+            error_class="preference",
+            error=f"the user's preference for {message.template} excludes {message.channel}",
             next_channel=follow[0] if follow else None,
             next_fallback=follow[1] if follow else (),
         )

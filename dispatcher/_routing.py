@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -98,14 +98,19 @@ class RecipientRecord:
 
 
 def next_channel(
-    current: str, fallback: Sequence[str] | None, recipient: RecipientRecord | None
+    current: str,
+    fallback: Sequence[str] | None,
+    recipient: RecipientRecord | None,
+    *,
+    allowed: Container[str] | None = None,
 ) -> tuple[str, tuple[str, ...]] | None:
     """The channel to try after ``current`` and the ones left after it, or None.
 
     An explicit ``fallback`` list on the message wins; otherwise the user's
-    preferred order, else push, email, telegram. Channels the user disabled are
-    passed over. After the last channel the list left is empty, which the follow-up
-    row stores as ``'{}'`` (no more channels), never NULL (the default order).
+    preferred order, else push, email, telegram. Channels the user disabled, and
+    with ``allowed`` (the user's topic preference) the ones it leaves out, are
+    passed over. After the last channel the list left is empty, which the row
+    stores as ``'{}'`` (no more channels), never NULL (the default order).
     """
     if fallback is not None:
         remaining = [c for c in fallback if c != current]
@@ -114,6 +119,8 @@ def next_channel(
         remaining = [c for c in order if c != current and c in CHANNELS]
     disabled = recipient.disabled_channels if recipient else frozenset()
     remaining = [c for c in remaining if c not in disabled]
+    if allowed is not None:
+        remaining = [c for c in remaining if c in allowed]
     if not remaining:
         return None
     return remaining[0], tuple(remaining[1:])

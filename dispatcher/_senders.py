@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -57,6 +57,7 @@ class Senders:
         concurrency: int,
         send_timeout: float,
         fall_back_lanes: frozenset[str] = frozenset(),
+        ack_url: Callable[[int], str | None] | None = None,
     ) -> None:
         self._ready = ready
         self._leases = leases
@@ -70,6 +71,8 @@ class Senders:
         self._send_timeout = send_timeout
         self._fall_back_lanes = fall_back_lanes
         """Lanes whose messages go to their next channel when they die on one."""
+        self._ack_url = ack_url
+        """Signs an alert's acknowledgement link (None: no key configured, no link)."""
         self._sem = asyncio.Semaphore(concurrency)
         self._stopping = False
         self._sending = 0
@@ -157,6 +160,7 @@ class Senders:
                 vars_key=message.vars_key,
                 attempt=message.attempts + 1,
                 recipient=recipient,
+                ack_url=self._alert_link(message),
             )
         except (TemplateRenderError, OutboxError) as error:
             return unrenderable(message, str(error))
@@ -179,6 +183,11 @@ class Senders:
             outage_pause=pause,
             fall_back_lanes=self._fall_back_lanes,
         )
+
+    def _alert_link(self, message: Claimed) -> str | None:
+        if message.escalate_after is None or self._ack_url is None:
+            return None
+        return self._ack_url(message.id)
 
     async def _update_breaker(self, channel: str, outcome: Outcome) -> float:
         """Close the channel's breaker on a delivery, trip it on an outage (for every

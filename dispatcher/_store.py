@@ -212,7 +212,8 @@ class Store:
 
 
 async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckResult:
-    sent = [f for f in batch.finishes if isinstance(f, FinishSent)]
+    sent = [f for f in batch.finishes if isinstance(f, FinishSent) and not f.awaits_ack]
+    alerts = [f for f in batch.finishes if isinstance(f, FinishSent) and f.awaits_ack]
     requeue = [f for f in batch.finishes if isinstance(f, FinishRequeue)]
     dead = [f for f in batch.finishes if isinstance(f, FinishDead)]
     handoff = [f for f in batch.finishes if isinstance(f, FinishHandoff)]
@@ -226,6 +227,22 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
                 "ids": _int_array(f.lease.id for f in sent),
                 "tokens": "{" + ",".join(_token_text(f.lease.token) for f in sent) + "}",
                 "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
+                **common,
+            },
+        )
+        finished.update(row[0] for row in await cur.fetchall())
+    if alerts:
+        await cur.execute(
+            QUERIES["finish_sent_alert"],
+            {
+                "ids": [f.lease.id for f in alerts],
+                "tokens": [f.lease.token for f in alerts],
+                "durations": [float(f.duration_ms) for f in alerts],
+                "channels": [f.message.channel for f in alerts],
+                "attempts": [f.message.attempts + 1 for f in alerts],
+                "waits": [float(f.ack_wait or 0.0) for f in alerts],
+                "next_channels": [f.next_channel for f in alerts],
+                "next_fallbacks": [",".join(f.next_fallback) for f in alerts],
                 **common,
             },
         )
@@ -256,9 +273,9 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
                 **common,
             },
         )
-        fallback_ids = [row[0] for row in await cur.fetchall()]
-        # a handoff's own row is deleted whether or not it had a follow-up
-        finished.update(f.lease.id for f in handoff)
+        rows = await cur.fetchall()
+        finished.update(row[0] for row in rows)
+        fallback_ids = [row[0] for row in rows if row[1]]
     for finish in batch.finishes:
         for effect in finish.effects:
             await write_effect(cur, finish.message.user_id, effect)

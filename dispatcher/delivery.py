@@ -92,13 +92,15 @@ async def prepare(
     attempt: int,
     recipient: RecipientRecord,
     in_thread: bool = False,
+    ack_url: str | None = None,
 ) -> Envelope:
     """Render and address one message; raise ``TemplateRenderError`` (or another
     ``OutboxError``) when it cannot be rendered.
 
     ``in_thread`` renders in a worker thread whatever the vars (the API's request
     vars are decoded already, up to 64 KiB); otherwise only vars the renderer
-    would decode (long ones) leave the event loop.
+    would decode (long ones) leave the event loop. ``ack_url``: the signed
+    acknowledgement link of an alert (the template variable of that name).
     """
     if in_thread:
         content = await asyncio.to_thread(
@@ -109,10 +111,17 @@ async def prepare(
             vars_key=vars_key,
             message_id=message_id,
             lane=lane,
+            ack_url=ack_url,
         )
     else:
         content = await renderer.render_async(
-            channel, template, vars, vars_key=vars_key, message_id=message_id, lane=lane
+            channel,
+            template,
+            vars,
+            vars_key=vars_key,
+            message_id=message_id,
+            lane=lane,
+            ack_url=ack_url,
         )
     return Envelope(
         message_id=message_id,

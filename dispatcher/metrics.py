@@ -13,10 +13,18 @@ What each series counts (docs/metrics.md says why):
 
 ``messages_enqueued_total{priority,channel}``
     committed messages, counted once each when the replica holding the current
-    lease writes the message's terminal outcome (``sent``, ``dead``, ``skipped`` or
-    ``fallback``). A rolled-back enqueue never produced a row, so it never counts;
-    the lease fencing makes exactly one replica finish a row. ``priority`` is the
-    lane (``transactional`` or ``campaign``): numeric priorities are unbounded.
+    lease writes the message's first terminal outcome (``sent``, ``dead``,
+    ``skipped`` or ``expired``; an alert's first ``sent``, though its row stays to
+    wait for the acknowledgement). A hop to the next channel is not terminal: the
+    message goes on under the same id. A rolled-back enqueue never produced a row,
+    so it never counts; the lease fencing makes exactly one replica finish a row.
+    ``priority`` is the lane (``transactional`` or ``campaign``): numeric
+    priorities are unbounded; ``channel`` is where it ended.
+``outbox_escalations_total{channel}``
+    alerts nobody acknowledged in time, sent on to ``channel`` (counted when the
+    escalated message's first finish is written).
+``outbox_expired_total{channel}``
+    messages not sent by their ``expires_at`` (never sent, no dead letter).
 ``messages_sent_total{channel,type}``
     provider acceptances; ``type`` is the template name.
 ``message_fail_total{reason,channel}``
@@ -46,7 +54,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import MetricsHandler
 
 from outbox.dispatcher._claimed import Claimed
-from outbox.dispatcher._finishes import AckBatch, AckResult, FinishDead, FinishRequeue
+from outbox.dispatcher._finishes import (
+    AckBatch,
+    AckResult,
+    FinishDead,
+    FinishHandoff,
+    FinishRequeue,
+)
 from outbox.dispatcher.channels.base import Outcome, RateLimited, Sent
 
 if TYPE_CHECKING:
@@ -97,6 +111,18 @@ class DispatcherMetrics:
             buckets=SEND_BUCKETS,
             registry=self.registry,
         )
+        self.escalations = Counter(
+            "outbox_escalations_total",
+            "Alerts nobody acknowledged in time, sent on to the next channel",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.expired = Counter(
+            "outbox_expired_total",
+            "Messages not sent by their expires_at",
+            ["channel"],
+            registry=self.registry,
+        )
         self.position_failures = Counter(
             "position_failure_alerts_sent_total",
             "Position-failure alerts accepted by the provider",
@@ -125,9 +151,19 @@ class DispatcherMetrics:
         finished by the replica that holds the new lease, and counted there.
         """
         for finish in batch.finishes:
-            if finish.lease.id not in result.finished or isinstance(finish, FinishRequeue):
+            if finish.lease.id not in result.finished:
                 continue
             message = finish.message
+            if message.escalated:
+                self.escalations.labels(channel=message.channel).inc()
+            if isinstance(finish, FinishRequeue):
+                continue
+            if isinstance(finish, FinishHandoff) and finish.next_channel is not None:
+                continue  # the message goes on, under the same id
+            if isinstance(finish, FinishHandoff) and finish.outcome == "expired":
+                self.expired.labels(channel=message.channel).inc()
+            if message.sent_before:
+                continue  # an alert, counted at its first send
             self.enqueued.labels(priority=message.lane, channel=message.channel).inc()
             if isinstance(finish, FinishDead) and finish.duration_ms is None:
                 # died before any provider call (unknown recipient, template error)

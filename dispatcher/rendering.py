@@ -114,11 +114,15 @@ def render(
     message_id: int | None,
     lane: str,
     platform_base_url: str,
+    ack_url: str | None = None,
 ) -> Rendered:
     """Render ``template`` with ``vars`` for ``channel``.
 
     ``message_id``, ``lane`` and ``platform_base_url`` are available to templates
-    under those names and take precedence over variables of the same name.
+    under those names and take precedence over variables of the same name. So is
+    ``ack_url``, the acknowledgement link of an alert; it is undefined for any other
+    message (a producer's var of that name is dropped: only the dispatcher signs
+    links).
     Raises :class:`~outbox.TemplateRenderError` for anything that prevents a valid
     message: vars nested deeper than :data:`~outbox.MAX_VARS_DEPTH`, unknown
     template, missing variable, a template error or a sandbox violation, output over
@@ -134,6 +138,10 @@ def render(
         "lane": lane,
         "platform_base_url": platform_base_url,
     }
+    if ack_url is None:
+        context.pop("ack_url", None)
+    else:
+        context["ack_url"] = ack_url
     try:
         catalog.validate(channel, template, vars)
         envs = environments(catalog)
@@ -281,6 +289,7 @@ class RenderCache:
         vars_key: str | None,
         message_id: int,
         lane: str,
+        ack_url: str | None = None,
     ) -> Rendered:
         """:func:`render`, or what it returned for the same message content before.
 
@@ -307,8 +316,9 @@ class RenderCache:
             message_id=message_id,
             lane=lane,
             platform_base_url=self.platform_base_url,
+            ack_url=ack_url,
         )
-        if vars_key is None:
+        if vars_key is None or ack_url is not None:  # a link is for one message only
             return uncached()
         try:
             used = self.catalog.variables(channel, template).context
@@ -340,6 +350,7 @@ class RenderCache:
         vars_key: str | None,
         message_id: int,
         lane: str,
+        ack_url: str | None = None,
     ) -> Rendered:
         """:meth:`render` inline for decoded vars; in a worker thread for the rest.
 
@@ -351,7 +362,13 @@ class RenderCache:
         """
         if vars is not None:
             return self.render(
-                channel, template, vars, vars_key=vars_key, message_id=message_id, lane=lane
+                channel,
+                template,
+                vars,
+                vars_key=vars_key,
+                message_id=message_id,
+                lane=lane,
+                ack_url=ack_url,
             )
         problem = stored_vars_problem(vars_key)
         if problem is not None:  # no thread needed to refuse
@@ -365,4 +382,5 @@ class RenderCache:
                 vars_key=vars_key,
                 message_id=message_id,
                 lane=lane,
+                ack_url=ack_url,
             )

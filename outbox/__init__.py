@@ -17,7 +17,9 @@ begins, commits, rolls back or flushes the caller's transaction.
 # version) and `outbox --version` prints it.
 __version__ = "0.1.0"
 
+from outbox._acknowledge import acknowledge, acknowledge_async
 from outbox._campaign import CampaignResult, enqueue_campaign, enqueue_campaign_async
+from outbox._cancel import cancel, cancel_async
 from outbox._enqueue import (
     MAX_VARS_BYTES,
     MAX_VARS_DEPTH,
@@ -34,6 +36,7 @@ from outbox._errors import (
     UnknownTemplate,
 )
 from outbox._migrate import version_location
+from outbox._preferences import set_preference, set_preference_async
 from outbox._recipients import (
     add_push_subscription,
     add_push_subscription_async,
@@ -41,24 +44,42 @@ from outbox._recipients import (
     upsert_recipient_async,
 )
 from outbox._settings import Settings
+from outbox._status import (
+    AttemptRecord,
+    MessageState,
+    MessageStatus,
+    message_status,
+    message_status_async,
+)
 
 __all__ = [
     "MAX_VARS_BYTES",
     "MAX_VARS_DEPTH",
+    "AttemptRecord",
     "CampaignResult",
     "ConfigurationError",
     "InvalidMessage",
+    "MessageState",
+    "MessageStatus",
     "MissingTemplateVariables",
     "OutboxError",
     "Settings",
     "TemplateRenderError",
     "UnknownTemplate",
+    "acknowledge",
+    "acknowledge_async",
     "add_push_subscription",
     "add_push_subscription_async",
+    "cancel",
+    "cancel_async",
     "enqueue",
     "enqueue_async",
     "enqueue_campaign",
     "enqueue_campaign_async",
+    "message_status",
+    "message_status_async",
+    "set_preference",
+    "set_preference_async",
     "upsert_recipient",
     "upsert_recipient_async",
     "vars_depth_exceeds",

@@ -35,6 +35,8 @@ MIN_DEDUP_WINDOW = timedelta(seconds=1)
 MAX_DEDUP_WINDOW = timedelta(days=30)
 # A send_at further ahead is a bug (a wrong year, a sentinel date), not a plan.
 MAX_SEND_AHEAD = timedelta(days=365)
+MAX_ESCALATE_AFTER = timedelta(days=7)
+"""An alert nobody acknowledged for a week is not waiting for an acknowledgement."""
 _CONTAINERS = (dict, list, tuple)
 """What ``json.dumps`` writes as an object or an array (subclasses included)."""
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9_]{1,100}$")
@@ -54,6 +56,9 @@ class MessageSpec:
     priority: int | None
     fallback: tuple[str, ...] | None
     dedup_window: timedelta
+    expires_at: datetime | None = None
+    collapse_key: str | None = None
+    escalate_after: timedelta | None = None
 
     def params(self) -> dict[str, Any]:
         """Parameters of the ``enqueue`` statement in ``sql/queries.sql``."""
@@ -68,6 +73,9 @@ class MessageSpec:
             "priority": self.priority,
             "fallback": list(self.fallback) if self.fallback is not None else None,
             "dedup_window": self.dedup_window,
+            "expires_at": self.expires_at,
+            "collapse_key": self.collapse_key,
+            "escalate_after": self.escalate_after,
         }
 
 
@@ -212,6 +220,50 @@ def check_dedup_window(dedup_window: object) -> timedelta:
     return dedup_window
 
 
+def check_expires_at(expires_at: object, send_at: datetime | None) -> datetime | None:
+    """Return ``expires_at`` if it is a timezone-aware datetime in the future and after
+    ``send_at`` (or None), else raise.
+    """
+    if expires_at is None:
+        return None
+    if not isinstance(expires_at, datetime):
+        raise InvalidMessage(f"expires_at must be a datetime, not {type(expires_at).__name__}")
+    if expires_at.tzinfo is None or expires_at.utcoffset() is None:
+        raise InvalidMessage("expires_at must be timezone-aware (e.g. datetime.now(UTC))")
+    if expires_at <= datetime.now(UTC):
+        raise InvalidMessage(f"expires_at {expires_at.isoformat()} is not in the future")
+    if send_at is not None and expires_at <= send_at:
+        raise InvalidMessage(
+            f"expires_at {expires_at.isoformat()} is not after send_at {send_at.isoformat()}"
+        )
+    return expires_at
+
+
+def check_escalate_after(escalate_after: object) -> timedelta | None:
+    """Return ``escalate_after`` (seconds as a number, or a timedelta) as a timedelta
+    from 1 second to 7 days (or None), else raise.
+    """
+    if escalate_after is None:
+        return None
+    if isinstance(escalate_after, bool) or not isinstance(escalate_after, int | float | timedelta):
+        raise InvalidMessage(
+            "escalate_after must be seconds (a number) or a timedelta, "
+            f"not {type(escalate_after).__name__}"
+        )
+    if isinstance(escalate_after, timedelta):
+        delay = escalate_after
+    else:
+        if escalate_after != escalate_after or escalate_after in (float("inf"), float("-inf")):
+            raise InvalidMessage("escalate_after must be a finite number of seconds")
+        delay = timedelta(seconds=escalate_after)
+    if not timedelta(seconds=1) <= delay <= MAX_ESCALATE_AFTER:
+        raise InvalidMessage(
+            f"escalate_after {delay.total_seconds():g} s must be between 1 second and "
+            f"{MAX_ESCALATE_AFTER.days} days"
+        )
+    return delay
+
+
 def check_fallback(fallback: object, channel: str) -> tuple[str, ...] | None:
     """Return the fallback channels as a tuple (or None for the user's default order)."""
     if fallback is None:
@@ -239,6 +291,9 @@ def build_message(
     priority: object = None,
     dedup_window: object = DEFAULT_DEDUP_WINDOW,
     validate_template: bool = True,
+    expires_at: object = None,
+    collapse_key: object = None,
+    escalate_after: object = None,
 ) -> MessageSpec:
     """Validate one enqueue request; raise :class:`InvalidMessage` on any problem."""
     checked_channel = check_channel(channel)
@@ -247,6 +302,8 @@ def build_message(
     checked_template = check_template_name(template)
     vars_json = encode_vars(vars)
     key = None if idempotency_key is None else check_text("idempotency_key", idempotency_key)
+    checked_send_at = check_send_at(send_at)
+    collapse = None if collapse_key is None else check_text("collapse_key", collapse_key)
     if validate_template:
         assert isinstance(vars, Mapping)
         default_catalog().validate(checked_channel, checked_template, vars)
@@ -257,10 +314,13 @@ def build_message(
         vars_json=vars_json,
         lane=checked_lane,
         idempotency_key=key,
-        send_at=check_send_at(send_at),
+        send_at=checked_send_at,
         priority=check_priority(checked_lane, priority),
         fallback=check_fallback(fallback, checked_channel),
         dedup_window=check_dedup_window(dedup_window),
+        expires_at=check_expires_at(expires_at, checked_send_at),
+        collapse_key=collapse,
+        escalate_after=check_escalate_after(escalate_after),
     )
 
 
@@ -276,6 +336,9 @@ def enqueue(
     send_at: datetime | None = None,
     fallback: Sequence[str] | None = None,
     priority: int | None = None,
+    expires_at: datetime | None = None,
+    collapse_key: str | None = None,
+    escalate_after: float | timedelta | None = None,
 ) -> int:
     """Write one message in the caller's transaction and return its id.
 
@@ -289,6 +352,13 @@ def enqueue(
     channels to try, in order, if this one cannot reach the user (default: the
     user's preferred order). ``priority`` orders messages within the lane (lower
     is sooner; transactional 0-99, campaign 100-199).
+
+    ``expires_at``: a message not sent by then is never sent (outcome ``expired``,
+    not a dead letter). ``collapse_key``: this message withdraws the user's pending,
+    never-sent messages of the same key enqueued by the same database role (outcome
+    ``superseded``). ``escalate_after`` (seconds or a timedelta, 1 s to 7 days)
+    makes it an alert: once sent it waits that long for :func:`outbox.acknowledge`
+    (or its ``ack_url``), then goes to the next channel of its chain, and so on.
 
     Raises :class:`~outbox.InvalidMessage` (unknown channel, lane or template,
     missing template variables, vars that are not JSON, an empty user id) before
@@ -304,6 +374,9 @@ def enqueue(
         send_at=send_at,
         fallback=fallback,
         priority=priority,
+        expires_at=expires_at,
+        collapse_key=collapse_key,
+        escalate_after=escalate_after,
     )
     row = fetch_one(conn, "enqueue", spec.params())
     assert row is not None
@@ -322,6 +395,9 @@ async def enqueue_async(
     send_at: datetime | None = None,
     fallback: Sequence[str] | None = None,
     priority: int | None = None,
+    expires_at: datetime | None = None,
+    collapse_key: str | None = None,
+    escalate_after: float | timedelta | None = None,
 ) -> int:
     """Asynchronous :func:`enqueue` for psycopg ``AsyncConnection`` and SQLAlchemy
     ``AsyncSession`` or ``AsyncConnection``; same contract, same SQL.
@@ -336,6 +412,9 @@ async def enqueue_async(
         send_at=send_at,
         fallback=fallback,
         priority=priority,
+        expires_at=expires_at,
+        collapse_key=collapse_key,
+        escalate_after=escalate_after,
     )
     row = await fetch_one_async(conn, "enqueue", spec.params())
     assert row is not None

@@ -52,7 +52,7 @@ from outbox.vocabulary import CHANNELS
 
 MAIN_SUFFIX = {"email": ".html.j2", "telegram": ".md.j2", "push": ".json.j2"}
 EMAIL_TEXT_SUFFIX = ".txt.j2"
-RENDER_CONTEXT = frozenset({"lane", "message_id", "platform_base_url"})
+RENDER_CONTEXT = frozenset({"ack_url", "lane", "message_id", "platform_base_url"})
 """Names the renderer provides itself; templates may use them without declaring."""
 
 _NAME = re.compile(r"^[a-z0-9_]{1,100}$")

@@ -10,7 +10,8 @@
 SELECT outbox.enqueue(
     %(channel)s, %(template)s, %(user_id)s, CAST(%(vars)s AS jsonb), %(lane)s,
     %(idempotency_key)s, CAST(%(send_at)s AS timestamptz), CAST(%(priority)s AS smallint),
-    CAST(%(fallback)s AS text[]), CAST(%(dedup_window)s AS interval)
+    CAST(%(fallback)s AS text[]), CAST(%(dedup_window)s AS interval),
+    CAST(%(expires_at)s AS timestamptz), %(collapse_key)s, CAST(%(escalate_after)s AS interval)
 )
 
 -- enqueue_many --
@@ -58,6 +59,27 @@ ON CONFLICT (endpoint) DO UPDATE
         created_at = now()
 RETURNING id
 
+-- cancel --
+-- Withdraw a pending message nobody has started sending; true when it was.
+SELECT outbox.cancel(%(id)s)
+
+-- acknowledge --
+-- The user saw this alert: stop its escalation; true when this call acknowledged it.
+SELECT outbox.acknowledge(%(id)s)
+
+-- message_status --
+-- One message's state and channel, and its attempts as JSON, oldest first
+-- ([attempt, channel, outcome, error_class, at], ...); no row when unknown.
+SELECT s.state, s.channel,
+       (SELECT json_agg(json_build_array(a.attempt, a.channel, a.outcome, a.error_class, a.at))
+          FROM outbox.message_attempts(%(id)s) a)
+  FROM outbox.message_state(%(id)s) s
+
+-- set_preference --
+-- Deliver the topic (optionally one instrument) only on these channels; NULL forgets.
+SELECT outbox.set_preference(%(user_id)s, %(topic)s, CAST(%(channels)s AS text[]),
+                             %(instrument)s)
+
 -- ===================================================================== operator
 
 -- queue_stats --
@@ -98,8 +120,9 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- =================================================================== dispatcher
 
 -- claim_batch --
--- Lease up to %(batch_size)s due messages (most urgent first) plus messages whose
--- lease expired because their dispatcher died; paused channels are left alone.
+-- Lease up to %(batch_size)s due messages (most urgent first), messages whose
+-- lease expired because their dispatcher died, and alerts whose escalation is due;
+-- paused channels are left alone.
 -- Every claim passes a fresh %(lease_token)s: the token fences this claim's
 -- messages, so a stale finish (a lease lost and claimed again) matches nothing.
 -- Each row comes with its recipient (the columns of `recipients`, NULL when the
@@ -130,6 +153,16 @@ WITH async_commit AS (
      ORDER BY m.leased_until
      LIMIT %(batch_size)s
      FOR UPDATE OF m SKIP LOCKED
+), escalate AS (
+    -- alerts nobody acknowledged in time; each already sits on its next channel
+    -- (the sent finish moved it there), so a claim lost in a crash cannot send the
+    -- same channel twice
+    SELECT m.id FROM outbox.message m, paused
+     WHERE m.status = 'awaiting_ack' AND m.next_attempt_at <= now()
+       AND m.channel <> ALL (paused.channels)
+     ORDER BY m.next_attempt_at
+     LIMIT %(batch_size)s
+     FOR UPDATE OF m SKIP LOCKED
 ), claimed AS (
     -- the lease
     UPDATE outbox.message m
@@ -137,13 +170,29 @@ WITH async_commit AS (
            lease_token = CAST(%(lease_token)s AS uuid),
            leased_until = now() + make_interval(secs => %(lease_seconds)s),
            leased_by = %(dispatcher_id)s
-     WHERE m.id = ANY (ARRAY(SELECT id FROM due UNION ALL SELECT id FROM expired))
+     WHERE m.id = ANY (ARRAY(SELECT id FROM due UNION ALL SELECT id FROM expired
+                             UNION ALL SELECT id FROM escalate))
     RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
-              m.fallback, m.attempts
+              m.fallback, m.attempts, m.expires_at, m.escalate_after,
+              m.acknowledged_at IS NOT NULL AS acknowledged, m.sent_at IS NOT NULL AS sent,
+              m.enqueued_by
+), escalated AS (
+    -- the escalation is logged by the claim that makes it, once
+    INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
+                                outcome, error_class, dispatcher_id, enqueued_by)
+    SELECT c.id, c.lane, c.channel, c.user_id, c.template, 0, 'escalated', 'unacknowledged',
+           %(dispatcher_id)s, c.enqueued_by
+      FROM claimed c
+     WHERE c.id IN (SELECT id FROM escalate)
 )
 SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
        CASE WHEN octet_length(v.text) <= 262144 THEN v.text END,
-       c.fallback, c.attempts,
+       c.fallback, c.attempts, c.expires_at,
+       CAST(extract(epoch FROM c.escalate_after) AS float8), c.acknowledged, c.sent,
+       c.id IN (SELECT id FROM escalate),
+       -- the user's preferences for this topic: [[instrument or '', [channels]], ...]
+       (SELECT json_agg(json_build_array(p.instrument, p.channels))
+          FROM outbox.preference p WHERE p.user_id = c.user_id AND p.topic = c.template),
        {_recipient_columns}
   FROM claimed c
  -- OFFSET 0: the text is built once per row, not once per use
@@ -184,13 +233,54 @@ WITH done AS (
      USING unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]),
                   CAST(%(durations)s AS float8[])) AS d(id, token, duration_ms)
      WHERE m.id = d.id AND m.lease_token = d.token
-    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, d.duration_ms
+    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, d.duration_ms,
+              m.enqueued_by
 )
 INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
-                            duration_ms, dispatcher_id)
+                            duration_ms, dispatcher_id, enqueued_by)
 SELECT id, lane, channel, user_id, template, attempts + 1, 'sent', duration_ms,
-       %(dispatcher_id)s
+       %(dispatcher_id)s, enqueued_by
   FROM done
+RETURNING message_id
+
+-- finish_sent_alert --
+-- Delivered alerts (escalate_after): each waits for its acknowledgement
+-- (awaiting_ack), already moved to the channel it escalates to after %(waits)s
+-- seconds, or without a deadline ('' next channel: the chain's end). One the user
+-- acknowledged while it was in flight is deleted instead. Logs 'sent' on the
+-- channel it went out on.
+WITH f AS (
+    SELECT * FROM unnest(
+        CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(durations)s AS float8[]),
+        CAST(%(channels)s AS text[]), CAST(%(attempts)s AS integer[]),
+        CAST(%(waits)s AS float8[]), CAST(%(next_channels)s AS text[]),
+        CAST(%(next_fallbacks)s AS text[])
+    ) AS f(id, token, duration_ms, channel, attempt, wait, next_channel, next_fallback)
+), acknowledged AS (
+    DELETE FROM outbox.message m
+     USING f
+     WHERE m.id = f.id AND m.lease_token = f.token AND m.acknowledged_at IS NOT NULL
+    RETURNING m.id, m.lane, m.user_id, m.template, m.enqueued_by, f.channel, f.attempt,
+              f.duration_ms
+), waiting AS (
+    UPDATE outbox.message m
+       SET status = 'awaiting_ack', sent_at = coalesce(m.sent_at, now()), attempts = 0,
+           channel = coalesce(f.next_channel, m.channel),
+           fallback = CASE WHEN f.next_channel IS NULL THEN m.fallback
+                           ELSE CAST(string_to_array(f.next_fallback, ',') AS text[]) END,
+           next_attempt_at = CASE WHEN f.next_channel IS NULL THEN 'infinity'
+                                  ELSE now() + make_interval(secs => f.wait) END,
+           lease_token = NULL, leased_until = NULL, leased_by = NULL
+      FROM f
+     WHERE m.id = f.id AND m.lease_token = f.token AND m.acknowledged_at IS NULL
+    RETURNING m.id, m.lane, m.user_id, m.template, m.enqueued_by, f.channel, f.attempt,
+              f.duration_ms
+)
+INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                            duration_ms, dispatcher_id, enqueued_by)
+SELECT id, lane, channel, user_id, template, attempt, 'sent', duration_ms,
+       %(dispatcher_id)s, enqueued_by
+  FROM (SELECT * FROM acknowledged UNION ALL SELECT * FROM waiting) a
 RETURNING message_id
 
 -- finish_requeue --
@@ -214,13 +304,13 @@ WITH f AS (
       FROM f
      WHERE m.id = f.id AND m.lease_token = f.token
     RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, f.burn, f.outcome,
-              f.error_class, f.error, f.duration_ms
+              f.error_class, f.error, f.duration_ms, m.enqueued_by
 )
 INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
-                            error_class, error, duration_ms, dispatcher_id)
+                            error_class, error, duration_ms, dispatcher_id, enqueued_by)
 SELECT id, lane, channel, user_id, template,
        CASE WHEN burn THEN attempts ELSE attempts + 1 END,
-       outcome, error_class, error, duration_ms, %(dispatcher_id)s
+       outcome, error_class, error, duration_ms, %(dispatcher_id)s, enqueued_by
   FROM moved
 RETURNING message_id
 
@@ -240,18 +330,19 @@ WITH f AS (
       FROM f
      WHERE m.id = f.id AND m.lease_token = f.token
     RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, f.error_class,
-              f.error, f.duration_ms
+              f.error, f.duration_ms, m.enqueued_by
 )
 INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
-                            error_class, error, duration_ms, dispatcher_id)
+                            error_class, error, duration_ms, dispatcher_id, enqueued_by)
 SELECT id, lane, channel, user_id, template, attempts, 'dead', error_class, error,
-       duration_ms, %(dispatcher_id)s
+       duration_ms, %(dispatcher_id)s, enqueued_by
   FROM died
 RETURNING message_id
 
 -- finish_handoff --
--- Skipped or handed to another channel: delete the row, log the outcome, and write
--- the follow-up message (if any) in the same statement.
+-- Skipped, expired, or handed to the next channel of its chain: a message with a
+-- next channel moves there in place (same id, attempts start again, due now); one
+-- without is deleted. Logs the outcome on the channel it leaves.
 WITH f AS (
     SELECT * FROM unnest(
         CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(outcomes)s AS text[]),
@@ -262,24 +353,35 @@ WITH f AS (
 ), gone AS (
     DELETE FROM outbox.message m
      USING f
-     WHERE m.id = f.id AND m.lease_token = f.token
-    RETURNING m.id, m.lane, m.priority, m.channel, m.user_id, m.template, m.vars,
-              m.attempts, m.idempotency_key, f.outcome, f.error_class, f.error,
-              f.next_channel, f.next_fallback, f.duration_ms
+     WHERE m.id = f.id AND m.lease_token = f.token AND f.next_channel IS NULL
+    RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, m.enqueued_by,
+              f.outcome, f.error_class, f.error, f.duration_ms
+), moved AS (
+    UPDATE outbox.message m
+       SET channel = f.next_channel,
+           -- '' is an exhausted list ('{}'), never NULL: NULL means the default order
+           fallback = CAST(string_to_array(f.next_fallback, ',') AS text[]),
+           status = 'pending', attempts = 0, next_attempt_at = now(),
+           lease_token = NULL, leased_until = NULL, leased_by = NULL,
+           last_error = coalesce(f.error, m.last_error),
+           error_class = coalesce(f.error_class, m.error_class)
+      FROM f, outbox.message old
+     WHERE m.id = f.id AND m.lease_token = f.token AND f.next_channel IS NOT NULL
+       AND old.id = m.id
+    RETURNING m.id, m.lane, old.channel, m.user_id, m.template, old.attempts, m.enqueued_by,
+              f.outcome, f.error_class, f.error, f.duration_ms
 ), logged AS (
     INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,
-                                outcome, error_class, error, duration_ms, dispatcher_id)
+                                outcome, error_class, error, duration_ms, dispatcher_id,
+                                enqueued_by)
     SELECT id, lane, channel, user_id, template, attempts + 1, outcome, error_class, error,
-           duration_ms, %(dispatcher_id)s
-      FROM gone
+           duration_ms, %(dispatcher_id)s, enqueued_by
+      FROM (SELECT * FROM gone UNION ALL SELECT * FROM moved) h
 )
-INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars, fallback)
-SELECT lane, priority, next_channel, user_id, template, vars,
-       -- '' is an exhausted list ('{}'), never NULL: NULL means the default order
-       CAST(string_to_array(next_fallback, ',') AS text[])
-  FROM gone
- WHERE next_channel IS NOT NULL
-RETURNING id
+-- every finished id, and whether it moved to a next channel
+SELECT id, true FROM moved
+UNION ALL
+SELECT id, false FROM gone
 
 -- release_leases --
 -- Shutdown: give unfinished messages back without burning an attempt.

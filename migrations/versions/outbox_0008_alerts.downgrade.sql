@@ -6,6 +6,7 @@
 DROP FUNCTION outbox.set_preference(text, text, text[], text);
 DROP FUNCTION outbox.message_attempts(bigint);
 DROP FUNCTION outbox.message_status(bigint);
+DROP FUNCTION outbox.message_state(bigint);
 DROP FUNCTION outbox.acknowledge(bigint);
 DROP FUNCTION outbox.cancel(bigint);
 DROP FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint,

@@ -344,47 +344,59 @@ $$;
 COMMENT ON FUNCTION outbox.acknowledge(bigint) IS
     'The user saw this alert: stop its escalation; false when unknown, not an alert, not sent yet or acknowledged';
 
-CREATE FUNCTION outbox.message_status(message_id bigint) RETURNS text
+CREATE FUNCTION outbox.message_state(message_id bigint)
+RETURNS TABLE (state text, channel text)
 LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 -- Two index probes: the row (primary key) while it exists, else the delivery log
--- (attempt_message_idx). NULL for a message that is unknown or not the caller's.
+-- (attempt_message_idx). No row for a message that is unknown or not the caller's.
 DECLARE
-    v_status   text;
-    v_by       oid;
-    v_outcome  text;
-    v_acked    boolean;
+    v_status  text;
+    v_channel text;
+    v_by      oid;
+    v_outcome text;
+    v_acked   boolean;
 BEGIN
-    SELECT m.status, m.enqueued_by INTO v_status, v_by
-      FROM outbox.message m WHERE m.id = message_status.message_id;
+    SELECT m.status, m.channel, m.enqueued_by INTO v_status, v_channel, v_by
+      FROM outbox.message m WHERE m.id = message_state.message_id;
     IF NOT FOUND THEN
         SELECT (array_agg(a.outcome ORDER BY a.id DESC))[1],
+               (array_agg(a.channel ORDER BY a.id DESC))[1],
                bool_or(a.outcome = 'acknowledged'), min(a.enqueued_by)
-          INTO v_outcome, v_acked, v_by
+          INTO v_outcome, v_channel, v_acked, v_by
           FROM outbox.attempt a
-         WHERE a.message_id = message_status.message_id AND NOT a.is_test;
+         WHERE a.message_id = message_state.message_id AND NOT a.is_test;
         IF v_outcome IS NULL THEN
-            RETURN NULL;
+            RETURN;
         END IF;
     END IF;
     IF v_by IS DISTINCT FROM to_regrole(quote_ident(session_user))
        AND NOT outbox._sees_all(false) THEN
-        RETURN NULL;
+        RETURN;
     END IF;
-    IF v_status IS NOT NULL THEN
-        RETURN v_status;  -- pending, sending, dead, awaiting_ack
-    END IF;
-    IF v_acked THEN
-        RETURN 'acknowledged';
-    END IF;
-    RETURN CASE WHEN v_outcome IN ('sent', 'dead', 'cancelled', 'expired', 'superseded',
-                                   'skipped')
-                THEN v_outcome
-                ELSE 'sent' END;
+    state := CASE
+        WHEN v_status IS NOT NULL THEN v_status  -- pending, sending, dead, awaiting_ack
+        WHEN v_acked THEN 'acknowledged'
+        WHEN v_outcome IN ('sent', 'dead', 'cancelled', 'expired', 'superseded', 'skipped')
+            THEN v_outcome
+        ELSE 'sent' END;
+    channel := v_channel;
+    RETURN NEXT;
 END
+$$;
+COMMENT ON FUNCTION outbox.message_state(bigint) IS
+    'The state of one message (see outbox.message_status) and its channel; no row when unknown';
+
+CREATE FUNCTION outbox.message_status(message_id bigint) RETURNS text
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.state FROM outbox.message_state(message_id) s
 $$;
 COMMENT ON FUNCTION outbox.message_status(bigint) IS
     'pending, sending, sent, dead, cancelled, expired, superseded, awaiting_ack, acknowledged or skipped; NULL when unknown';
@@ -501,7 +513,7 @@ REVOKE ALL ON FUNCTION
     outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval,
                    timestamptz, text, interval),
     outbox.cancel(bigint), outbox.acknowledge(bigint), outbox.message_status(bigint),
-    outbox.message_attempts(bigint), outbox.set_preference(text, text, text[], text),
+    outbox.message_state(bigint), outbox.message_attempts(bigint), outbox.set_preference(text, text, text[], text),
     outbox._sees_all(boolean)
     FROM PUBLIC;
 REVOKE ALL ON outbox.preference FROM PUBLIC;
@@ -511,13 +523,14 @@ GRANT EXECUTE ON FUNCTION
     outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, smallint, text[], interval,
                    timestamptz, text, interval),
     outbox.cancel(bigint), outbox.acknowledge(bigint), outbox.message_status(bigint),
-    outbox.message_attempts(bigint)
+    outbox.message_state(bigint), outbox.message_attempts(bigint)
     TO outbox_producer, outbox_dispatcher;
 GRANT EXECUTE ON FUNCTION
     outbox.cancel(bigint), outbox.acknowledge(bigint), outbox.message_status(bigint),
-    outbox.message_attempts(bigint)
+    outbox.message_state(bigint), outbox.message_attempts(bigint)
     TO outbox_operator;
-GRANT EXECUTE ON FUNCTION outbox.message_status(bigint), outbox.message_attempts(bigint)
+GRANT EXECUTE ON FUNCTION
+    outbox.message_status(bigint), outbox.message_state(bigint), outbox.message_attempts(bigint)
     TO outbox_inspector;
 -- The dispatcher reads preferences with each claim; the service that registers users
 -- writes them.
@@ -537,6 +550,7 @@ ALTER FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz, 
 ALTER FUNCTION outbox.cancel(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.acknowledge(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.message_status(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.message_state(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.message_attempts(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.set_preference(text, text, text[], text) OWNER TO outbox_owner;
 ALTER FUNCTION outbox._sees_all(boolean) OWNER TO outbox_owner;

@@ -108,7 +108,10 @@ def test_a_producer_login_enqueues_through_the_python_api_and_nothing_else(
             "CREATE TABLE outbox.evil (id int)",
             "CREATE FUNCTION outbox.enqueue(text) RETURNS int LANGUAGE sql AS 'SELECT 1'",
             "ALTER FUNCTION outbox.enqueue(text, text, text, jsonb, text, text, timestamptz,"
-            " smallint, text[], interval) OWNER TO CURRENT_USER",
+            " smallint, text[], interval, timestamptz, text, interval) OWNER TO CURRENT_USER",
+            "SELECT * FROM outbox.preference",
+            "SELECT outbox.set_preference('victim', 'price_alert', '{}')",
+            "INSERT INTO outbox.preference (user_id, topic, channels) VALUES ('victim', 't', '{}')",
         ]
         for statement in attempts:
             with pytest.raises(errors.InsufficientPrivilege):
@@ -294,3 +297,56 @@ async def test_push_endpoints_outside_the_allowlist_get_no_request(
     dead = admin.execute("SELECT id, error_class, last_error FROM outbox.dead_letter").fetchall()
     assert [(d[0], d[1]) for d in dead] == [(victim_id, "push_endpoint_not_allowed")]
     assert path not in dead[0][2], "the endpoint path is a capability; it must not be logged"
+
+
+def test_a_producer_cannot_cancel_acknowledge_collapse_or_read_another_producers_messages(
+    producer_url: str, admin: psycopg.Connection[Any], database_url: str
+) -> None:
+    """Ids are sequential, collapse keys guessable: the scope is the login role."""
+    outbox.upsert_recipient(admin, "victim", email="victim@example.com")
+    with psycopg.connect(producer_url) as producer:
+        theirs = outbox.enqueue(
+            admin,
+            user_id="victim",
+            channel="email",
+            template="price_alert",
+            vars=ALERT,
+            collapse_key="EURUSD",
+        )
+        alert = outbox.enqueue(
+            admin,
+            user_id="victim",
+            channel="email",
+            template="price_alert",
+            vars=ALERT,
+            escalate_after=60,
+        )
+        admin.execute(
+            "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now() WHERE id = %s",
+            [alert],
+        )
+        assert outbox.cancel(producer, theirs) is False
+        assert outbox.acknowledge(producer, alert) is False
+        assert outbox.message_status(producer, theirs) is None
+        assert producer.execute(
+            "SELECT count(*) FROM outbox.message_attempts(%s)", [theirs]
+        ).fetchone() == (0,)
+        mine = outbox.enqueue(
+            producer,
+            user_id="victim",
+            channel="email",
+            template="price_alert",
+            vars=ALERT,
+            collapse_key="EURUSD",
+        )
+        producer.commit()
+        # their own messages: visible and theirs to withdraw
+        status = outbox.message_status(producer, mine)
+        assert status is not None and status.state == "pending"
+        assert outbox.cancel(producer, mine) is True
+        producer.commit()
+    states = dict(admin.execute("SELECT id, status FROM outbox.message").fetchall())
+    assert states == {theirs: "pending", alert: "awaiting_ack"}
+    # the operator (here: the superuser) sees and withdraws everything
+    assert outbox.message_status(admin, mine).state == "cancelled"  # type: ignore[union-attr]
+    assert outbox.cancel(admin, theirs) is True

@@ -322,3 +322,42 @@ def test_prices_keep_every_digit_on_every_channel() -> None:
         content = str(rendered(channel, "price_alert", trigger_price=1.08345).__dict__)
         assert re.search(r"1\\*\.08345", content)
         assert "1.0835" not in content.replace("1.08345", "")
+
+
+ACK_URL = "https://api.example.com/ack/v1.AbC-123_x"
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_an_alert_carries_its_ack_link_in_every_channel(name: str) -> None:
+    def with_link(channel: str) -> Any:
+        return render(
+            TemplateCatalog(),
+            channel,
+            name,
+            SAMPLES[name],
+            message_id=42,
+            lane="transactional",
+            platform_base_url=BASE_URL,
+            ack_url=ACK_URL,
+        )
+
+    email = with_link("email")
+    assert isinstance(email, RenderedEmail)
+    assert f'href="{ACK_URL}"' in email.html
+    assert ACK_URL in email.text
+    telegram = with_link("telegram")
+    assert isinstance(telegram, RenderedTelegram)
+    assert f"]({ACK_URL})" in "".join(telegram.parts)
+    parse_markdown_v2("".join(telegram.parts))
+    push = with_link("push")
+    assert isinstance(push, RenderedPush)
+    assert push.payload["data"]["url"] == ACK_URL
+    assert push.payload["data"]["open_url"].startswith(BASE_URL)
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_a_producers_ack_url_var_is_dropped_without_a_signed_link(channel: str) -> None:
+    """Only the dispatcher signs links: a var of that name renders nothing."""
+    forged = rendered(channel, "price_alert", ack_url="https://evil.example/ack/x")
+    assert "evil.example" not in str(forged)
+    assert "I have seen this" not in str(forged)
