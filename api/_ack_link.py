@@ -34,6 +34,7 @@ from litestar.exceptions import ServiceUnavailableException, TooManyRequestsExce
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 
+from outbox import acknowledge_async
 from outbox._ack_tokens import verify
 from outbox._errors import InvalidAckToken
 from outbox._queries import QUERIES
@@ -92,8 +93,8 @@ async def _acknowledge(context: ApiContext, message_id: int) -> _Outcome:
             # is gone, and with it the start of the time to acknowledge
             async with conn.transaction():
                 age = await (await conn.execute(QUERIES["api_ack_sent_age"], params)).fetchone()
-                done = await (await conn.execute(QUERIES["api_acknowledge"], params)).fetchone()
-            if done is not None and done[0]:
+                done = await acknowledge_async(conn, message_id)
+            if done:
                 return _Outcome(
                     acknowledged_now=True,
                     seconds_since_sent=None if age is None or age[0] is None else float(age[0]),

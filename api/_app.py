@@ -40,7 +40,7 @@ from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
-from outbox.api._message_status import message_status
+from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
@@ -220,7 +220,14 @@ def create_app(
         middleware=[rate_limit(rate_limit_per_minute).middleware],
     )
     app = Litestar(
-        route_handlers=[messaging, message_status, acknowledge_by_link, health, livez, metrics],
+        route_handlers=[
+            messaging,
+            read_message_status,
+            acknowledge_by_link,
+            health,
+            livez,
+            metrics,
+        ],
         lifespan=[lifespan],
         # JWTAuth.on_app_init would also mark /health and /metrics as secured in the
         # schema; the middleware and the scheme are wired here, the requirement is

@@ -1,11 +1,11 @@
 """``GET /api/v1/messages/{message_id}``: where one message is, for the owner.
 
-The state comes from SQL ``outbox.message_status`` (pending, sending, sent, dead,
-cancelled, expired, superseded, awaiting_ack, acknowledged, skipped) and the history
-from ``outbox.message_attempts``, oldest first, so the answer is the one a producer
-gets from ``outbox.message_status(conn, id)``. ``channel`` is the channel the message
-is on now while its row exists, else the channel of its last attempt. Error texts are
-not shown (they may quote a provider's answer); error classes are.
+The answer is :func:`outbox.message_status` (SQL ``outbox.message_state`` and
+``outbox.message_attempts`` in one statement), so the owner sees what a producer
+sees: the state (pending, sending, sent, dead, cancelled, expired, superseded,
+awaiting_ack, acknowledged, skipped), the channel the message is on now while its row
+exists, else the channel of its last attempt, and the attempts, oldest first. Error
+texts are not shown (they may quote a provider's answer); error classes are.
 
 ===  ============================================================================
 200  ``{id, state, channel, attempts: [{attempt, channel, outcome, error_class, at}]}``
@@ -29,7 +29,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 
-from outbox._queries import QUERIES
+from outbox import MessageStatus, message_status_async
 from outbox.api._auth import SECURITY_SCHEME, owner_only
 from outbox.api._testsend import DB_ERRORS, DB_TIMEOUT, ApiContext, ErrorBody
 
@@ -59,7 +59,7 @@ class MessageStatusView(msgspec.Struct, kw_only=True):
 
     id: int
     state: str
-    channel: str | None
+    channel: str
     attempts: list[AttemptView]
 
 
@@ -69,18 +69,10 @@ class MessageNotFound(msgspec.Struct, kw_only=True):
     detail: str = NOT_FOUND
 
 
-async def _read(context: ApiContext, message_id: int) -> MessageStatusView | None:
-    params = {"message_id": message_id}
+async def _read(context: ApiContext, message_id: int) -> MessageStatus | None:
     try:
-        # one snapshot for the state and the log: a finish between two statements
-        # would show a state its attempts do not explain
-        async with (
-            context.pool.connection(timeout=DB_TIMEOUT) as conn,
-            conn.transaction(),
-        ):
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            status = await (await conn.execute(QUERIES["api_message_status"], params)).fetchone()
-            rows = await (await conn.execute(QUERIES["api_message_attempts"], params)).fetchall()
+        async with context.pool.connection(timeout=DB_TIMEOUT) as conn:
+            return await message_status_async(conn, message_id)
     except _NOT_MIGRATED as error:
         raise ServiceUnavailableException(
             "the database is not migrated: run `outbox migrate`"
@@ -88,16 +80,25 @@ async def _read(context: ApiContext, message_id: int) -> MessageStatusView | Non
     except DB_ERRORS as error:
         log.warning("message status: database unavailable error=%s", type(error).__name__)
         raise ServiceUnavailableException("the database is unavailable") from error
-    if status is None or status[0] is None:
-        return None
-    state, current_channel = status
-    attempts = [
-        # in UTC whatever the server's TimeZone, so clients compare strings as times
-        AttemptView(attempt=a, channel=c, outcome=o, error_class=e, at=at.astimezone(UTC))
-        for a, c, o, e, at in rows
-    ]
-    channel = current_channel or (attempts[-1].channel if attempts else None)
-    return MessageStatusView(id=message_id, state=state, channel=channel, attempts=attempts)
+
+
+def _view(status: MessageStatus) -> MessageStatusView:
+    return MessageStatusView(
+        id=status.id,
+        state=status.state,
+        channel=status.channel,
+        attempts=[
+            AttemptView(
+                attempt=a.attempt,
+                channel=a.channel,
+                outcome=a.outcome,
+                error_class=a.error_class,
+                # in UTC whatever the server's TimeZone: every answer spells times alike
+                at=a.at.astimezone(UTC),
+            )
+            for a in status.attempts
+        ],
+    )
 
 
 @get(
@@ -117,15 +118,15 @@ async def _read(context: ApiContext, message_id: int) -> MessageStatusView | Non
         503: ResponseSpec(data_container=ErrorBody, description="The database is unavailable"),
     },
 )
-async def message_status(
+async def read_message_status(
     message_id: FromPath[int], request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Answer the state, channel and attempts of message ``message_id``."""
     if not 1 <= message_id <= BIGINT_MAX:
-        # no queued message has such an id (test sends are negative); and a number
-        # beyond bigint would reach PostgreSQL as numeric, which no function takes
+        # no queued message has such an id (test sends are negative): not found,
+        # rather than the InvalidMessage outbox.message_status raises for it
         return Response(MessageNotFound(), status_code=404)
-    view = await _read(request.app.state["outbox"], message_id)
-    if view is None:
+    status = await _read(request.app.state["outbox"], message_id)
+    if status is None:
         return Response(MessageNotFound(), status_code=404)
-    return Response(view, status_code=200)
+    return Response(_view(status), status_code=200)

@@ -475,10 +475,6 @@ SELECT CAST(extract(epoch FROM now() - sent_at) AS double precision)
   FROM outbox.message
  WHERE id = %(message_id)s
 
--- api_acknowledge --
--- Acknowledge an alert through a link (true when this call acknowledged it).
-SELECT outbox.acknowledge(%(message_id)s)
-
 -- api_ack_state --
 -- Why an acknowledgement changed nothing: the message's state, and whether an
 -- earlier acknowledgement marked it in flight (its state says sending until the
@@ -486,18 +482,6 @@ SELECT outbox.acknowledge(%(message_id)s)
 SELECT outbox.message_status(%(message_id)s),
        EXISTS (SELECT 1 FROM outbox.message
                 WHERE id = %(message_id)s AND acknowledged_at IS NOT NULL)
-
--- api_message_status --
--- The owner's status lookup: the state, and the channel while the row exists.
-SELECT outbox.message_status(%(message_id)s),
-       (SELECT channel FROM outbox.message WHERE id = %(message_id)s)
-
--- api_message_attempts --
--- The owner's status lookup: the delivery log, oldest first.
-SELECT a.attempt, a.channel, a.outcome, a.error_class, a.at
-  FROM outbox.message_attempts(%(message_id)s)
-       WITH ORDINALITY AS a (attempt, channel, outcome, error_class, at, n)
- ORDER BY a.n
 
 -- ====================================================== dispatcher: shared limits
 -- Rate limits as send calendars and recipient paces (outbox.rate_limit), and a
