@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -76,7 +77,8 @@ class NotAcknowledgeable(msgspec.Struct, kw_only=True):
     detail: str = NOT_ACKNOWLEDGEABLE
 
 
-class _Outcome(msgspec.Struct, frozen=True):
+@dataclass(frozen=True, kw_only=True)
+class _Outcome:
     """What the database said: acknowledged now, and else the state it is in."""
 
     acknowledged_now: bool
@@ -167,7 +169,8 @@ async def acknowledge_by_link(
         metrics.acknowledgements.labels(via="link").inc()
         if outcome.seconds_since_sent is not None:
             metrics.time_to_acknowledge.observe(max(outcome.seconds_since_sent, 0.0))
-        log.info("acknowledged id=%d via=link", message_id)
+        # DEBUG: the outbox.attempt row is the record; INFO stays quiet per event
+        log.debug("acknowledged id=%d via=link", message_id)
     elif outcome.state is None:
         # signed by us, but gone without a trace (history pruned): as good as unknown
         return Response(InvalidLink(), status_code=404, headers=NO_STORE)
