@@ -50,6 +50,8 @@ class QueueSnapshot:
     depth: dict[tuple[str, str], int] = field(default_factory=dict)
     """(lane, channel) -> messages pending or in flight."""
     dead: int = 0
+    awaiting_ack: int = 0
+    """Alerts sent and waiting for the user's acknowledgement (not work to do)."""
     oldest_pending: dict[str, float] = field(default_factory=dict)
     """lane -> seconds the oldest due pending message has been waiting."""
 
@@ -61,16 +63,18 @@ class QueueSnapshot:
         depth: dict[tuple[str, str], int] = {
             (lane, channel): 0 for lane in LANES for channel in CHANNELS
         }
-        dead = 0
+        dead = awaiting = 0
         for lane, channel, status, count, _oldest in stats:
             if status == "dead":
                 dead += int(count)
+            elif status == "awaiting_ack":
+                awaiting += int(count)  # no dispatcher work until it escalates
             else:
                 depth[(lane, channel)] = depth.get((lane, channel), 0) + int(count)
         oldest: dict[str, float] = dict.fromkeys(LANES, 0.0)
         for lane, seconds in lag:
             oldest[lane] = max(float(seconds or 0.0), 0.0)
-        return cls(depth=depth, dead=dead, oldest_pending=oldest)
+        return cls(depth=depth, dead=dead, awaiting_ack=awaiting, oldest_pending=oldest)
 
 
 class QueueStatsCollector(Collector):
@@ -114,6 +118,11 @@ class QueueStatsCollector(Collector):
         yield depth
         yield GaugeMetricFamily(
             "outbox_dead_letters", "Messages in the dead-letter state", value=snapshot.dead
+        )
+        yield GaugeMetricFamily(
+            "outbox_alerts_awaiting_ack",
+            "Alerts sent and waiting for the user's acknowledgement",
+            value=snapshot.awaiting_ack,
         )
         oldest = GaugeMetricFamily(
             "outbox_oldest_pending_seconds",

@@ -145,7 +145,8 @@ class Dispatcher:
         self._wakeup: Wakeup | None = None
         self._stopping = asyncio.Event()
         # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
-        # (it may have written follow-ups, which send no NOTIFY) or stop()
+        # (it may have moved messages to their next channel, due now, which sends no
+        # NOTIFY) or stop()
         self._wake = asyncio.Event()
 
     @property
@@ -181,6 +182,11 @@ class Dispatcher:
             self.options.concurrency,
             self.options.batch_size,
         )
+        if self.settings.ack_signing_key() is None:
+            log.warning(
+                "no OUTBOX_ACK_SECRET or OUTBOX_API_JWT_SECRET: alerts (escalate_after)"
+                " are sent without an acknowledgement link"
+            )
         try:
             await self._claim_loop()
         finally:
@@ -266,7 +272,8 @@ class Dispatcher:
             return False
         # Notifications, reconnects and acknowledgements from now on end the wait
         # (earlier ones are covered by the claim below). Our own acknowledgements
-        # may have written follow-ups (fallbacks) that send no NOTIFY.
+        # may have moved messages to their next channel (fallbacks), due now, which
+        # sends no NOTIFY. Escalations fall due without any NOTIFY: the poll finds them.
         self._wake.clear()
         await self._sleeper.set(self._wakeup.connected)
         # claim once more: a message committed before we registered sent no NOTIFY

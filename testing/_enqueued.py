@@ -21,7 +21,8 @@ from typing import Any
 
 _SELECT = """
 SELECT id, lane, channel, user_id, template, vars, status, next_attempt_at,
-       idempotency_key
+       idempotency_key, expires_at, collapse_key,
+       CAST(extract(epoch FROM escalate_after) AS float8)
   FROM outbox.message
  WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
    AND (%(channel)s::text IS NULL OR channel = %(channel)s::text)
@@ -43,6 +44,10 @@ class EnqueuedMessage:
     status: str
     send_at: datetime
     idempotency_key: str | None
+    expires_at: datetime | None = None
+    collapse_key: str | None = None
+    escalate_after: float | None = None
+    """Seconds an alert waits for its acknowledgement once sent (None: not an alert)."""
 
     def describe(self) -> str:
         """One line for an assertion message."""
@@ -90,6 +95,9 @@ def enqueued_messages(
             status=row[6],
             send_at=row[7],
             idempotency_key=row[8],
+            expires_at=row[9],
+            collapse_key=row[10],
+            escalate_after=row[11],
         )
         for row in _rows(conn, params)
     ]

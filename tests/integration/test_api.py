@@ -393,6 +393,16 @@ async def test_metrics_report_queue_depth_dead_letters_and_oldest_pending_from_t
         "UPDATE outbox.message SET status = 'dead', dead_at = now()"
         " WHERE id = (SELECT max(id) FROM outbox.message)"
     )
+    # an alert waiting for its acknowledgement is no work for a dispatcher
+    admin.execute(
+        "SELECT outbox.enqueue('email', 'position_failure_entry', 'u1', %s,"
+        " escalate_after => interval '1 minute')",
+        [psycopg.types.json.Jsonb(ENTRY)],
+    )
+    admin.execute(
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now()"
+        " WHERE escalate_after IS NOT NULL"
+    )
 
     response = await client.get("/metrics")
 
@@ -401,6 +411,7 @@ async def test_metrics_report_queue_depth_dead_letters_and_oldest_pending_from_t
     assert 'outbox_queue_depth{channel="email",lane="transactional"} 1.0' in text
     assert 'outbox_queue_depth{channel="push",lane="campaign"} 0.0' in text
     assert "outbox_dead_letters 1.0" in text
+    assert "outbox_alerts_awaiting_ack 1.0" in text
     [lag] = [
         line
         for line in text.splitlines()

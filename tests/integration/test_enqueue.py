@@ -440,3 +440,59 @@ def test_enqueue_wakes_the_freshest_sleeper_and_bulk_writes_wake_all(
         )
         admin.execute("SELECT outbox.retry_dead()")
         assert payloads() == [""]
+
+
+def test_cancel_status_acknowledge_and_preferences_on_every_connection_kind(
+    database_url: str, kind: tuple[Runner, bool]
+) -> None:
+    """The second wave's calls run in the caller's transaction on all six kinds."""
+    run, is_async = kind
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        pending = outbox.enqueue(
+            admin, user_id="u1", channel="email", template="price_alert", vars=PRICE_ALERT
+        )
+        waiting = outbox.enqueue(
+            admin,
+            user_id="u1",
+            channel="email",
+            template="price_alert",
+            vars=PRICE_ALERT,
+            escalate_after=60,
+        )
+        admin.execute(
+            "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now() WHERE id = %s",
+            [waiting],
+        )
+
+    async def async_body(conn: Any) -> Any:
+        status = await outbox.message_status_async(conn, pending)
+        await outbox.set_preference_async(conn, "u1", topic="price_alert", channels=["push"])
+        return (
+            status.state if status else None,
+            await outbox.cancel_async(conn, pending),
+            await outbox.acknowledge_async(conn, waiting),
+        )
+
+    def sync_body(conn: Any) -> Any:
+        status = outbox.message_status(conn, pending)
+        outbox.set_preference(conn, "u1", topic="price_alert", channels=["push"])
+        return (
+            status.state if status else None,
+            outbox.cancel(conn, pending),
+            outbox.acknowledge(conn, waiting),
+        )
+
+    body = async_body if is_async else sync_body
+    assert run(database_url, body, False) == ("pending", True, True)
+    with psycopg.connect(database_url) as check:  # rolled back: nothing changed
+        assert check.execute("SELECT count(*) FROM outbox.message").fetchone() == (2,)
+        assert check.execute("SELECT count(*) FROM outbox.preference").fetchone() == (0,)
+    assert run(database_url, body, True) == ("pending", True, True)
+    with psycopg.connect(database_url) as check:
+        assert check.execute("SELECT count(*) FROM outbox.message").fetchone() == (0,)
+        assert check.execute("SELECT channels FROM outbox.preference").fetchone() == (["push"],)
+        states = {
+            i: outbox.message_status(check, i).state  # type: ignore[union-attr]
+            for i in (pending, waiting)
+        }
+    assert states == {pending: "cancelled", waiting: "acknowledged"}

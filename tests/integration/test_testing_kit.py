@@ -96,3 +96,33 @@ def test_drain_renders_with_the_real_templates_and_records_what_each_channel_sen
     with psycopg.connect(database_url) as conn:
         [dead] = enqueued_messages(conn)
         assert (dead.user_id, dead.status) == ("nobody", "dead")
+
+
+def test_enqueued_messages_show_the_alert_options(database_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import outbox
+
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(
+            conn,
+            user_id="u42",
+            channel="email",
+            template="price_alert",
+            vars={
+                "instrument": "EURUSD",
+                "trigger_price": "1",
+                "current_price": "1",
+                "condition": "above",
+            },
+            expires_at=expires,
+            collapse_key="price:EURUSD",
+            escalate_after=90,
+        )
+        [alert] = enqueued_messages(conn)
+    assert (alert.expires_at, alert.collapse_key, alert.escalate_after) == (
+        expires,
+        "price:EURUSD",
+        90.0,
+    )

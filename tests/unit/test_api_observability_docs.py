@@ -17,6 +17,7 @@ EXPORTED = {
     "position_failure_alerts_sent_total",
     "outbox_queue_depth",
     "outbox_dead_letters",
+    "outbox_alerts_awaiting_ack",
     "outbox_oldest_pending_seconds",
     "outbox_metrics_database_up",
     "outbox_api_test_sends_total",

@@ -257,3 +257,39 @@ def test_the_bounce_effect_travels_with_the_fallback() -> None:
         fall_back_lanes=fall_back_lanes("transactional"),
     )
     assert isinstance(finish, FinishHandoff) and finish.effects == bounce.effects
+
+
+# -------------------------------------------------------------- alerts: sent, then waiting
+
+WITH_PUSH = replace(
+    USER,
+    subscriptions=(PushSubscription(endpoint="https://push.example/1", p256dh="k", auth="a"),),
+)
+
+# (case, message changes, recipient, ack wait, next channel, chain left after it)
+ALERTS = [
+    ("not an alert: the row goes", {}, USER, None, None, ()),
+    ("alert: waits, moved to the next channel", {"escalate_after": 120.0, "channel": "email",
+     "fallback": ("telegram", "push")}, WITH_PUSH, 120.0, "telegram", ("push",)),
+    ("alert: unreachable channels are passed over", {"escalate_after": 60.0, "channel": "email",
+     "fallback": ("push", "telegram")}, USER, 60.0, "telegram", ()),
+    ("alert at the chain's end: waits without a next channel", {"escalate_after": 60.0,
+     "channel": "telegram", "fallback": ()}, USER, 60.0, None, ()),
+    ("alert: the topic preference is honoured", {"escalate_after": 30.0, "channel": "email",
+     "fallback": ("telegram", "push"), "preferences": (("", frozenset({"email", "push"})),)},
+     WITH_PUSH, 30.0, "push", ()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "recipient", "wait", "follow", "rest"),
+    [row[1:] for row in ALERTS],
+    ids=[row[0] for row in ALERTS],
+)
+def test_a_sent_alert_waits_for_its_acknowledgement(changes, recipient, wait, follow, rest):
+    finish = finish_for(replace(message(), **changes), recipient, Sent(), 3.0, policy=POLICY)
+    assert type(finish) is FinishSent
+    assert finish.ack_wait == wait
+    assert finish.awaits_ack is (wait is not None)
+    assert finish.next_channel == follow
+    assert finish.next_fallback == rest

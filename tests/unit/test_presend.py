@@ -112,3 +112,59 @@ def test_a_disabled_channel_hands_the_message_to_the_next_one(fallback, order, e
     assert isinstance(finish, FinishHandoff)
     follow = None if finish.next_channel is None else (finish.next_channel, finish.next_fallback)
     assert follow == expected
+
+
+# ------------------------------------------------ second wave: expiry, acknowledged, topic
+
+PAST = NOW - timedelta(seconds=1)
+
+
+def alert(**changes) -> Claimed:
+    return replace(message(), **changes)
+
+
+# (case, message changes, recipient, expected finish type, outcome, error class, next channel)
+SECOND_WAVE = [
+    ("expired", {"expires_at": PAST}, USER, FinishHandoff, "expired", "expired", None),
+    ("expires at this very moment", {"expires_at": NOW}, USER, FinishHandoff, "expired",
+     "expired", None),
+    ("not expired yet", {"expires_at": NOW + timedelta(seconds=1)}, USER, None, None, None, None),
+    ("expiry before an unknown recipient", {"expires_at": PAST}, None, FinishHandoff, "expired",
+     "expired", None),
+    ("acknowledged in flight", {"acknowledged": True}, USER, FinishHandoff, "skipped",
+     "acknowledged", None),
+    ("topic allows the channel", {"preferences": (("", frozenset({"email"})),)}, USER, None,
+     None, None, None),
+    ("topic excludes the channel", {"preferences": (("", frozenset({"telegram"})),)}, USER,
+     FinishHandoff, "skipped", "preference", "telegram"),
+    ("topic muted", {"preferences": (("", frozenset()),)}, USER, FinishHandoff, "skipped",
+     "preference", None),
+    ("instrument wins over topic",
+     {"vars": {"instrument": "EURUSD"},
+      "preferences": (("", frozenset({"telegram"})), ("EURUSD", frozenset({"email"})))},
+     USER, None, None, None, None),
+    ("another instrument's preference does not apply",
+     {"vars": {"instrument": "GBPUSD"},
+      "preferences": (("", frozenset({"push"})), ("EURUSD", frozenset({"email"})))},
+     USER, FinishHandoff, "skipped", "preference", "push"),
+    ("preference skips a disabled channel too",
+     {"preferences": (("", frozenset({"telegram", "push"})),)},
+     replace(USER, disabled_channels=frozenset({"push"})), FinishHandoff, "skipped",
+     "preference", "telegram"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "recipient", "kind", "outcome", "error_class", "follow"),
+    [row[1:] for row in SECOND_WAVE],
+    ids=[row[0] for row in SECOND_WAVE],
+)
+def test_presend_second_wave_table(changes, recipient, kind, outcome, error_class, follow) -> None:
+    finish = presend(alert(**changes), recipient, now=NOW, configured=ALL)
+    if kind is None:
+        assert finish is None
+        return
+    assert type(finish) is kind
+    assert finish.name == outcome
+    assert finish.error_class == error_class
+    assert finish.next_channel == follow
