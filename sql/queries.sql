@@ -473,6 +473,21 @@ INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attemp
 VALUES (%(message_id)s, 'transactional', %(channel)s, %(user_id)s, %(template)s, 1,
         %(outcome)s, %(error_class)s, %(error)s, %(duration_ms)s, %(caller)s, true)
 
+-- api_ack_sent_age --
+-- Before an acknowledgement through a link, in its transaction: seconds since the
+-- alert was first delivered, on the database's clock (no row when it is gone).
+SELECT CAST(extract(epoch FROM now() - sent_at) AS double precision)
+  FROM outbox.message
+ WHERE id = %(message_id)s
+
+-- api_ack_state --
+-- Why an acknowledgement changed nothing: the message's state, and whether an
+-- earlier acknowledgement marked it in flight (its state says sending until the
+-- dispatcher's finish deletes it).
+SELECT outbox.message_status(%(message_id)s),
+       EXISTS (SELECT 1 FROM outbox.message
+                WHERE id = %(message_id)s AND acknowledged_at IS NOT NULL)
+
 -- ====================================================== dispatcher: shared limits
 -- Rate limits as send calendars and recipient paces (outbox.rate_limit), and a
 -- circuit breaker whose state every replica shares (dispatcher/_limits.py explains
