@@ -452,6 +452,17 @@ UPDATE outbox.recipient SET email_undeliverable_at = now(), updated_at = now()
 UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
  WHERE user_id = %(user_id)s
 
+-- effect_inbox_item --
+-- Channel inapp delivered: the user's inbox item (one per message), and a word to
+-- the API's streams, heard at this transaction's commit.
+WITH item AS (
+    INSERT INTO outbox.inbox_item (user_id, message_id, template, title, body, url)
+    VALUES (%(user_id)s, %(message_id)s, %(template)s, %(title)s, %(body)s, %(url)s)
+    ON CONFLICT ON CONSTRAINT inbox_item_message_key DO NOTHING
+    RETURNING id, user_id
+)
+SELECT pg_notify('outbox_inbox', CAST(id AS text) || ' ' || user_id) FROM item
+
 -- effect_delete_subscription --
 -- The push service says the subscription is gone.
 DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
