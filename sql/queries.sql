@@ -80,6 +80,26 @@ SELECT s.state, s.channel,
 SELECT outbox.set_preference(%(user_id)s, %(topic)s, CAST(%(channels)s AS text[]),
                              %(instrument)s)
 
+-- inbox --
+-- One user's inbox items, newest first, as one JSON array (NULL when none):
+-- [[id, message_id, template, title, body, url, created_at, read_at], ...].
+SELECT json_agg(json_build_array(i.id, i.message_id, i.template, i.title, i.body, i.url,
+                                 i.created_at, i.read_at) ORDER BY i.id DESC)
+  FROM (SELECT * FROM outbox.inbox_item
+         WHERE user_id = %(user_id)s
+           AND (NOT %(unread_only)s OR read_at IS NULL)
+           AND (CAST(%(before)s AS bigint) IS NULL OR id < CAST(%(before)s AS bigint))
+         ORDER BY id DESC
+         LIMIT %(limit)s) i
+
+-- read_inbox_item --
+-- Mark one of the user's items read (and acknowledge its alert).
+SELECT outbox.read_inbox_item(%(user_id)s, %(item_id)s)
+
+-- read_all_inbox_items --
+-- Mark every unread item of the user read (and acknowledge their alerts).
+SELECT outbox.read_all_inbox_items(%(user_id)s)
+
 -- ===================================================================== operator
 
 -- queue_stats --
@@ -451,6 +471,17 @@ UPDATE outbox.recipient SET email_undeliverable_at = now(), updated_at = now()
 -- The chat migrated to a supergroup.
 UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
  WHERE user_id = %(user_id)s
+
+-- effect_inbox_item --
+-- Channel inapp delivered: the user's inbox item (one per message), and a word to
+-- the API's streams, heard at this transaction's commit.
+WITH item AS (
+    INSERT INTO outbox.inbox_item (user_id, message_id, template, title, body, url)
+    VALUES (%(user_id)s, %(message_id)s, %(template)s, %(title)s, %(body)s, %(url)s)
+    ON CONFLICT ON CONSTRAINT inbox_item_message_key DO NOTHING
+    RETURNING id, user_id
+)
+SELECT pg_notify('outbox_inbox', CAST(id AS text) || ' ' || user_id) FROM item
 
 -- effect_delete_subscription --
 -- The push service says the subscription is gone.
