@@ -28,10 +28,10 @@ from __future__ import annotations
 from collections.abc import Container
 from datetime import datetime
 
-from outbox._preferences import UNMUTABLE_PREFIX
 from outbox.dispatcher._claimed import Claimed
 from outbox.dispatcher._finishes import Finish, FinishDead, FinishHandoff, FinishRequeue
 from outbox.dispatcher._routing import RecipientRecord, next_channel
+from outbox.vocabulary import UNMUTABLE_PREFIX
 
 UNCONFIGURED_RETRY_SECONDS = 30.0
 """A message for a channel this dispatcher lacks waits this long for one that has it."""

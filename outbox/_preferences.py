@@ -17,9 +17,7 @@ from typing import Any
 from outbox._db import fetch_one, fetch_one_async
 from outbox._enqueue import check_channel, check_text
 from outbox._errors import InvalidMessage
-
-UNMUTABLE_PREFIX = "position_failure_"
-"""Topics that must keep at least one channel."""
+from outbox.vocabulary import UNMUTABLE_PREFIX
 
 
 def preference_params(

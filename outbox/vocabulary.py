@@ -21,4 +21,8 @@ LANES: tuple[LaneName, ...] = ("transactional", "campaign")
 PRIORITY_RANGES: dict[str, range] = {"transactional": range(0, 100), "campaign": range(100, 200)}
 """The priorities a lane's messages may have; lower is more urgent."""
 
-__all__ = ["CHANNELS", "LANES", "PRIORITY_RANGES", "ChannelName", "LaneName"]
+UNMUTABLE_PREFIX = "position_failure_"
+"""Topics (template names) that must keep at least one channel: a failed stop-loss,
+take-profit or entry reaches the trader whatever their preferences say."""
+
+__all__ = ["CHANNELS", "LANES", "PRIORITY_RANGES", "UNMUTABLE_PREFIX", "ChannelName", "LaneName"]
