@@ -1,8 +1,10 @@
 """The Litestar application: ``create_app(settings)``.
 
 Routes: ``POST /api/v1/messaging/test`` (owner test sends, see ``_testsend``),
-``GET /health``, ``GET /metrics`` (Prometheus text), the OpenAPI document at
-``/schema/openapi.json`` and its docs page at ``/schema``.
+``GET /api/v1/messages/{id}`` (a message's status, ``_message_status``),
+``GET /ack/{token}`` (acknowledgement links, no login, ``_ack_link``), ``GET /health``,
+``GET /metrics`` (Prometheus text), the OpenAPI document at ``/schema/openapi.json``
+and its docs page at ``/schema``.
 
 Lifetime: at startup the app opens one psycopg pool (without waiting for the
 database, so the API starts and ``/health`` can say 503 while PostgreSQL is down)
@@ -36,7 +38,9 @@ from outbox._db import (
 from outbox._schema_check import schema_problem_async
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
+from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
+from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
@@ -201,6 +205,10 @@ def create_app(
         issuer=settings.api_jwt_issuer,
     )
     failed_auth = FailedAuthLimit(settings.api_auth_failures_per_minute)
+    # Links that do not verify have a budget of their own, which the link handler keeps:
+    # a burst of stale links (a mail scanner, an old forwarded alert) from behind one
+    # proxy must not lock the owner's API and /health out, nor the other way round.
+    ack_link_failures = FailedAuthLimit(settings.api_auth_failures_per_minute)
     api_metrics = ApiMetrics.create()
     templates = catalog or TemplateCatalog(settings.templates_dir)
 
@@ -211,8 +219,15 @@ def create_app(
         route_handlers=[send_test_message],
         middleware=[rate_limit(rate_limit_per_minute).middleware],
     )
-    return Litestar(
-        route_handlers=[messaging, health, livez, metrics],
+    app = Litestar(
+        route_handlers=[
+            messaging,
+            read_message_status,
+            acknowledge_by_link,
+            health,
+            livez,
+            metrics,
+        ],
         lifespan=[lifespan],
         # JWTAuth.on_app_init would also mark /health and /metrics as secured in the
         # schema; the middleware and the scheme are wired here, the requirement is
@@ -228,13 +243,19 @@ def create_app(
         openapi_config=OpenAPIConfig(
             title="outbox API",
             version=_version(),
-            description="Owner test sends, health and metrics of the outbox.",
+            description=(
+                "Owner test sends and message status, acknowledgement links,"
+                " health and metrics of the outbox."
+            ),
             path="/schema",
             components=[auth.openapi_components],
             render_plugins=[SwaggerRenderPlugin()],
         ),
         debug=False,
     )
+    # set on the built app: Litestar(state=...) would deep-copy the limiter
+    app.state["ack_link_failures"] = ack_link_failures
+    return app
 
 
 def _lifespan(

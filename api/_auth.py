@@ -42,8 +42,9 @@ OWNER_ROLE = "owner"
 REQUIRED_CLAIMS = ("sub", "role", "exp")
 SECURITY_SCHEME = "BearerToken"
 """The OpenAPI security scheme's name."""
-PUBLIC_PATHS = ["^/health$", "^/livez$", "^/metrics$", "^/schema"]
-"""Paths served without a token (Litestar ``exclude`` patterns)."""
+PUBLIC_PATHS = ["^/health$", "^/livez$", "^/metrics$", "^/schema", "^/ack/"]
+"""Paths served without a token (Litestar ``exclude`` patterns); ``/ack/`` links carry
+their own signed token."""
 
 
 @dataclass
@@ -148,6 +149,10 @@ class FailedAuthLimit:
     (or secrets) from one address is slow, while other addresses are unaffected. In
     this process's memory, like the request rate limit; at most ``max_addresses``
     addresses are remembered (the oldest are forgotten first).
+
+    The acknowledgement link handler keeps an instance of its own, without the
+    middleware: it asks :meth:`retry_after` first and reports the links that do not
+    verify with :meth:`record_failure`.
     """
 
     WINDOW_SECONDS = 60.0
@@ -184,8 +189,7 @@ class FailedAuthLimit:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
-            client = scope.get("client")
-            address = client[0] if client else "unknown"
+            address = client_address(scope)
             wait = self.retry_after(address, time.monotonic())
             if wait > 0:
                 await _refuse(send, wait)
@@ -204,6 +208,12 @@ class FailedAuthLimit:
                 raise
 
         return limited
+
+
+def client_address(scope: Scope) -> str:
+    """The address failures are counted by: the peer of the connection."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 async def _refuse(send: Send, wait: float) -> None:

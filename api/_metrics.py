@@ -11,6 +11,10 @@ a scrape first awaits :meth:`QueueStatsCollector.refresh` (two cheap queries) an
 then renders the registry, which reads the snapshot. When the database does not
 answer, ``outbox_metrics_database_up`` is 0 and the database gauges are left out
 (absent, rather than a misleading zero).
+
+The API also counts what happens in its own requests: the owner's test sends, and
+acknowledgements through links (``outbox_acknowledgements_total{via="link"}``, and
+``outbox_time_to_acknowledge_seconds`` from the alert's first delivery).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
@@ -34,6 +38,9 @@ log = logging.getLogger("outbox.api")
 
 SCRAPE_TIMEOUT = 2.0
 """Seconds a scrape waits for a database connection."""
+TIME_TO_ACKNOWLEDGE_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 86400)
+"""Seconds: people answer alerts in minutes to hours, not in the milliseconds of the
+default buckets; the last ones tell "the next morning" from "within the hour"."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,11 +136,13 @@ class QueueStatsCollector(Collector):
 
 @dataclass(frozen=True, kw_only=True)
 class ApiMetrics:
-    """The API's own registry: database gauges plus the owner's test sends."""
+    """The API's own registry: database gauges, the owner's test sends, acknowledgements."""
 
     registry: CollectorRegistry
     queue: QueueStatsCollector
     test_sends: Counter
+    acknowledgements: Counter
+    time_to_acknowledge: Histogram
 
     @classmethod
     def create(cls) -> ApiMetrics:
@@ -147,4 +156,23 @@ class ApiMetrics:
             ["channel", "status"],
             registry=registry,
         )
-        return cls(registry=registry, queue=queue, test_sends=test_sends)
+        acknowledgements = Counter(
+            "outbox_acknowledgements_total",
+            "Alerts newly acknowledged through the API, by way (a link)",
+            ["via"],
+            registry=registry,
+        )
+        acknowledgements.labels(via="link")  # exported as 0 before the first one
+        time_to_acknowledge = Histogram(
+            "outbox_time_to_acknowledge_seconds",
+            "Seconds from an alert's first delivery to its acknowledgement through the API",
+            buckets=TIME_TO_ACKNOWLEDGE_BUCKETS,
+            registry=registry,
+        )
+        return cls(
+            registry=registry,
+            queue=queue,
+            test_sends=test_sends,
+            acknowledgements=acknowledgements,
+            time_to_acknowledge=time_to_acknowledge,
+        )

@@ -277,6 +277,8 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
         finished.update(row[0] for row in rows)
         fallback_ids = [row[0] for row in rows if row[1]]
     for finish in batch.finishes:
+        if finish.lease.id not in finished:
+            continue  # the lease was lost: the replica that holds it now reports
         for effect in finish.effects:
             await write_effect(cur, finish.message.user_id, effect)
     all_ids = {f.lease.id for f in batch.finishes}

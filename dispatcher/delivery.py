@@ -32,6 +32,7 @@ from outbox.dispatcher.channels.base import (
     Sent,
     TransientFailure,
     UpdateTelegramChat,
+    WriteInboxItem,
 )
 from outbox.dispatcher.rendering import RenderCache
 from outbox.vocabulary import ChannelName, LaneName
@@ -180,4 +181,17 @@ async def write_effect(
             await target.execute(
                 QUERIES["effect_delete_subscription"], {"user_id": user_id, "endpoint": endpoint}
             )
+        case WriteInboxItem(message_id=message_id, template=template, item=item):
+            await target.execute(
+                QUERIES["effect_inbox_item"],
+                {
+                    "user_id": user_id,
+                    "message_id": message_id,
+                    "template": template,
+                    "title": item.title,
+                    "body": item.body,
+                    "url": item.url,
+                },
+            )
+            return  # a delivery, not a change of the recipient: no log line per message
     log.info("recipient updated user=%s effect=%s", user_id, type(effect).__name__)

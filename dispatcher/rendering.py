@@ -50,10 +50,14 @@ from outbox.dispatcher._stored_vars import (
     stored_vars,
     stored_vars_problem,
 )
-from outbox.dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
+from outbox.dispatcher.channels.base import (
+    Rendered,
+    RenderedEmail,
+    RenderedInApp,
+    RenderedPush,
+    RenderedTelegram,
+)
 from outbox.dispatcher.html_text import extract_title, html_to_text
-
-Rendered = RenderedEmail | RenderedTelegram | RenderedPush
 
 __all__ = [
     "EMAIL_SIZE_LIMIT",
@@ -88,6 +92,7 @@ RENDER_OUTPUT_LIMITS = {
     "email": EMAIL_SIZE_LIMIT,
     "telegram": 2 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
     "push": 16 * PUSH_PAYLOAD_LIMIT,
+    "inapp": 16 * PUSH_PAYLOAD_LIMIT,
 }
 """Characters one template of a channel may produce before rendering stops. Each is
 above what the channel's own check (bytes of an email, Telegram parts, push bytes)
@@ -149,6 +154,8 @@ def render(
             return _render_email(catalog, envs, template, context)
         if channel == "telegram":
             return _render_telegram(catalog, envs, template, context)
+        if channel == "inapp":
+            return _render_inapp(catalog, envs, template, context)
         return _render_push(catalog, envs, template, context)
     except TemplateRenderError:
         raise
@@ -225,6 +232,42 @@ def _render_push(
             f" {PUSH_PAYLOAD_LIMIT} (shorten the variables or the template)"
         )
     return RenderedPush(payload=payload, body=body, topic=push_topic(template, context))
+
+
+INAPP_ITEM_LIMIT = PUSH_PAYLOAD_LIMIT
+"""Bytes of an inbox item's JSON: a notification, not a document (the push budget)."""
+
+
+def _render_inapp(
+    catalog: TemplateCatalog, envs: Environments, template: str, context: dict[str, Any]
+) -> RenderedInApp:
+    raw = envs.render(
+        envs.push,  # the same JSON-string escaping as push
+        catalog.files("inapp", template).main,
+        context,
+        limit=RENDER_OUTPUT_LIMITS["inapp"],
+    )
+    try:
+        item = json.loads(raw)
+    except ValueError as error:
+        raise TemplateRenderError(
+            f"{template} (inapp): the template is not JSON: {error}"
+        ) from error
+    if not isinstance(item, dict):
+        raise TemplateRenderError(f"{template} (inapp): the item must be a JSON object")
+    title, body, url = item.get("title"), item.get("body"), item.get("url")
+    if not isinstance(title, str) or not title.strip():
+        raise TemplateRenderError(f"{template} (inapp): the item needs a non-empty 'title'")
+    if not isinstance(body, str):
+        raise TemplateRenderError(f"{template} (inapp): the item needs a string 'body'")
+    if url is not None and not isinstance(url, str):
+        raise TemplateRenderError(f"{template} (inapp): 'url' must be a string")
+    size = len(_COMPACT_JSON.encode(item).encode("utf-8"))
+    if size > INAPP_ITEM_LIMIT:
+        raise TemplateRenderError(
+            f"{template} (inapp): the item is {size} bytes; at most {INAPP_ITEM_LIMIT}"
+        )
+    return RenderedInApp(title=title, body=body, url=url or None)
 
 
 def _push_problem(payload: object) -> str | None:

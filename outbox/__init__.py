@@ -35,6 +35,15 @@ from outbox._errors import (
     TemplateRenderError,
     UnknownTemplate,
 )
+from outbox._inbox import (
+    InboxItem,
+    inbox,
+    inbox_async,
+    read_all_inbox_items,
+    read_all_inbox_items_async,
+    read_inbox_item,
+    read_inbox_item_async,
+)
 from outbox._migrate import version_location
 from outbox._preferences import set_preference, set_preference_async
 from outbox._recipients import (
@@ -58,6 +67,7 @@ __all__ = [
     "AttemptRecord",
     "CampaignResult",
     "ConfigurationError",
+    "InboxItem",
     "InvalidMessage",
     "MessageState",
     "MessageStatus",
@@ -76,8 +86,14 @@ __all__ = [
     "enqueue_async",
     "enqueue_campaign",
     "enqueue_campaign_async",
+    "inbox",
+    "inbox_async",
     "message_status",
     "message_status_async",
+    "read_all_inbox_items",
+    "read_all_inbox_items_async",
+    "read_inbox_item",
+    "read_inbox_item_async",
     "set_preference",
     "set_preference_async",
     "upsert_recipient",

@@ -50,7 +50,7 @@ from outbox._errors import (
 from outbox._template_analysis import classify, learn_names
 from outbox.vocabulary import CHANNELS
 
-MAIN_SUFFIX = {"email": ".html.j2", "telegram": ".md.j2", "push": ".json.j2"}
+MAIN_SUFFIX = {"email": ".html.j2", "telegram": ".md.j2", "push": ".json.j2", "inapp": ".json.j2"}
 EMAIL_TEXT_SUFFIX = ".txt.j2"
 RENDER_CONTEXT = frozenset({"ack_url", "lane", "message_id", "platform_base_url"})
 """Names the renderer provides itself; templates may use them without declaring."""

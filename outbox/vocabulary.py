@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-ChannelName = Literal["email", "telegram", "push"]
-CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push")
+ChannelName = Literal["email", "telegram", "push", "inapp"]
+CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push", "inapp")
 """Delivery channels, in the default fallback order's spelling (not its order)."""
 
 LaneName = Literal["transactional", "campaign"]

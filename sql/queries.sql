@@ -80,6 +80,26 @@ SELECT s.state, s.channel,
 SELECT outbox.set_preference(%(user_id)s, %(topic)s, CAST(%(channels)s AS text[]),
                              %(instrument)s)
 
+-- inbox --
+-- One user's inbox items, newest first, as one JSON array (NULL when none):
+-- [[id, message_id, template, title, body, url, created_at, read_at], ...].
+SELECT json_agg(json_build_array(i.id, i.message_id, i.template, i.title, i.body, i.url,
+                                 i.created_at, i.read_at) ORDER BY i.id DESC)
+  FROM (SELECT * FROM outbox.inbox_item
+         WHERE user_id = %(user_id)s
+           AND (NOT %(unread_only)s OR read_at IS NULL)
+           AND (CAST(%(before)s AS bigint) IS NULL OR id < CAST(%(before)s AS bigint))
+         ORDER BY id DESC
+         LIMIT %(limit)s) i
+
+-- read_inbox_item --
+-- Mark one of the user's items read (and acknowledge its alert).
+SELECT outbox.read_inbox_item(%(user_id)s, %(item_id)s)
+
+-- read_all_inbox_items --
+-- Mark every unread item of the user read (and acknowledge their alerts).
+SELECT outbox.read_all_inbox_items(%(user_id)s)
+
 -- ===================================================================== operator
 
 -- queue_stats --
@@ -154,12 +174,11 @@ WITH async_commit AS (
      LIMIT %(batch_size)s
      FOR UPDATE OF m SKIP LOCKED
 ), escalate AS (
-    -- alerts nobody acknowledged in time; each already sits on its next channel
-    -- (the sent finish moved it there), so a claim lost in a crash cannot send the
-    -- same channel twice
+    -- alerts nobody acknowledged in time; the sent finish put the channel they
+    -- escalate to first in their chain (fallback[1])
     SELECT m.id FROM outbox.message m, paused
      WHERE m.status = 'awaiting_ack' AND m.next_attempt_at <= now()
-       AND m.channel <> ALL (paused.channels)
+       AND m.fallback[1] <> ALL (paused.channels)
      ORDER BY m.next_attempt_at
      LIMIT %(batch_size)s
      FOR UPDATE OF m SKIP LOCKED
@@ -167,6 +186,12 @@ WITH async_commit AS (
     -- the lease
     UPDATE outbox.message m
        SET status = 'sending',
+           -- an escalation moves to its next channel in the claim itself: a claim
+           -- lost in a crash then cannot send the same channel twice
+           channel = CASE WHEN m.status = 'awaiting_ack' THEN m.fallback[1]
+                          ELSE m.channel END,
+           fallback = CASE WHEN m.status = 'awaiting_ack' THEN m.fallback[2:]
+                           ELSE m.fallback END,
            lease_token = CAST(%(lease_token)s AS uuid),
            leased_until = now() + make_interval(secs => %(lease_seconds)s),
            leased_by = %(dispatcher_id)s
@@ -245,10 +270,10 @@ RETURNING message_id
 
 -- finish_sent_alert --
 -- Delivered alerts (escalate_after): each waits for its acknowledgement
--- (awaiting_ack), already moved to the channel it escalates to after %(waits)s
--- seconds, or without a deadline ('' next channel: the chain's end). One the user
--- acknowledged while it was in flight is deleted instead. Logs 'sent' on the
--- channel it went out on.
+-- (awaiting_ack) on the channel it went out on, its chain now starting with the
+-- channel it escalates to after %(waits)s seconds; without a next channel (the
+-- chain's end) it waits without a deadline. One the user acknowledged while it
+-- was in flight is deleted instead. Logs 'sent'.
 WITH f AS (
     SELECT * FROM unnest(
         CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(durations)s AS float8[]),
@@ -265,9 +290,9 @@ WITH f AS (
 ), waiting AS (
     UPDATE outbox.message m
        SET status = 'awaiting_ack', sent_at = coalesce(m.sent_at, now()), attempts = 0,
-           channel = coalesce(f.next_channel, m.channel),
            fallback = CASE WHEN f.next_channel IS NULL THEN m.fallback
-                           ELSE CAST(string_to_array(f.next_fallback, ',') AS text[]) END,
+                           ELSE f.next_channel
+                                || CAST(string_to_array(f.next_fallback, ',') AS text[]) END,
            next_attempt_at = CASE WHEN f.next_channel IS NULL THEN 'infinity'
                                   ELSE now() + make_interval(secs => f.wait) END,
            lease_token = NULL, leased_until = NULL, leased_by = NULL
@@ -447,6 +472,17 @@ UPDATE outbox.recipient SET email_undeliverable_at = now(), updated_at = now()
 UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
  WHERE user_id = %(user_id)s
 
+-- effect_inbox_item --
+-- Channel inapp delivered: the user's inbox item (one per message), and a word to
+-- the API's streams, heard at this transaction's commit.
+WITH item AS (
+    INSERT INTO outbox.inbox_item (user_id, message_id, template, title, body, url)
+    VALUES (%(user_id)s, %(message_id)s, %(template)s, %(title)s, %(body)s, %(url)s)
+    ON CONFLICT ON CONSTRAINT inbox_item_message_key DO NOTHING
+    RETURNING id, user_id
+)
+SELECT pg_notify('outbox_inbox', CAST(id AS text) || ' ' || user_id) FROM item
+
 -- effect_delete_subscription --
 -- The push service says the subscription is gone.
 DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
@@ -454,11 +490,15 @@ DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = 
 -- ========================================================================== api
 
 -- api_pending_lag --
--- Per lane: seconds the oldest due pending message has waited since it became due
--- (scheduled and backed-off messages count from their due time, not creation).
+-- Per lane: seconds the oldest due message has waited since it became due
+-- (scheduled and backed-off messages count from their due time, not creation); an
+-- alert whose escalation is due counts too: no dispatcher running shows here.
 SELECT lane, CAST(extract(epoch FROM now() - min(next_attempt_at)) AS double precision)
-  FROM outbox.message
- WHERE status = 'pending' AND next_attempt_at <= now()
+  FROM (SELECT lane, next_attempt_at FROM outbox.message
+         WHERE status = 'pending' AND next_attempt_at <= now()
+        UNION ALL
+        SELECT lane, next_attempt_at FROM outbox.message
+         WHERE status = 'awaiting_ack' AND next_attempt_at <= now()) due
  GROUP BY lane
 
 -- api_log_test_attempt --
@@ -467,6 +507,21 @@ INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attemp
                             error_class, error, duration_ms, dispatcher_id, is_test)
 VALUES (%(message_id)s, 'transactional', %(channel)s, %(user_id)s, %(template)s, 1,
         %(outcome)s, %(error_class)s, %(error)s, %(duration_ms)s, %(caller)s, true)
+
+-- api_ack_sent_age --
+-- Before an acknowledgement through a link, in its transaction: seconds since the
+-- alert was first delivered, on the database's clock (no row when it is gone).
+SELECT CAST(extract(epoch FROM now() - sent_at) AS double precision)
+  FROM outbox.message
+ WHERE id = %(message_id)s
+
+-- api_ack_state --
+-- Why an acknowledgement changed nothing: the message's state, and whether an
+-- earlier acknowledgement marked it in flight (its state says sending until the
+-- dispatcher's finish deletes it).
+SELECT outbox.message_status(%(message_id)s),
+       EXISTS (SELECT 1 FROM outbox.message
+                WHERE id = %(message_id)s AND acknowledged_at IS NOT NULL)
 
 -- ====================================================== dispatcher: shared limits
 -- Rate limits as send calendars and recipient paces (outbox.rate_limit), and a

@@ -194,10 +194,10 @@ CREATE TABLE outbox.recipient (
         (quiet_hours_start IS NULL) = (quiet_hours_end IS NULL)
     ),
     CONSTRAINT recipient_disabled_channels_check CHECK (
-        disabled_channels <@ ARRAY['email', 'telegram', 'push']::text[]
+        disabled_channels <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[]
     ),
     CONSTRAINT recipient_fallback_order_check CHECK (
-        fallback_order IS NULL OR fallback_order <@ ARRAY['email', 'telegram', 'push']::text[]
+        fallback_order IS NULL OR fallback_order <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[]
     )
 );
 
@@ -229,6 +229,28 @@ CREATE TABLE outbox.push_subscription (
     )
 );
 CREATE INDEX push_subscription_user_idx ON outbox.push_subscription (user_id);
+
+-- ---------------------------------------------------------------------------
+-- The in-app inbox: channel inapp writes one item per message in the ack's
+-- transaction (and NOTIFY outbox_inbox '<id> <user_id>' for the API's streams).
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.inbox_item (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id    text        NOT NULL,
+    message_id bigint      NOT NULL,
+    template   text        NOT NULL,
+    title      text        NOT NULL,
+    body       text        NOT NULL,
+    url        text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    read_at    timestamptz,
+    -- one item per message: a redelivery (at least once) adds nothing
+    CONSTRAINT inbox_item_message_key UNIQUE (message_id)
+);
+COMMENT ON TABLE outbox.inbox_item IS
+    'In-app notifications (channel inapp), one per message; read_at NULL: unread';
+CREATE INDEX inbox_item_user_idx ON outbox.inbox_item (user_id, id);
+CREATE INDEX inbox_item_unread_idx ON outbox.inbox_item (user_id, id) WHERE read_at IS NULL;
 
 -- ---------------------------------------------------------------------------
 -- Dispatcher coordination.
@@ -263,7 +285,7 @@ CREATE TABLE outbox.channel_state (
     paused_until timestamptz,
     last_error   text,
     updated_at   timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT channel_state_channel_check CHECK (channel IN ('email', 'telegram', 'push'))
+    CONSTRAINT channel_state_channel_check CHECK (channel IN ('email', 'telegram', 'push', 'inapp'))
 );
 
 -- ---------------------------------------------------------------------------
@@ -316,8 +338,8 @@ BEGIN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign',
             enqueue.lane USING ERRCODE = '22023';
     END IF;
-    IF enqueue.channel IS NULL OR enqueue.channel NOT IN ('email', 'telegram', 'push') THEN
-        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram or push',
+    IF enqueue.channel IS NULL OR enqueue.channel NOT IN ('email', 'telegram', 'push', 'inapp') THEN
+        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram, push or inapp',
             enqueue.channel USING ERRCODE = '22023';
     END IF;
     IF enqueue.user_id IS NULL OR enqueue.user_id = '' THEN
@@ -374,7 +396,7 @@ BEGIN
             USING ERRCODE = '23514';
     END IF;
     IF enqueue.fallback IS NOT NULL
-       AND NOT enqueue.fallback <@ ARRAY['email', 'telegram', 'push']::text[] THEN
+       AND NOT enqueue.fallback <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[] THEN
         RAISE EXCEPTION 'outbox: fallback % names an unknown channel', enqueue.fallback
             USING ERRCODE = '23514';
     END IF;
@@ -498,8 +520,8 @@ BEGIN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign', lane
             USING ERRCODE = '22023';
     END IF;
-    IF channel IS NULL OR channel NOT IN ('email', 'telegram', 'push') THEN
-        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram or push', channel
+    IF channel IS NULL OR channel NOT IN ('email', 'telegram', 'push', 'inapp') THEN
+        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram, push or inapp', channel
             USING ERRCODE = '22023';
     END IF;
     IF cardinality(vars_list) NOT IN (1, cardinality(user_ids)) THEN
@@ -588,6 +610,22 @@ SELECT lane, channel, status,
  GROUP BY lane, channel, status;
 COMMENT ON VIEW outbox.queue_stats IS 'Per lane, channel and status: count and age of the oldest';
 
+-- On call at 3 a.m.: the alerts that were sent and that nobody acknowledged yet,
+-- without their vars. Waiting (awaiting_ack), or on an escalation hop (pending,
+-- sending); escalates_at NULL: every channel of the chain has had it.
+CREATE VIEW outbox.unacknowledged_alert AS
+SELECT id, lane, user_id, template, channel, status, sent_at,
+       now() - sent_at AS unacknowledged_for,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN next_attempt_at END AS escalates_at,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN fallback[1] END AS escalates_to
+  FROM outbox.message
+ WHERE escalate_after IS NOT NULL AND sent_at IS NOT NULL AND acknowledged_at IS NULL
+   AND status IN ('awaiting_ack', 'pending', 'sending');
+COMMENT ON VIEW outbox.unacknowledged_alert IS
+    'Alerts sent and not acknowledged yet, the oldest first by sent_at; no vars';
+
 CREATE FUNCTION outbox.retry_dead(ids bigint[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -645,6 +683,7 @@ BEGIN
     GET DIAGNOSTICS v_count = ROW_COUNT;
     -- a key stays until its own dedup window has passed, whatever older_than says
     DELETE FROM outbox.idempotency_key WHERE expires_at <= now();
+    DELETE FROM outbox.inbox_item WHERE created_at < now() - older_than;
     -- alerts at the end of their chain that nobody acknowledged, as old as the history
     DELETE FROM outbox.message
      WHERE status = 'awaiting_ack' AND next_attempt_at = 'infinity'
@@ -700,24 +739,24 @@ $$;
 COMMENT ON FUNCTION outbox.cancel(bigint) IS
     'Withdraw a pending message that was never sent; false when unknown, sent, in flight or dead';
 
-CREATE FUNCTION outbox.acknowledge(message_id bigint) RETURNS boolean
+CREATE FUNCTION outbox._acknowledge_seen(message_id bigint) RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 -- The user saw the alert: no more escalation. The row goes (pending, waiting or
--- dead); one in flight is marked, and its dispatcher's finish deletes it.
+-- dead); one in flight is marked, and its dispatcher's finish deletes it. No scope
+-- check: callers are outbox.acknowledge (which checks the caller's role) and
+-- outbox.read_inbox_item (the user's own item); nobody else may execute it.
 DECLARE
     v_count integer;
 BEGIN
     WITH target AS (
         SELECT m.id, m.status
           FROM outbox.message m
-         WHERE m.id = acknowledge.message_id
+         WHERE m.id = _acknowledge_seen.message_id
            AND m.escalate_after IS NOT NULL AND m.sent_at IS NOT NULL
            AND m.acknowledged_at IS NULL
-           AND (m.enqueued_by = to_regrole(quote_ident(session_user))
-                OR outbox._sees_all(true))
            FOR UPDATE OF m
     ), gone AS (
         DELETE FROM outbox.message m USING target t
@@ -736,6 +775,27 @@ BEGIN
       FROM (SELECT * FROM gone UNION ALL SELECT * FROM marked) a;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count > 0;
+END
+$$;
+COMMENT ON FUNCTION outbox._acknowledge_seen(bigint) IS
+    'Acknowledge an alert without checking who asks (see outbox.acknowledge)';
+
+CREATE FUNCTION outbox.acknowledge(message_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- A producer's role acknowledges only the alerts it enqueued; operators and the
+-- API (outbox_dispatcher, which checked a signed link) any.
+BEGIN
+    IF NOT outbox._sees_all(true) AND NOT EXISTS (
+        SELECT 1 FROM outbox.message m
+         WHERE m.id = acknowledge.message_id
+           AND m.enqueued_by = to_regrole(quote_ident(session_user))
+    ) THEN
+        RETURN false;
+    END IF;
+    RETURN outbox._acknowledge_seen(acknowledge.message_id);
 END
 $$;
 COMMENT ON FUNCTION outbox.acknowledge(bigint) IS
@@ -861,7 +921,7 @@ BEGIN
         RETURN;
     END IF;
     IF array_position(set_preference.channels, NULL) IS NOT NULL
-       OR NOT set_preference.channels <@ ARRAY['email', 'telegram', 'push']::text[] THEN
+       OR NOT set_preference.channels <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[] THEN
         RAISE EXCEPTION 'outbox: channels % names an unknown channel', set_preference.channels
             USING ERRCODE = '22023';
     END IF;
@@ -881,6 +941,52 @@ END
 $$;
 COMMENT ON FUNCTION outbox.set_preference(text, text, text[], text) IS
     'Deliver messages of topic (optionally only for vars.instrument) only on channels; NULL forgets';
+
+CREATE FUNCTION outbox.read_inbox_item(user_id text, item_id bigint) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- Reading an alert's item is its acknowledgement (the user saw it), in the same
+-- transaction: the inbox is one more way to say "seen", like the ack link.
+DECLARE
+    v_message bigint;
+BEGIN
+    UPDATE outbox.inbox_item i SET read_at = now()
+     WHERE i.id = read_inbox_item.item_id AND i.user_id = read_inbox_item.user_id
+       AND i.read_at IS NULL
+    RETURNING i.message_id INTO v_message;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM outbox._acknowledge_seen(v_message);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION outbox.read_inbox_item(text, bigint) IS
+    'Mark one of the user''s inbox items read (and acknowledge its alert); false when unknown, another user''s or read';
+
+CREATE FUNCTION outbox.read_all_inbox_items(user_id text) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    WITH read AS (
+        UPDATE outbox.inbox_item i SET read_at = now()
+         WHERE i.user_id = read_all_inbox_items.user_id AND i.read_at IS NULL
+        RETURNING i.message_id
+    ), acknowledged AS (
+        SELECT outbox._acknowledge_seen(r.message_id) FROM read r
+    )
+    SELECT count(*) INTO v_count FROM acknowledged;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION outbox.read_all_inbox_items(text) IS
+    'Mark every unread inbox item of the user read (and acknowledge their alerts); returns the count';
 
 -- ---------------------------------------------------------------------------
 -- Privileges. Functions are executable by PUBLIC by default; take that back.
@@ -972,3 +1078,15 @@ ALTER FUNCTION outbox.message_state(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.message_attempts(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.set_preference(text, text, text[], text) OWNER TO outbox_owner;
 ALTER FUNCTION outbox._sees_all(boolean) OWNER TO outbox_owner;
+
+-- The dispatcher writes items; the API (which runs as outbox_dispatcher) and the
+-- service that manages users read them and mark them read.
+GRANT SELECT, INSERT ON outbox.inbox_item TO outbox_dispatcher;
+GRANT SELECT ON outbox.inbox_item TO outbox_recipient_writer;
+GRANT SELECT, UPDATE, DELETE ON outbox.inbox_item TO outbox_owner;
+GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text)
+    TO outbox_dispatcher, outbox_recipient_writer;
+ALTER FUNCTION outbox._acknowledge_seen(bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.read_inbox_item(text, bigint) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;
+GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;

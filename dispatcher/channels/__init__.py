@@ -1,4 +1,4 @@
-"""Delivery channels: email (SMTP), Telegram (Bot API) and Web Push.
+"""Delivery channels: email (SMTP), Telegram (Bot API), Web Push and the in-app inbox.
 
 :func:`build_channels` builds the configured ones. A deployment can replace a
 channel with its own implementation of :class:`~outbox.dispatcher.channels.base.Channel`
@@ -24,7 +24,8 @@ def _plugins(text: str) -> dict[str, str]:
         if name not in CHANNELS or ":" not in target:
             raise ConfigurationError(
                 f"OUTBOX_CHANNEL_PLUGINS: cannot read {item!r}; expected "
-                "'email=package.module:factory' with a channel of email, telegram or push"
+                "'email=package.module:factory' with a channel of email, telegram, push"
+                " or inapp"
             )
         plugins[name] = target
     return plugins
@@ -53,4 +54,8 @@ def build_channels(
         from outbox.dispatcher.channels.push import PushChannel
 
         channels["push"] = PushChannel(settings)
+    if "inapp" not in channels:
+        from outbox.dispatcher.channels.inapp import InAppChannel
+
+        channels["inapp"] = InAppChannel(settings)
     return channels

@@ -62,7 +62,16 @@ class RenderedPush:
     older undelivered one. At most 32 URL-safe base64 characters."""
 
 
-Rendered = RenderedEmail | RenderedTelegram | RenderedPush
+@dataclass(frozen=True, kw_only=True)
+class RenderedInApp:
+    """An in-app inbox item: a title, a body and the link it opens."""
+
+    title: str
+    body: str
+    url: str | None = None
+
+
+Rendered = RenderedEmail | RenderedTelegram | RenderedPush | RenderedInApp
 
 
 # --- recipients ---------------------------------------------------------------
@@ -145,7 +154,22 @@ class DeletePushSubscription:
     endpoint: str
 
 
-Effect = DisableTelegram | MarkEmailUndeliverable | UpdateTelegramChat | DeletePushSubscription
+@dataclass(frozen=True, kw_only=True)
+class WriteInboxItem:
+    """Channel inapp delivers by writing the user's inbox item with the ack."""
+
+    message_id: int
+    template: str
+    item: RenderedInApp
+
+
+Effect = (
+    DisableTelegram
+    | MarkEmailUndeliverable
+    | UpdateTelegramChat
+    | DeletePushSubscription
+    | WriteInboxItem
+)
 
 
 # --- outcomes -----------------------------------------------------------------

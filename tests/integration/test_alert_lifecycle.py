@@ -303,6 +303,8 @@ async def test_an_unacknowledged_alert_escalates_after_its_delay_to_the_chains_e
         await wait_for(lambda: bool(chans["email"].sent))
         await wait_for(lambda: outbox.message_status(admin, message_id).state == "awaiting_ack")  # type: ignore[union-attr]
         emailed = chans["email"].sent[0][0]
+        waiting = outbox.message_status(admin, message_id)
+        assert waiting is not None and waiting.channel == "email"  # where the user saw it
         await wait_for(lambda: bool(chans["telegram"].sent), timeout=10)
         escalated = chans["telegram"].sent[0][0]
         await wait_for(
@@ -338,7 +340,7 @@ async def test_an_acknowledged_alert_does_not_escalate(
         assert outbox.acknowledge(admin, message_id) is False
         await asyncio.sleep(1.6)
     assert chans["telegram"].sent == []
-    assert log(admin, message_id) == [("email", "sent"), ("telegram", "acknowledged")]
+    assert log(admin, message_id) == [("email", "sent"), ("email", "acknowledged")]
     assert outbox.message_status(admin, message_id).state == "acknowledged"  # type: ignore[union-attr]
     assert rows(admin, "SELECT count(*) FROM outbox.message") == [(0,)]
 
@@ -508,3 +510,32 @@ def test_a_position_failure_alert_may_be_narrowed_to_one_channel(
     assert rows(admin, "SELECT topic, channels FROM outbox.preference") == [
         ("position_failure_sl", ["push", "telegram"])
     ]
+
+
+async def test_on_call_sees_the_unacknowledged_alerts_without_their_vars(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    seed_users(admin, 1)
+    waiting = alert(admin, escalate_after=60)
+    not_sent = alert(admin, escalate_after=60)
+    admin.execute(
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now(),"
+        " fallback = '{telegram}', next_attempt_at = now() + interval '1 minute'"
+        " WHERE id = %s",
+        [waiting],
+    )
+    with psycopg.connect(database_url) as inspector:
+        inspector.execute("SET ROLE outbox_inspector")
+        found = inspector.execute(
+            "SELECT id, channel, status, escalates_to, escalates_at IS NOT NULL"
+            " FROM outbox.unacknowledged_alert"
+        ).fetchall()
+        columns = [
+            c.name
+            for c in inspector.execute("SELECT * FROM outbox.unacknowledged_alert").description
+            or ()
+        ]
+    assert found == [(waiting, "email", "awaiting_ack", "telegram", True)]
+    assert "vars" not in columns and not_sent != waiting
+    assert outbox.acknowledge(admin, waiting) is True
+    assert rows(admin, "SELECT count(*) FROM outbox.unacknowledged_alert") == [(0,)]

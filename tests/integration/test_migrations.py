@@ -253,3 +253,14 @@ def test_producers_of_outbox_0007_keep_working_after_outbox_0008(empty_database_
         assert before is not None and after is not None
         assert conn.execute("SELECT outbox.cancel(%s)", [before[0]]).fetchone() == (True,)
     assert owners == [(True,)]
+
+
+def test_downgrading_outbox_0009_restores_outbox_0008_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0008")
+    upgrade(second_empty_database_url, "outbox_0009")
+    downgrade(second_empty_database_url, "outbox_0008")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"

@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUBPACKAGES = ("dispatcher", "api", "demo", "testing")
 KERNEL = {
+    "outbox._ack_tokens": "the API verifies the acknowledgement links the dispatcher signs",
     "outbox._settings": "every process reads the same OUTBOX_* settings",
     "outbox._errors": "one exception hierarchy for callers to catch",
     "outbox._queries": "one SQL file holds every statement",

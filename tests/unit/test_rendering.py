@@ -17,7 +17,12 @@ import pytest
 
 from outbox._errors import TemplateRenderError
 from outbox._templates import CHANNELS, TemplateCatalog
-from outbox.dispatcher.channels.base import RenderedEmail, RenderedPush, RenderedTelegram
+from outbox.dispatcher.channels.base import (
+    RenderedEmail,
+    RenderedInApp,
+    RenderedPush,
+    RenderedTelegram,
+)
 from outbox.dispatcher.rendering import (
     EMAIL_SIZE_LIMIT,
     PUSH_PAYLOAD_LIMIT,
@@ -112,6 +117,11 @@ def test_every_builtin_template_renders_as_its_reviewed_snapshot(channel: str, n
     elif isinstance(content, RenderedTelegram):
         parts = "\n----- next part -----\n".join(content.parts)
         matches_snapshot(f"telegram/{name}.md", parts + "\n")
+    elif isinstance(content, RenderedInApp):
+        item = {"title": content.title, "body": content.body, "url": content.url}
+        matches_snapshot(
+            f"inapp/{name}.json", json.dumps(item, indent=2, ensure_ascii=False) + "\n"
+        )
     else:
         assert isinstance(content, RenderedPush)
         document = {"topic": content.topic, "payload": content.payload}
