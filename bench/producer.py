@@ -16,9 +16,10 @@ lands on all of them alike.
 Target: ``enqueue`` reaches at least 0.85 of the ``business`` rate at 32 connections.
 
 Then what the second wave's options cost a producer (section ``revisions``): two
-databases side by side, one at the previous schema revision (``outbox_0007``) and
-one at head (``outbox_0008``: ``expires_at``, ``collapse_key``, ``escalate_after``,
-``enqueued_by``), no dispatcher (queue, log and order table are emptied and
+databases side by side, one at the previous schema revision (``--previous``,
+``outbox_0007``: before the second wave) and one at head (``--head``, the newest
+revision; ``outbox_0008`` brought ``expires_at``, ``collapse_key``,
+``escalate_after`` and ``enqueued_by``), no dispatcher (queue, log and order table are emptied and
 vacuumed before every run):
 
 - ``business`` on both databases: for scale (what the rest of the transaction costs);
@@ -71,7 +72,7 @@ from bench._common import (
     vacuum,
     write_json,
 )
-from outbox._migrate import VERSION_TABLE, upgrade
+from outbox._migrate import VERSION_TABLE, alembic_config, upgrade
 
 USERS = 1000
 VARIANTS = ("business", "two_rows", "enqueue", "naive")
@@ -88,7 +89,8 @@ ENQUEUE = """SELECT outbox.enqueue('push', 'price_alert', 'u' || :uid,
                           'current_price', ((:px + 20) / 100000.0)::text));
 """
 NOTIFY = "SELECT pg_notify('bench_naive_wakeup', 'u' || :uid);\n"
-PREVIOUS, HEAD = "outbox_0007", "outbox_0008"
+# the two databases of the revisions section (their revisions: --previous, --head)
+PREVIOUS, HEAD = "previous", "head"
 # the second wave's options, as named arguments of outbox.enqueue
 OPTIONS = {
     "enqueue": "",
@@ -166,7 +168,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--sections",
         default="dispatch,revisions",
         help="what to run: dispatch (the four transactions with dispatchers running), "
-        "revisions (outbox_0007 against outbox_0008) (%(default)s)",
+        "revisions (--previous against --head) (%(default)s)",
+    )
+    parser.add_argument(
+        "--previous",
+        default="outbox_0007",
+        help="the revisions section's previous schema revision (%(default)s: before the "
+        "second wave)",
+    )
+    parser.add_argument(
+        "--head",
+        default="heads",
+        help="the revisions section's new schema revision (%(default)s: the newest)",
     )
     parser.add_argument(
         "--revision-clients",
@@ -202,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.clients, args.seconds, args.rounds = "1,8", 1.0, 1
         args.revision_clients, args.revision_seconds, args.revision_rounds = "8", 1.0, 1
         args.loop_calls, args.loop_repeats = 200, 1
+    if args.head == "heads":
+        args.head = newest_revision(args.database_url)
+    args.names = {PREVIOUS: args.previous, HEAD: args.head}
     args.sections = {part.strip() for part in args.sections.split(",") if part.strip()}
     unknown = args.sections - {"dispatch", "revisions"}
     if unknown or not args.sections:
@@ -331,6 +347,13 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:
 Key = tuple[str, str]  # (variant, revision)
 
 
+def newest_revision(url: str) -> str:
+    """The newest of outbox's schema revisions (what ``upgrade(url)`` migrates to)."""
+    from alembic.script import ScriptDirectory
+
+    return str(ScriptDirectory.from_config(alembic_config(url)).get_current_head())
+
+
 def revision_scripts(folder: Path) -> dict[str, Path]:
     """pgbench scripts of the revisions section, by variant."""
     texts = {"business": BUSINESS.format(users=USERS, extra="")}
@@ -403,12 +426,11 @@ def run_revisions(
         fresh_database(args.database_url, "producer_head", migrate=False) as head,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        upgrade(previous, PREVIOUS)
-        upgrade(head, HEAD)
         urls = {PREVIOUS: previous, HEAD: head}
         for revision, url in urls.items():
+            upgrade(url, args.names[revision])
             found = scalar(url, f"SELECT version_num FROM {VERSION_TABLE}")
-            if found != revision:
+            if found != args.names[revision]:
                 raise RuntimeError(f"the {revision} database is at {found}")
             prepare(url)
         paths = revision_scripts(Path(tmp))
@@ -521,7 +543,7 @@ ROWS = tuple(key for key in ROUND if key[0] != SECOND)
 
 
 def revision_rows(
-    values: dict[Key, list[float]], fmt: str, extra: list[object]
+    values: dict[Key, list[float]], fmt: str, extra: list[object], names: dict[str, str]
 ) -> list[list[object]]:
     """One table row per (variant, revision): figure, spread, ratio to its baseline."""
     rows: list[list[object]] = []
@@ -534,11 +556,11 @@ def revision_rows(
             ratios = per_round(values, (variant, revision), base)
             ratio = f"{statistics.median(ratios):.3f}"
             rounds = f"{min(ratios):.3f}..{max(ratios):.3f}"
-            against = f"{base[0]} at {base[1]}"
+            against = f"{base[0]} at {names[base[1]]}"
         rows.append(
             [
                 variant,
-                revision,
+                names[revision],
                 *extra,
                 value.cell(fmt),
                 f"{value.spread:.0%}",
@@ -551,13 +573,19 @@ def revision_rows(
 
 
 def verdicts_of(
-    values: dict[Key, list[float]], noise: tuple[float, ...], what: str, higher_is_better: bool
+    values: dict[Key, list[float]],
+    noise: tuple[float, ...],
+    what: str,
+    higher_is_better: bool,
+    names: dict[str, str],
 ) -> dict[str, tuple[Verdict, str]]:
     out = {}
     for variant in OPTIONS:
         bottom: Key = ("enqueue", PREVIOUS if variant == "enqueue" else HEAD)
         name = f"{what}: {variant}" + (
-            f" (no new options) at {HEAD} vs {PREVIOUS}" if variant == "enqueue" else " vs plain"
+            f" (no new options) at {names[HEAD]} vs {names[PREVIOUS]}"
+            if variant == "enqueue"
+            else " vs plain"
         )
         verdict = Verdict(per_round(values, (variant, HEAD), bottom), noise)
         out[name] = (verdict, verdict.line(name, _label(variant), higher_is_better))
@@ -565,17 +593,19 @@ def verdicts_of(
 
 
 def revision_tables(
-    rates: dict[int, dict[Key, list[float]]], micros: dict[Key, list[float]]
+    rates: dict[int, dict[Key, list[float]]],
+    micros: dict[Key, list[float]],
+    names: dict[str, str],
 ) -> tuple[str, list[str], dict[str, Verdict]]:
     """The two tables of the revisions section, the verdict lines, and the verdicts."""
     found: dict[str, tuple[Verdict, str]] = {}
     rows: list[list[object]] = []
     aa: list[str] = []
     for clients, values in sorted(rates.items()):
-        rows += revision_rows(combined(values), "{:,.0f}", [clients])
+        rows += revision_rows(combined(values), "{:,.0f}", [clients], names)
         noise = repeats(values)
         aa.append(f"tps x{clients} {min(noise):.3f}..{max(noise):.3f}")
-        found |= verdicts_of(combined(values), noise, f"tps x{clients}", True)
+        found |= verdicts_of(combined(values), noise, f"tps x{clients}", True, names)
     text = table(
         [
             "transaction",
@@ -588,12 +618,12 @@ def revision_tables(
             "per-round ratio",
         ],
         rows,
-        f"Enqueue by schema revision: pgbench, no dispatcher ({PREVIOUS} = previous, "
-        f"{HEAD} = head; enqueue: the mean of its two runs per round)",
+        f"Enqueue by schema revision: pgbench, no dispatcher ({names[PREVIOUS]} = previous, "
+        f"{names[HEAD]} = head; enqueue: the mean of its two runs per round)",
     )
     noise = repeats(micros)
     aa.append(f"us per call {min(noise):.3f}..{max(noise):.3f}")
-    found |= verdicts_of(combined(micros), noise, "us per call", False)
+    found |= verdicts_of(combined(micros), noise, "us per call", False, names)
     text += "\n" + table(
         [
             "call",
@@ -604,7 +634,7 @@ def revision_tables(
             "against",
             "per-round ratio",
         ],
-        revision_rows(combined(micros), "{:,.1f}", []),
+        revision_rows(combined(micros), "{:,.1f}", [], names),
         "Enqueue by schema revision: server-side loop, microseconds per call "
         "(business = one bench_order insert)",
     )
@@ -667,9 +697,9 @@ def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, 
 
 
 def revisions_section(args: argparse.Namespace) -> dict[str, object]:
-    """outbox_0007 against outbox_0008: tables, verdicts, figures."""
+    """The previous revision against head: tables, verdicts, figures."""
     rates, micros = run_revisions(args)
-    text, lines, verdicts = revision_tables(rates, micros)
+    text, lines, verdicts = revision_tables(rates, micros, args.names)
     print(text)
     print("\nRatios against the noise:")
     for line in lines:
@@ -704,8 +734,9 @@ def main(argv: list[str]) -> int:
         )
     if "revisions" in args.sections:
         plan.append(
-            f"revisions: {PREVIOUS} against {HEAD}, no dispatcher, {args.revision_seconds:g} s "
-            f"per pgbench run, clients {args.revision_clients}, rounds {args.revision_rounds}; "
+            f"revisions: {args.previous} against {args.head}, no dispatcher, "
+            f"{args.revision_seconds:g} s per pgbench run, clients {args.revision_clients}, "
+            f"rounds {args.revision_rounds}; "
             f"loops of {args.loop_calls} calls, fastest of {args.loop_repeats} per round"
         )
     facts = print_header("producer", args, "\n".join(plan))
