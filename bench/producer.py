@@ -14,6 +14,32 @@ Variants are interleaved within each round so that noise from the shared machine
 lands on all of them alike.
 
 Target: ``enqueue`` reaches at least 0.85 of the ``business`` rate at 32 connections.
+
+Then what the second wave's options cost a producer (section ``revisions``): two
+databases side by side, one at the previous schema revision (``--previous``,
+``outbox_0007``: before the second wave) and one at head (``--head``, the newest
+revision; ``outbox_0008`` brought ``expires_at``, ``collapse_key``,
+``escalate_after`` and ``enqueued_by``), no dispatcher (queue, log and order table are emptied and
+vacuumed before every run):
+
+- ``business`` on both databases: for scale (what the rest of the transaction costs);
+- ``enqueue`` without the new options on both, twice per round in the order
+  previous, head, head, previous (head, previous, previous, head in even rounds):
+  what the revision costs a producer that does not use them. The two runs of the
+  same thing also measure the noise: how far a second run strays from the first;
+- ``enqueue`` at head with ``expires_at``, with ``collapse_key`` (the queue is not
+  drained, so from a user's second message on every enqueue withdraws one) and
+  with ``escalate_after``, against plain enqueue at head.
+
+Each is measured twice: as pgbench transactions per second (``--revision-clients``
+connections) and as microseconds per call in a server-side loop (a ``DO`` block of
+``--loop-calls`` calls in one transaction, rolled back, after a warm-up; the fastest
+of ``--loop-repeats`` loops per round, the one least disturbed by the rest of the
+machine), which leaves out the round trip and the commit and so shows the
+function's own cost. Ratios are per round; a verdict
+compares the median ratio with the noise (the largest deviation from 1 of the
+second-run / first-run ratios, or half the spread of the ratio's own rounds if
+that is larger).
 """
 
 from __future__ import annotations
@@ -21,9 +47,11 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -37,12 +65,14 @@ from bench._common import (
     fresh_database,
     print_header,
     report,
+    scalar,
     seed_recipients,
     summarize,
     table,
     vacuum,
     write_json,
 )
+from outbox._migrate import VERSION_TABLE, alembic_config, upgrade
 
 USERS = 1000
 VARIANTS = ("business", "two_rows", "enqueue", "naive")
@@ -59,6 +89,52 @@ ENQUEUE = """SELECT outbox.enqueue('push', 'price_alert', 'u' || :uid,
                           'current_price', ((:px + 20) / 100000.0)::text));
 """
 NOTIFY = "SELECT pg_notify('bench_naive_wakeup', 'u' || :uid);\n"
+# the two databases of the revisions section (their revisions: --previous, --head)
+PREVIOUS, HEAD = "previous", "head"
+# the second wave's options, as named arguments of outbox.enqueue
+OPTIONS = {
+    "enqueue": "",
+    "enqueue + expires_at": ", expires_at => now() + interval '1 hour'",
+    "enqueue + collapse_key": ", collapse_key => 'price-EURUSD'",  # no ':' (pgbench)
+    "enqueue + escalate_after": ", escalate_after => interval '5 minutes'",
+}
+# One round, as (variant, revision): enqueue without options runs twice on each
+# database, in the order previous, head, head, previous (reversed every other round),
+# so that a drift within the round weighs on both alike and the repeats say how far
+# two measurements of the same thing differ (the noise); the options run in between.
+SECOND = "enqueue, again"
+ROUND = (
+    ("business", PREVIOUS),
+    ("business", HEAD),
+    ("enqueue", PREVIOUS),
+    ("enqueue", HEAD),
+    ("enqueue + expires_at", HEAD),
+    ("enqueue + collapse_key", HEAD),
+    ("enqueue + escalate_after", HEAD),
+    (SECOND, HEAD),
+    (SECOND, PREVIOUS),
+)
+ENQUEUE_WITH = """SELECT outbox.enqueue('push', 'price_alert', 'u' || :uid,
+       jsonb_build_object('instrument', 'EURUSD', 'condition', 'above',
+                          'trigger_price', (:px / 100000.0)::text,
+                          'current_price', ((:px + 20) / 100000.0)::text){options});
+"""
+LOOP_ENQUEUE = """DO $$
+BEGIN
+    FOR g IN 1..{calls} LOOP
+        PERFORM outbox.enqueue('push', 'price_alert', 'u' || (1 + g % {users}),
+            jsonb_build_object('instrument', 'EURUSD', 'condition', 'above',
+                               'trigger_price', (1 + g / 1e6)::text,
+                               'current_price', (1 + g / 1e6 + 0.0002)::text){options});
+    END LOOP;
+END $$"""
+LOOP_BUSINESS = """DO $$
+BEGIN
+    FOR g IN 1..{calls} LOOP
+        INSERT INTO bench_order (account, instrument, side, volume, price)
+             VALUES ('u' || (1 + g % {users}), 'EURUSD', 'buy', 1.0, 1 + g / 1e6);
+    END LOOP;
+END $$"""
 SECOND_ROW = """INSERT INTO bench_order (account, instrument, side, volume, price)
      VALUES ('u' || :uid, 'EURUSD', 'sell', 1.0, :px / 100000.0);
 """
@@ -88,9 +164,64 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra environment for the dispatchers (e.g. OUTBOX_LISTEN=off)",
     )
+    parser.add_argument(
+        "--sections",
+        default="dispatch,revisions",
+        help="what to run: dispatch (the four transactions with dispatchers running), "
+        "revisions (--previous against --head) (%(default)s)",
+    )
+    parser.add_argument(
+        "--previous",
+        default="outbox_0007",
+        help="the revisions section's previous schema revision (%(default)s: before the "
+        "second wave)",
+    )
+    parser.add_argument(
+        "--head",
+        default="heads",
+        help="the revisions section's new schema revision (%(default)s: the newest)",
+    )
+    parser.add_argument(
+        "--revision-clients",
+        default="8",
+        help="pgbench connections in the revisions section (%(default)s)",
+    )
+    parser.add_argument(
+        "--revision-seconds",
+        type=float,
+        default=5.0,
+        help="duration of each pgbench run in the revisions section (%(default)s)",
+    )
+    parser.add_argument(
+        "--revision-rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds in the revisions section (%(default)s)",
+    )
+    parser.add_argument(
+        "--loop-calls",
+        type=int,
+        default=2000,
+        help="calls per server-side loop in the revisions section (%(default)s)",
+    )
+    parser.add_argument(
+        "--loop-repeats",
+        type=int,
+        default=7,
+        help="loops per variant and round; the round's figure is the fastest (%(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.seconds, args.rounds = "1,8", 1.0, 1
+        args.revision_clients, args.revision_seconds, args.revision_rounds = "8", 1.0, 1
+        args.loop_calls, args.loop_repeats = 200, 1
+    if args.head == "heads":
+        args.head = newest_revision(args.database_url)
+    args.names = {PREVIOUS: args.previous, HEAD: args.head}
+    args.sections = {part.strip() for part in args.sections.split(",") if part.strip()}
+    unknown = args.sections - {"dispatch", "revisions"}
+    if unknown or not args.sections:
+        parser.error(f"--sections: choose from dispatch, revisions (got {sorted(unknown)})")
     return args
 
 
@@ -211,15 +342,311 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:
     return rates
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    facts = print_header(
-        "producer",
-        args,
-        f"{args.seconds:g} s per run, clients "
-        f"{args.clients}, {args.dispatchers} dispatcher(s) running, "
-        f"rounds {args.rounds}",
+# ----------------------------------------------------------------------- revisions
+
+Key = tuple[str, str]  # (variant, revision)
+
+
+def newest_revision(url: str) -> str:
+    """The newest of outbox's schema revisions (what ``upgrade(url)`` migrates to)."""
+    from alembic.script import ScriptDirectory
+
+    return str(ScriptDirectory.from_config(alembic_config(url)).get_current_head())
+
+
+def revision_scripts(folder: Path) -> dict[str, Path]:
+    """pgbench scripts of the revisions section, by variant."""
+    texts = {"business": BUSINESS.format(users=USERS, extra="")}
+    for variant, options in OPTIONS.items():
+        texts[variant] = BUSINESS.format(users=USERS, extra=ENQUEUE_WITH.format(options=options))
+    paths = {}
+    for number, (variant, text) in enumerate(texts.items()):
+        paths[variant] = folder / f"revision-{number}.sql"
+        paths[variant].write_text(text)
+    return paths
+
+
+def loop_sql(variant: str, calls: int) -> str:
+    """The server-side loop of ``calls`` calls of ``variant``."""
+    if variant == "business":
+        return LOOP_BUSINESS.format(calls=calls, users=USERS)
+    return LOOP_ENQUEUE.format(calls=calls, users=USERS, options=OPTIONS[variant])
+
+
+def empty(url: str) -> None:
+    """An empty queue, log and order table, vacuumed, for the next run."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE outbox.message, outbox.attempt, bench_order")
+    vacuum(url, "bench_order", "outbox.message", "outbox.attempt")
+
+
+def loop_micros(url: str, variant: str, calls: int, repeats: int) -> float:
+    """Microseconds per call of the fastest of ``repeats`` loops, each rolled back (the
+    least disturbed by whatever else the machine runs)."""
+    sql = loop_sql(variant, calls)
+    timings = []
+    with psycopg.connect(url) as conn:
+        # the session compiles the functions and caches their plans on first use
+        conn.execute(loop_sql(variant, 50))
+        conn.rollback()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            conn.execute(sql)
+            elapsed = time.perf_counter() - started
+            conn.rollback()
+            timings.append(elapsed / calls * 1e6)
+        conn.autocommit = True
+        # the rolled-back rows leave dead tuples and index entries behind
+        conn.execute("VACUUM outbox.message, outbox.attempt, bench_order")
+    return min(timings)
+
+
+def round_order(round_: int) -> list[Key]:
+    """The runs of one round: ``ROUND``, with previous and head swapped in even ones."""
+    if round_ % 2:
+        return list(ROUND)
+    swap = {PREVIOUS: HEAD, HEAD: PREVIOUS}
+    return [
+        (variant, swap[revision] if variant in ("business", "enqueue", SECOND) else revision)
+        for variant, revision in ROUND
+    ]
+
+
+def run_revisions(
+    args: argparse.Namespace,
+) -> tuple[dict[int, dict[Key, list[float]]], dict[Key, list[float]]]:
+    """pgbench tps by clients and (variant, revision); loop µs by (variant, revision)."""
+    if shutil.which("pgbench") is None:
+        raise SystemExit("bench producer needs pgbench (PostgreSQL's client tools) on PATH")
+    client_counts = [int(c) for c in args.revision_clients.split(",") if c]
+    rates: dict[int, dict[Key, list[float]]] = {clients: {} for clients in client_counts}
+    micros: dict[Key, list[float]] = {}
+    with (
+        fresh_database(args.database_url, "producer_prev", migrate=False) as previous,
+        fresh_database(args.database_url, "producer_head", migrate=False) as head,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        urls = {PREVIOUS: previous, HEAD: head}
+        for revision, url in urls.items():
+            upgrade(url, args.names[revision])
+            found = scalar(url, f"SELECT version_num FROM {VERSION_TABLE}")
+            if found != args.names[revision]:
+                raise RuntimeError(f"the {revision} database is at {found}")
+            prepare(url)
+        paths = revision_scripts(Path(tmp))
+        for round_ in range(1, args.revision_rounds + 1):
+            for variant, revision in round_order(round_):
+                url = urls[revision]
+                empty(url)
+                value = loop_micros(url, _script(variant), args.loop_calls, args.loop_repeats)
+                micros.setdefault((variant, revision), []).append(value)
+                print(
+                    f"  round {round_}: {variant:24s} {revision} loop {value:7.1f} us/call",
+                    flush=True,
+                )
+            for clients in client_counts:
+                for variant, revision in round_order(round_):
+                    url = urls[revision]
+                    empty(url)
+                    tps = pgbench(url, paths[_script(variant)], clients, args.revision_seconds)
+                    rates[clients].setdefault((variant, revision), []).append(tps)
+                    print(
+                        f"  round {round_}: {variant:24s} {revision} x{clients:<3d}"
+                        f" {tps:8,.0f} tps",
+                        flush=True,
+                    )
+    return rates, micros
+
+
+def _script(variant: str) -> str:
+    return "enqueue" if variant == SECOND else variant
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A ratio per round, against how far two runs of the same thing drift apart."""
+
+    ratios: tuple[float, ...]
+    repeats: tuple[float, ...]
+    """Second run / first run of enqueue on the same database, every round, both."""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def noise(self) -> float:
+        """How far a ratio strays from 1 by chance here: the repeats' largest
+        deviation from 1, or half the spread of the ratio's own rounds if larger."""
+        drift = max(abs(r - 1) for r in self.repeats)
+        own = (max(self.ratios) - min(self.ratios)) / 2
+        return max(drift, own)
+
+    @property
+    def within_noise(self) -> bool:
+        return abs(self.median - 1) <= self.noise
+
+    def line(self, what: str, label: str, higher_is_better: bool) -> str:
+        change = self.median - 1
+        cost = -change if higher_is_better else change
+        return (
+            f"{what}: {label} {self.median:.3f} (per round "
+            f"{min(self.ratios):.3f}..{max(self.ratios):.3f}), noise ±{self.noise:.1%}: "
+            + (
+                f"within noise ({abs(change):.1%} ≤ {self.noise:.1%})"
+                if self.within_noise
+                else f"OUTSIDE noise: it {'costs' if cost > 0 else 'saves'} "
+                f"{abs(change):.1%} ({abs(change):.1%} > {self.noise:.1%})"
+            )
+        )
+
+
+def combined(values: dict[Key, list[float]]) -> dict[Key, list[float]]:
+    """The figures per round, with enqueue's two runs per database averaged."""
+    out = {key: list(v) for key, v in values.items() if key[0] != SECOND}
+    for revision in (PREVIOUS, HEAD):
+        out[("enqueue", revision)] = [
+            (a + b) / 2
+            for a, b in zip(values[("enqueue", revision)], values[(SECOND, revision)], strict=True)
+        ]
+    return out
+
+
+def repeats(values: dict[Key, list[float]]) -> tuple[float, ...]:
+    """Second run / first run of enqueue, both databases, every round."""
+    return tuple(
+        b / a
+        for revision in (PREVIOUS, HEAD)
+        for a, b in zip(values[("enqueue", revision)], values[(SECOND, revision)], strict=True)
     )
+
+
+def _baseline(variant: str, revision: str) -> Key | None:
+    """What a row is compared with: the same at the previous revision, or plain
+    enqueue at head for an option."""
+    if revision == PREVIOUS:
+        return None
+    if variant in ("business", "enqueue"):
+        return variant, PREVIOUS
+    return "enqueue", HEAD
+
+
+def _label(variant: str) -> str:
+    return "head / previous" if variant == "enqueue" else "with / without the option"
+
+
+def per_round(values: dict[Key, list[float]], top: Key, bottom: Key) -> tuple[float, ...]:
+    return tuple(t / b for t, b in zip(values[top], values[bottom], strict=True))
+
+
+ROWS = tuple(key for key in ROUND if key[0] != SECOND)
+
+
+def revision_rows(
+    values: dict[Key, list[float]], fmt: str, extra: list[object], names: dict[str, str]
+) -> list[list[object]]:
+    """One table row per (variant, revision): figure, spread, ratio to its baseline."""
+    rows: list[list[object]] = []
+    for variant, revision in ROWS:
+        value = summarize(values[(variant, revision)])
+        base = _baseline(variant, revision)
+        if base is None:
+            ratio, rounds, against = "1.00", "", ""
+        else:
+            ratios = per_round(values, (variant, revision), base)
+            ratio = f"{statistics.median(ratios):.3f}"
+            rounds = f"{min(ratios):.3f}..{max(ratios):.3f}"
+            against = f"{base[0]} at {names[base[1]]}"
+        rows.append(
+            [
+                variant,
+                names[revision],
+                *extra,
+                value.cell(fmt),
+                f"{value.spread:.0%}",
+                ratio,
+                against,
+                rounds,
+            ]
+        )
+    return rows
+
+
+def verdicts_of(
+    values: dict[Key, list[float]],
+    noise: tuple[float, ...],
+    what: str,
+    higher_is_better: bool,
+    names: dict[str, str],
+) -> dict[str, tuple[Verdict, str]]:
+    out = {}
+    for variant in OPTIONS:
+        bottom: Key = ("enqueue", PREVIOUS if variant == "enqueue" else HEAD)
+        name = f"{what}: {variant}" + (
+            f" (no new options) at {names[HEAD]} vs {names[PREVIOUS]}"
+            if variant == "enqueue"
+            else " vs plain"
+        )
+        verdict = Verdict(per_round(values, (variant, HEAD), bottom), noise)
+        out[name] = (verdict, verdict.line(name, _label(variant), higher_is_better))
+    return out
+
+
+def revision_tables(
+    rates: dict[int, dict[Key, list[float]]],
+    micros: dict[Key, list[float]],
+    names: dict[str, str],
+) -> tuple[str, list[str], dict[str, Verdict]]:
+    """The two tables of the revisions section, the verdict lines, and the verdicts."""
+    found: dict[str, tuple[Verdict, str]] = {}
+    rows: list[list[object]] = []
+    aa: list[str] = []
+    for clients, values in sorted(rates.items()):
+        rows += revision_rows(combined(values), "{:,.0f}", [clients], names)
+        noise = repeats(values)
+        aa.append(f"tps x{clients} {min(noise):.3f}..{max(noise):.3f}")
+        found |= verdicts_of(combined(values), noise, f"tps x{clients}", True, names)
+    text = table(
+        [
+            "transaction",
+            "revision",
+            "connections",
+            "tps median (min..max)",
+            "spread",
+            "ratio",
+            "against",
+            "per-round ratio",
+        ],
+        rows,
+        f"Enqueue by schema revision: pgbench, no dispatcher ({names[PREVIOUS]} = previous, "
+        f"{names[HEAD]} = head; enqueue: the mean of its two runs per round)",
+    )
+    noise = repeats(micros)
+    aa.append(f"us per call {min(noise):.3f}..{max(noise):.3f}")
+    found |= verdicts_of(combined(micros), noise, "us per call", False, names)
+    text += "\n" + table(
+        [
+            "call",
+            "revision",
+            "us per call median (min..max)",
+            "spread",
+            "ratio",
+            "against",
+            "per-round ratio",
+        ],
+        revision_rows(combined(micros), "{:,.1f}", [], names),
+        "Enqueue by schema revision: server-side loop, microseconds per call "
+        "(business = one bench_order insert)",
+    )
+    lines = [
+        "noise: enqueue run twice per round on each database, second / first: " + "; ".join(aa)
+    ]
+    lines += [line for _, line in found.values()]
+    return text, lines, {name: verdict for name, (verdict, _) in found.items()}
+
+
+def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, list[float]]]:
+    """The four transactions with dispatchers running: table, target, figures."""
     rates = run(args)
     rows = []
     targets = []
@@ -266,12 +693,61 @@ def main(argv: list[str]) -> int:
             "Producer transactions",
         )
     )
-    write_json(
-        args.json,
-        {
-            "machine": facts,
-            "args": vars(args),
-            "tps": {f"{v}x{c}": r for (v, c), r in rates.items()},
+    return targets, {f"{v}x{c}": r for (v, c), r in rates.items()}
+
+
+def revisions_section(args: argparse.Namespace) -> dict[str, object]:
+    """The previous revision against head: tables, verdicts, figures."""
+    rates, micros = run_revisions(args)
+    text, lines, verdicts = revision_tables(rates, micros, args.names)
+    print(text)
+    print("\nRatios against the noise:")
+    for line in lines:
+        print(f"- {line}")
+    return {
+        "tps": {
+            f"{v} @ {r} x{c}": values
+            for c, by_key in rates.items()
+            for (v, r), values in by_key.items()
         },
-    )
+        "us_per_call": {f"{v} @ {r}": values for (v, r), values in micros.items()},
+        "verdicts": {
+            name: {
+                "median": v.median,
+                "per_round": v.ratios,
+                "repeats": v.repeats,
+                "noise": v.noise,
+                "within_noise": v.within_noise,
+            }
+            for name, v in verdicts.items()
+        },
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    plan = []
+    if "dispatch" in args.sections:
+        plan.append(
+            f"dispatch: {args.seconds:g} s per run, clients {args.clients}, "
+            f"{args.dispatchers} dispatcher(s) running, rounds {args.rounds}"
+        )
+    if "revisions" in args.sections:
+        plan.append(
+            f"revisions: {args.previous} against {args.head}, no dispatcher, "
+            f"{args.revision_seconds:g} s per pgbench run, clients {args.revision_clients}, "
+            f"rounds {args.revision_rounds}; "
+            f"loops of {args.loop_calls} calls, fastest of {args.loop_repeats} per round"
+        )
+    facts = print_header("producer", args, "\n".join(plan))
+    targets: list[Target] = []
+    payload: dict[str, object] = {
+        "machine": facts,
+        "args": {**vars(args), "sections": sorted(args.sections)},
+    }
+    if "dispatch" in args.sections:
+        targets, payload["tps"] = dispatch_section(args)
+    if "revisions" in args.sections:
+        payload["revisions"] = revisions_section(args)
+    write_json(args.json, payload)
     return report(targets, check=args.check, quick=args.quick)

@@ -17,6 +17,9 @@ from outbox.dispatcher.channels.base import (
     Outcome,
     PermanentFailure,
     RateLimited,
+    RenderedEmail,
+    RenderedPush,
+    RenderedTelegram,
     Sent,
     TransientFailure,
     Unreachable,
@@ -127,6 +130,7 @@ class FileRecorderChannel:
                     "lane": envelope.lane,
                     # what the provider saw: tests key deliveries on a token in it
                     "subject": getattr(envelope.content, "subject", None),
+                    "text": _visible_text(envelope.content),
                     "dispatcher": self._pid,
                     "received_at": time.time(),
                     "status": 200,
@@ -141,5 +145,26 @@ class FileRecorderChannel:
         os.close(self._fd)
 
 
+def _visible_text(content: object) -> str | None:
+    """The headline the user sees first: an email's subject, a Telegram text, a push
+    notification's title."""
+    if isinstance(content, RenderedEmail):
+        return content.subject
+    if isinstance(content, RenderedTelegram):
+        return "".join(content.parts)
+    if isinstance(content, RenderedPush):
+        title = content.payload.get("title")
+        return title if isinstance(title, str) else None
+    return None
+
+
 def file_email(settings: Settings) -> FileRecorderChannel:
     return FileRecorderChannel("email")
+
+
+def file_telegram(settings: Settings) -> FileRecorderChannel:
+    return FileRecorderChannel("telegram")
+
+
+def file_push(settings: Settings) -> FileRecorderChannel:
+    return FileRecorderChannel("push")
