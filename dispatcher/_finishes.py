@@ -32,9 +32,9 @@ class FinishSent(_Finish):
     """Delivered: delete the row, log ``sent``.
 
     An alert (``escalate_after``) keeps its row instead: it waits for the
-    acknowledgement (``awaiting_ack``), already moved to ``next_channel``, where it
-    escalates ``ack_wait`` seconds from now; with no next channel it waits without a
-    deadline.
+    acknowledgement (``awaiting_ack``) on the channel it was sent on, its chain now
+    starting with ``next_channel``, which the claim of its escalation moves it to
+    ``ack_wait`` seconds from now; with no next channel it waits without a deadline.
     """
 
     duration_ms: float

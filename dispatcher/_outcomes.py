@@ -4,8 +4,9 @@ A pure decision (no database, no event loop), one row per outcome:
 
 =====================  ==============================================================
 ``Sent``               sent: the row is deleted; an alert (``escalate_after``) waits
-                       for its acknowledgement instead, moved to the next reachable
-                       channel of its chain, where it escalates if nobody acknowledges
+                       for its acknowledgement instead, on this channel, its chain
+                       starting with the next reachable channel, which the claim of
+                       its escalation moves it to if nobody acknowledges in time
 ``TransientFailure``   retry after the policy's backoff (an attempt burned); once the
                        policy is exhausted, it dies on this channel (below)
 ``PermanentFailure``   it dies on this channel at once (below)

@@ -12,7 +12,9 @@ campaign, user opted out of campaigns  skipped, ``opted_out``
 user disabled the channel              skipped, ``channel_disabled``; the next
                                        channel of the chain gets the message
 the user's preference for this topic   skipped, ``preference``; the next channel
-(and instrument) excludes the channel  of the chain it allows gets the message
+(and instrument) excludes the channel  of the chain it allows gets the message; a
+                                       position failure with none left is sent
+                                       here all the same
 campaign inside the user's quiet hours deferred to the end of them,
                                        ``quiet_hours`` (no attempt burned)
 no channel of that name configured     deferred 30 s, ``channel_unconfigured``
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Container
 from datetime import datetime
 
+from outbox._preferences import UNMUTABLE_PREFIX
 from outbox.dispatcher._claimed import Claimed
 from outbox.dispatcher._finishes import Finish, FinishDead, FinishHandoff, FinishRequeue
 from outbox.dispatcher._routing import RecipientRecord, next_channel
@@ -87,6 +90,10 @@ def presend(
     allowed = message.allowed_channels()
     if allowed is not None and message.channel not in allowed:
         follow = next_channel(message.channel, message.fallback, recipient, allowed=allowed)
+        if follow is None and message.template.startswith(UNMUTABLE_PREFIX):
+            # a position failure must reach the trader: when the preference leaves
+            # no channel of its chain, it goes out here despite the preference
+            return _configured_or_none(message, configured)
         return FinishHandoff(
             message=message,
             outcome="skipped",
@@ -105,6 +112,10 @@ def presend(
                 error_class="quiet_hours",
                 error=None,
             )
+    return _configured_or_none(message, configured)
+
+
+def _configured_or_none(message: Claimed, configured: Container[str]) -> Finish | None:
     if message.channel not in configured:
         return FinishRequeue(
             message=message,

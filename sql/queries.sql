@@ -490,11 +490,15 @@ DELETE FROM outbox.push_subscription WHERE user_id = %(user_id)s AND endpoint = 
 -- ========================================================================== api
 
 -- api_pending_lag --
--- Per lane: seconds the oldest due pending message has waited since it became due
--- (scheduled and backed-off messages count from their due time, not creation).
+-- Per lane: seconds the oldest due message has waited since it became due
+-- (scheduled and backed-off messages count from their due time, not creation); an
+-- alert whose escalation is due counts too: no dispatcher running shows here.
 SELECT lane, CAST(extract(epoch FROM now() - min(next_attempt_at)) AS double precision)
-  FROM outbox.message
- WHERE status = 'pending' AND next_attempt_at <= now()
+  FROM (SELECT lane, next_attempt_at FROM outbox.message
+         WHERE status = 'pending' AND next_attempt_at <= now()
+        UNION ALL
+        SELECT lane, next_attempt_at FROM outbox.message
+         WHERE status = 'awaiting_ack' AND next_attempt_at <= now()) due
  GROUP BY lane
 
 -- api_log_test_attempt --

@@ -610,6 +610,22 @@ SELECT lane, channel, status,
  GROUP BY lane, channel, status;
 COMMENT ON VIEW outbox.queue_stats IS 'Per lane, channel and status: count and age of the oldest';
 
+-- On call at 3 a.m.: the alerts that were sent and that nobody acknowledged yet,
+-- without their vars. Waiting (awaiting_ack), or on an escalation hop (pending,
+-- sending); escalates_at NULL: every channel of the chain has had it.
+CREATE VIEW outbox.unacknowledged_alert AS
+SELECT id, lane, user_id, template, channel, status, sent_at,
+       now() - sent_at AS unacknowledged_for,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN next_attempt_at END AS escalates_at,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN fallback[1] END AS escalates_to
+  FROM outbox.message
+ WHERE escalate_after IS NOT NULL AND sent_at IS NOT NULL AND acknowledged_at IS NULL
+   AND status IN ('awaiting_ack', 'pending', 'sending');
+COMMENT ON VIEW outbox.unacknowledged_alert IS
+    'Alerts sent and not acknowledged yet, the oldest first by sent_at; no vars';
+
 CREATE FUNCTION outbox.retry_dead(ids bigint[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -1073,3 +1089,4 @@ GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_
 ALTER FUNCTION outbox._acknowledge_seen(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_inbox_item(text, bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;
+GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;

@@ -1,6 +1,7 @@
 -- outbox_0009: the in-app inbox (DESIGN section 9, users' own endpoints). Channel
 -- inapp joins every list of channel names; outbox.inbox_item holds what it
--- delivers; reading an alert's item acknowledges it. Frozen.
+-- delivers; reading an alert's item acknowledges it. outbox.unacknowledged_alert
+-- shows on-call the alerts nobody saw. Frozen.
 
 -- ---------------------------------------------------------------------------
 -- The in-app inbox: channel inapp writes one item per message in the ack's
@@ -499,6 +500,24 @@ $$;
 COMMENT ON FUNCTION outbox.read_all_inbox_items(text) IS
     'Mark every unread inbox item of the user read (and acknowledge their alerts); returns the count';
 
+-- On call at 3 a.m.: the alerts that were sent and that nobody acknowledged yet,
+-- without their vars. Waiting (awaiting_ack), or on an escalation hop (pending,
+-- sending); escalates_at NULL: every channel of the chain has had it.
+CREATE VIEW outbox.unacknowledged_alert AS
+SELECT id, lane, user_id, template, channel, status, sent_at,
+       now() - sent_at AS unacknowledged_for,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN next_attempt_at END AS escalates_at,
+       CASE WHEN status = 'awaiting_ack' AND next_attempt_at <> 'infinity'
+            THEN fallback[1] END AS escalates_to
+  FROM outbox.message
+ WHERE escalate_after IS NOT NULL AND sent_at IS NOT NULL AND acknowledged_at IS NULL
+   AND status IN ('awaiting_ack', 'pending', 'sending');
+COMMENT ON VIEW outbox.unacknowledged_alert IS
+    'Alerts sent and not acknowledged yet, the oldest first by sent_at; no vars';
+
+REVOKE ALL ON outbox.unacknowledged_alert FROM PUBLIC;
+GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;
 REVOKE ALL ON outbox.inbox_item FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text),
     outbox._acknowledge_seen(bigint)

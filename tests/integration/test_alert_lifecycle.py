@@ -510,3 +510,32 @@ def test_a_position_failure_alert_may_be_narrowed_to_one_channel(
     assert rows(admin, "SELECT topic, channels FROM outbox.preference") == [
         ("position_failure_sl", ["push", "telegram"])
     ]
+
+
+async def test_on_call_sees_the_unacknowledged_alerts_without_their_vars(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    seed_users(admin, 1)
+    waiting = alert(admin, escalate_after=60)
+    not_sent = alert(admin, escalate_after=60)
+    admin.execute(
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now(),"
+        " fallback = '{telegram}', next_attempt_at = now() + interval '1 minute'"
+        " WHERE id = %s",
+        [waiting],
+    )
+    with psycopg.connect(database_url) as inspector:
+        inspector.execute("SET ROLE outbox_inspector")
+        found = inspector.execute(
+            "SELECT id, channel, status, escalates_to, escalates_at IS NOT NULL"
+            " FROM outbox.unacknowledged_alert"
+        ).fetchall()
+        columns = [
+            c.name
+            for c in inspector.execute("SELECT * FROM outbox.unacknowledged_alert").description
+            or ()
+        ]
+    assert found == [(waiting, "email", "awaiting_ack", "telegram", True)]
+    assert "vars" not in columns and not_sent != waiting
+    assert outbox.acknowledge(admin, waiting) is True
+    assert rows(admin, "SELECT count(*) FROM outbox.unacknowledged_alert") == [(0,)]

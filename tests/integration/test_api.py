@@ -400,8 +400,8 @@ async def test_metrics_report_queue_depth_dead_letters_and_oldest_pending_from_t
         [psycopg.types.json.Jsonb(ENTRY)],
     )
     admin.execute(
-        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now()"
-        " WHERE escalate_after IS NOT NULL"
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now(),"
+        " next_attempt_at = now() + interval '1 minute' WHERE escalate_after IS NOT NULL"
     )
 
     response = await client.get("/metrics")
@@ -494,3 +494,26 @@ async def test_brackets_inside_strings_do_not_count_as_nesting(
     )
 
     assert response.status_code == 200, response.text
+
+
+async def test_an_overdue_escalation_shows_as_the_oldest_due_message(
+    client: AsyncTestClient[Litestar],
+    admin: psycopg.Connection[Any],
+) -> None:
+    """No dispatcher escalated it on time: the lag the on-call alert watches grows."""
+    admin.execute(
+        "SELECT outbox.enqueue('email', 'position_failure_entry', 'u1', %s,"
+        " escalate_after => interval '1 minute')",
+        [psycopg.types.json.Jsonb(ENTRY)],
+    )
+    admin.execute(
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now() - interval '5 minutes',"
+        " next_attempt_at = now() - interval '4 minutes'"
+    )
+    text = (await client.get("/metrics")).text
+    [lag] = [
+        line
+        for line in text.splitlines()
+        if line.startswith('outbox_oldest_pending_seconds{lane="transactional"}')
+    ]
+    assert 239 <= float(lag.split()[-1]) < 400

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,19 @@ def test_the_python_snippets_write_what_they_say(
     ).fetchall() == [
         ("email", "position_failure_sl", "transactional", 1),
         ("email", "price_alert", "campaign", 5000),
+        ("push", "position_failure_sl", "transactional", 1),
         ("push", "price_alert", "transactional", 1),
         ("telegram", "position_failure_tp", "transactional", 1),
     ]
+    # the alert waits for the dispatcher; the price alert was cancelled before it came
+    assert admin.execute(
+        "SELECT channel, fallback, escalate_after FROM outbox.message WHERE escalate_after"
+        " IS NOT NULL"
+    ).fetchall() == [("push", ["telegram", "email"], timedelta(seconds=120))]
+    assert admin.execute("SELECT outcome FROM outbox.attempt").fetchall() == [("cancelled",)]
+    assert admin.execute(
+        "SELECT topic, instrument, channels FROM outbox.preference ORDER BY 2"
+    ).fetchall() == [("price_alert", "", ["push", "telegram"]), ("price_alert", "XAUUSD", [])]
     assert admin.execute(
         "SELECT r.email, r.telegram_chat_id, count(s.id) FROM outbox.recipient r"
         " JOIN outbox.push_subscription s USING (user_id) WHERE user_id = 'u42' GROUP BY 1, 2"
@@ -100,11 +111,19 @@ def test_the_sql_snippets_run_against_a_migrated_database(
     finally:
         drop_example_roles()
 
-    # the cookbook redrove everything; the enqueue snippet wrote two more
+    # the cookbook redrove everything; the enqueue snippets wrote four more
     assert admin.execute("SELECT count(*) FROM outbox.dead_letter").fetchone() == (0,)
     assert admin.execute(
         "SELECT count(*) FROM outbox.message WHERE user_id = 'u42'"
-    ).fetchone() == (2,)
+    ).fetchone() == (4,)
+    assert admin.execute(
+        "SELECT template, collapse_key, escalate_after IS NOT NULL FROM outbox.message"
+        " WHERE collapse_key IS NOT NULL OR escalate_after IS NOT NULL ORDER BY 1"
+    ).fetchall() == [("position_failure_sl", None, True), ("price_alert", "price:XAUUSD", False)]
+    # the preference snippet muted one instrument and forgot that again
+    assert admin.execute("SELECT instrument, channels FROM outbox.preference").fetchall() == [
+        ("", ["push", "telegram"])
+    ]
 
 
 def test_the_alembic_snippet_runs_outbox_revisions_among_the_hosts(
