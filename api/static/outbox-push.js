@@ -12,7 +12,9 @@
  * subscription.toJSON() to POST /api/v1/push/subscriptions. Called again it sends the
  * browser's current subscription again (the API keeps one row per endpoint), so a page
  * may call it on every load once the permission is granted; a subscription made with
- * another key (the server's key was rotated) is replaced.
+ * another key (the server's key was rotated) is replaced. A new subscription that the
+ * API refuses (400, 413, 422) is dropped from the browser too; on any other failure
+ * the browser keeps it and the next call sends it again.
  *
  * unsubscribe() sends DELETE /api/v1/push/subscriptions {endpoint}, then unsubscribes
  * the browser, also when the API could not be told (the push service then answers
@@ -31,6 +33,7 @@ export const WORKER_URL = "/static/outbox-sw.js";
 export const SCOPE = "/static/outbox/";
 const KEY_PATH = "/api/v1/push/vapid-public-key";
 const SUBSCRIPTIONS_PATH = "/api/v1/push/subscriptions";
+const REFUSED = [400, 413, 422]; // the API's answers to a subscription it will not keep
 
 export class OutboxPushError extends Error {
   constructor(reason, message, status = 0) {
@@ -73,7 +76,10 @@ export async function registerWorker({ workerUrl = WORKER_URL, scope = SCOPE } =
 export async function currentSubscription({ scope = SCOPE } = {}) {
   if (!isSupported()) return null;
   const registration = await navigator.serviceWorker.getRegistration(scope);
-  return registration ? registration.pushManager.getSubscription() : null;
+  // getRegistration answers the registration whose scope covers `scope`: a site's own
+  // worker at "/" when ours is not registered; its subscription is not ours to touch
+  if (!registration || registration.scope !== new URL(scope, location.href).href) return null;
+  return registration.pushManager.getSubscription();
 }
 
 /** Ask permission, subscribe, and send the subscription to the API; returns it. */
@@ -95,7 +101,8 @@ export async function subscribe(options = {}) {
     await forget(options, subscription);
     subscription = null;
   }
-  if (subscription === null) {
+  const created = subscription === null;
+  if (created) {
     subscription = await registration.pushManager.subscribe({
       userVisibleOnly: true,
       applicationServerKey: key,
@@ -104,8 +111,12 @@ export async function subscribe(options = {}) {
   try {
     await call(options, "POST", SUBSCRIPTIONS_PATH, subscription.toJSON());
   } catch (error) {
-    // a subscription the API does not know would never receive anything
-    await subscription.unsubscribe().catch(() => false);
+    // A new subscription the API refuses would never receive anything: drop it. One
+    // the API may know already, or a failure that may pass (network, 5xx, an expired
+    // token), is kept for the next call to send again.
+    if (created && REFUSED.includes(error.status)) {
+      await subscription.unsubscribe().catch(() => false);
+    }
     throw error;
   }
   return subscription;
@@ -137,7 +148,8 @@ function requireSupport() {
 }
 
 function activated(registration) {
-  const worker = registration.installing || registration.waiting || registration.active;
+  if (registration.active) return Promise.resolve(registration); // pushManager needs no more
+  const worker = registration.installing || registration.waiting;
   if (worker === null) {
     return Promise.reject(new OutboxPushError("worker", "the service worker is gone"));
   }

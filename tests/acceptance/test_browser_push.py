@@ -63,9 +63,13 @@ ROOT = Path(__file__).resolve().parents[2]
 JWT_SECRET = "browser-test-jwt-secret-0123456789abcdef"
 TOKEN = "user-token-for-the-stubbed-endpoints"  # the stubs check it is sent as is
 SCOPE = "/static/outbox/"
-VAPID_KEY = (  # a P-256 public key, uncompressed, base64url: what the real endpoint answers
+VAPID_KEY = (  # P-256 public keys, uncompressed, base64url: what the real endpoint answers
     "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM"
 )
+ROTATED_KEY = (
+    "BBMdZzyLH8fYS-xiTMRi-OKO8LYWVlTGDujOTuO0i6-R-IqWM3GHtZm-18WZ2zmosaWGna69c6UlZqYsIUQ8I2o"
+)
+STUB_KEYS = {"p256dh": "BPcKp256dhKeyOfTheStubbedSubscription", "auth": "stubAuthSecret"}
 # Debian's chromium in a container: no sandbox, no GPU, and no background traffic
 # (without these flags it hangs on the closed network); Playwright adds --headless.
 CHROMIUM_ARGS = [
@@ -329,6 +333,7 @@ class ApiStub:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.key = VAPID_KEY
 
     def __call__(self, route: Route) -> None:
         request = route.request
@@ -345,7 +350,7 @@ class ApiStub:
         if request.headers.get("authorization") != f"Bearer {TOKEN}":
             route.fulfill(status=401, json={"status_code": 401, "detail": "no token"})
         elif request.method == "GET" and path == "api/v1/push/vapid-public-key":
-            route.fulfill(status=200, json={"key": VAPID_KEY})
+            route.fulfill(status=200, json={"key": self.key})
         elif request.method == "POST" and path == "api/v1/push/subscriptions":
             route.fulfill(status=201, json={"endpoint": json.loads(request.post_data)["endpoint"]})
         elif request.method == "DELETE" and path == "api/v1/push/subscriptions":
@@ -378,7 +383,7 @@ def test_the_demo_page_registers_the_worker_subscribes_and_unsubscribes(browser:
     assert api.requests[1]["body"] == {
         "endpoint": endpoint,
         "expirationTime": None,
-        "keys": {"p256dh": "BPcKp256dhKeyOfTheStubbedSubscription", "auth": "stubAuthSecret"},
+        "keys": STUB_KEYS,
     }
     worker = browser.page.evaluate(
         """(scope) => navigator.serviceWorker.getRegistration(scope).then((registration) =>
@@ -412,29 +417,60 @@ def test_the_demo_page_registers_the_worker_subscribes_and_unsubscribes(browser:
     assert "unsubscribe: done" in (browser.page.text_content("#log") or "")
 
 
-def test_a_refused_subscription_is_not_kept(browser: Browser) -> None:
-    """The API refuses the subscription (here: 422 from the stub): the page says why
-    and the browser does not keep a subscription nobody will send to."""
+@pytest.mark.parametrize(("status", "kept"), [(422, False), (400, False), (503, True), (401, True)])
+def test_a_subscription_the_api_refuses_is_dropped_one_it_may_take_later_kept(
+    browser: Browser, status: int, kept: bool
+) -> None:
+    """The API refuses a new subscription (400, 422: it would never receive anything):
+    the page says why and the browser drops it. A failure that may pass (5xx, an
+    expired token): the browser keeps it, and the next subscribe sends it again."""
 
-    def refuse(route: Route) -> None:
+    def answer(route: Route) -> None:
         if route.request.method == "POST":
-            route.fulfill(status=422, json={"status_code": 422, "detail": "host not allowed"})
+            route.fulfill(status=status, json={"status_code": status, "detail": "not now"})
         else:
             route.fulfill(status=200, json={"key": VAPID_KEY})
 
     browser.context.add_init_script(PUSH_MANAGER_STUB)
-    browser.context.route("**/api/v1/push/**", refuse)
+    browser.context.route("**/api/v1/push/**", answer)
     browser.open_demo()
     browser.page.click("#subscribe")
     browser.page.wait_for_function(
         "document.getElementById('log').textContent.includes('subscribe failed')"
     )
     log = browser.page.text_content("#log") or ""
-    assert "422 host not allowed" in log
-    assert browser.page.evaluate("window.__pushStub")["unsubscribed"] == [
-        "https://fcm.googleapis.com/fcm/send/browser-test-1"
+    assert f"POST /api/v1/push/subscriptions: {status} not now" in log
+    stub = browser.page.evaluate("window.__pushStub")
+    assert len(stub["subscribe"]) == 1
+    dropped = [] if kept else ["https://fcm.googleapis.com/fcm/send/browser-test-1"]
+    assert stub["unsubscribed"] == dropped
+    state = "subscribed" if kept else "unsubscribed"
+    browser.page.wait_for_selector(f"body[data-state={state}]")
+
+
+def test_a_subscription_made_with_a_rotated_key_is_replaced(browser: Browser) -> None:
+    """The server's VAPID key changed: the old subscription is deleted from the API and
+    the browser, and a new one is made with the new key (stubbed pushManager)."""
+    api = ApiStub()
+    browser.context.add_init_script(PUSH_MANAGER_STUB)
+    browser.context.route("**/api/v1/push/**", api)
+    browser.open_demo()
+    browser.page.click("#subscribe")
+    browser.page.wait_for_selector("body[data-state=subscribed]")
+
+    api.key = ROTATED_KEY
+    browser.page.click("#subscribe")
+    browser.wait(lambda: len(api.requests) == 5, "the second subscribe's requests")
+    first = "https://fcm.googleapis.com/fcm/send/browser-test-1"
+    second = "https://fcm.googleapis.com/fcm/send/browser-test-2"
+    assert [(r["method"], r["body"]) for r in api.requests[2:]] == [
+        ("GET", None),
+        ("DELETE", {"endpoint": first}),
+        ("POST", {"endpoint": second, "expirationTime": None, "keys": STUB_KEYS}),
     ]
-    assert browser.page.get_attribute("body", "data-state") == "unsubscribed"
+    stub = browser.page.evaluate("window.__pushStub")
+    assert [call["key"] for call in stub["subscribe"]] == [VAPID_KEY, ROTATED_KEY]
+    assert stub["unsubscribed"] == [first]
 
 
 def test_a_push_shows_our_notification_and_a_click_opens_its_url(browser: Browser) -> None:
