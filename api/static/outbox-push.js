@@ -12,9 +12,10 @@
  * subscription.toJSON() to POST /api/v1/push/subscriptions. Called again it sends the
  * browser's current subscription again (the API keeps one row per endpoint), so a page
  * may call it on every load once the permission is granted; a subscription made with
- * another key (the server's key was rotated) is replaced. A new subscription that the
- * API refuses (400, 413, 422) is dropped from the browser too; on any other failure
- * the browser keeps it and the next call sends it again.
+ * another key (the server's key was rotated) is replaced, and so is one whose endpoint
+ * another user of this browser holds (409 on sending it). A new subscription that the
+ * API refuses (400, 409, 413, 422) is dropped from the browser too; on any other
+ * failure the browser keeps it and the next call sends it again.
  *
  * unsubscribe() sends DELETE /api/v1/push/subscriptions {endpoint}, then unsubscribes
  * the browser, also when the API could not be told (the push service then answers
@@ -33,7 +34,8 @@ export const WORKER_URL = "/static/outbox-sw.js";
 export const SCOPE = "/static/outbox/";
 const KEY_PATH = "/api/v1/push/vapid-public-key";
 const SUBSCRIPTIONS_PATH = "/api/v1/push/subscriptions";
-const REFUSED = [400, 413, 422]; // the API's answers to a subscription it will not keep
+// the API's answers to a subscription it will not keep (409: the user has too many)
+const REFUSED = [400, 409, 413, 422];
 
 export class OutboxPushError extends Error {
   constructor(reason, message, status = 0) {
@@ -101,22 +103,28 @@ export async function subscribe(options = {}) {
     await forget(options, subscription);
     subscription = null;
   }
-  const created = subscription === null;
-  if (created) {
-    subscription = await registration.pushManager.subscribe({
-      userVisibleOnly: true,
-      applicationServerKey: key,
-    });
+  if (subscription !== null) {
+    try {
+      await call(options, "POST", SUBSCRIPTIONS_PATH, subscription.toJSON());
+      return subscription;
+    } catch (error) {
+      // Kept for the next call to send again (the API may know it already), unless
+      // another user of this browser holds its endpoint (409: the API keeps it
+      // theirs): a new subscription has an endpoint of its own.
+      if (error.status !== 409) throw error;
+      await subscription.unsubscribe();
+    }
   }
+  subscription = await registration.pushManager.subscribe({
+    userVisibleOnly: true,
+    applicationServerKey: key,
+  });
   try {
     await call(options, "POST", SUBSCRIPTIONS_PATH, subscription.toJSON());
   } catch (error) {
-    // A new subscription the API refuses would never receive anything: drop it. One
-    // the API may know already, or a failure that may pass (network, 5xx, an expired
-    // token), is kept for the next call to send again.
-    if (created && REFUSED.includes(error.status)) {
-      await subscription.unsubscribe().catch(() => false);
-    }
+    // a new subscription the API refuses would never receive anything; on a failure
+    // that may pass (network, 5xx, an expired token) the next call sends it again
+    if (REFUSED.includes(error.status)) await subscription.unsubscribe().catch(() => false);
     throw error;
   }
   return subscription;

@@ -38,6 +38,7 @@ most twice more, until its notification is there.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -50,6 +51,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import BrowserContext, CDPSession, Page, Playwright, Route, sync_playwright
 
 from outbox._templates import TemplateCatalog
@@ -62,6 +65,7 @@ from tests.support.pg_cluster import free_port
 ROOT = Path(__file__).resolve().parents[2]
 JWT_SECRET = "browser-test-jwt-secret-0123456789abcdef"
 TOKEN = "user-token-for-the-stubbed-endpoints"  # the stubs check it is sent as is
+OTHER_TOKEN = "another-user-of-the-same-browser"
 SCOPE = "/static/outbox/"
 VAPID_KEY = (  # P-256 public keys, uncompressed, base64url: what the real endpoint answers
     "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM"
@@ -69,7 +73,21 @@ VAPID_KEY = (  # P-256 public keys, uncompressed, base64url: what the real endpo
 ROTATED_KEY = (
     "BBMdZzyLH8fYS-xiTMRi-OKO8LYWVlTGDujOTuO0i6-R-IqWM3GHtZm-18WZ2zmosaWGna69c6UlZqYsIUQ8I2o"
 )
-STUB_KEYS = {"p256dh": "BPcKp256dhKeyOfTheStubbedSubscription", "auth": "stubAuthSecret"}
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# the stubbed subscription's keys, as a browser makes them: a P-256 point and 16 bytes
+STUB_KEYS = {
+    "p256dh": _b64url(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    ),
+    "auth": _b64url(os.urandom(16)),
+}
 # Debian's chromium in a container: no sandbox, no GPU, and no background traffic
 # (without these flags it hangs on the closed network); Playwright adds --headless.
 CHROMIUM_ARGS = [
@@ -111,7 +129,7 @@ PUSH_MANAGER_STUB = """
         return {
           endpoint: this.endpoint,
           expirationTime: null,
-          keys: { p256dh: "BPcKp256dhKeyOfTheStubbedSubscription", auth: "stubAuthSecret" },
+          keys: __KEYS__,
         };
       },
       async unsubscribe() {
@@ -124,7 +142,7 @@ PUSH_MANAGER_STUB = """
     return subscription;
   };
 })();
-"""
+""".replace("__KEYS__", json.dumps(STUB_KEYS))
 
 
 @pytest.fixture(scope="module")
@@ -329,32 +347,44 @@ def price_alert(origin: str) -> tuple[dict[str, Any], bytes]:
 
 
 class ApiStub:
-    """The push endpoints of the API, answered in the browser; records each request."""
+    """The push endpoints of the API, answered in the browser as the API answers them
+    (an endpoint another user holds is 409); records each request."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.key = VAPID_KEY
+        self.holders: dict[str, str] = {}  # endpoint -> the token of its user
 
     def __call__(self, route: Route) -> None:
         request = route.request
         path = request.url.split("://", 1)[1].split("/", 1)[1]
+        authorization = request.headers.get("authorization")
+        body = json.loads(request.post_data) if request.post_data else None
         self.requests.append(
             {
                 "method": request.method,
                 "path": "/" + path,
-                "authorization": request.headers.get("authorization"),
+                "authorization": authorization,
                 "content_type": request.headers.get("content-type"),
-                "body": json.loads(request.post_data) if request.post_data else None,
+                "body": body,
             }
         )
-        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+        if authorization not in (f"Bearer {TOKEN}", f"Bearer {OTHER_TOKEN}"):
             route.fulfill(status=401, json={"status_code": 401, "detail": "no token"})
         elif request.method == "GET" and path == "api/v1/push/vapid-public-key":
             route.fulfill(status=200, json={"key": self.key})
         elif request.method == "POST" and path == "api/v1/push/subscriptions":
-            route.fulfill(status=201, json={"endpoint": json.loads(request.post_data)["endpoint"]})
+            holder = self.holders.setdefault(body["endpoint"], authorization)
+            if holder == authorization:
+                route.fulfill(status=201, json={"id": 1, "endpoint": body["endpoint"]})
+            else:
+                route.fulfill(status=409, json={"status_code": 409, "detail": "another user's"})
         elif request.method == "DELETE" and path == "api/v1/push/subscriptions":
-            route.fulfill(status=204)
+            if self.holders.get(body["endpoint"]) == authorization:
+                del self.holders[body["endpoint"]]
+                route.fulfill(status=204)
+            else:
+                route.fulfill(status=404, json={"status_code": 404, "detail": "not found"})
         else:
             route.fulfill(status=404, json={"status_code": 404, "detail": "Not Found"})
 
@@ -417,11 +447,13 @@ def test_the_demo_page_registers_the_worker_subscribes_and_unsubscribes(browser:
     assert "unsubscribe: done" in (browser.page.text_content("#log") or "")
 
 
-@pytest.mark.parametrize(("status", "kept"), [(422, False), (400, False), (503, True), (401, True)])
+@pytest.mark.parametrize(
+    ("status", "kept"), [(422, False), (400, False), (409, False), (503, True), (401, True)]
+)
 def test_a_subscription_the_api_refuses_is_dropped_one_it_may_take_later_kept(
     browser: Browser, status: int, kept: bool
 ) -> None:
-    """The API refuses a new subscription (400, 422: it would never receive anything):
+    """The API refuses a new subscription (400, 409, 422: it would never receive anything):
     the page says why and the browser drops it. A failure that may pass (5xx, an
     expired token): the browser keeps it, and the next subscribe sends it again."""
 
@@ -471,6 +503,34 @@ def test_a_subscription_made_with_a_rotated_key_is_replaced(browser: Browser) ->
     stub = browser.page.evaluate("window.__pushStub")
     assert [call["key"] for call in stub["subscribe"]] == [VAPID_KEY, ROTATED_KEY]
     assert stub["unsubscribed"] == [first]
+
+
+def test_another_user_of_the_browser_gets_a_subscription_of_their_own(browser: Browser) -> None:
+    """The browser's subscription is another user's (the API answers 409 and keeps it
+    theirs): the client unsubscribes it and sends a new one (stubbed pushManager)."""
+    api = ApiStub()
+    browser.context.add_init_script(PUSH_MANAGER_STUB)
+    browser.context.route("**/api/v1/push/**", api)
+    browser.open_demo()
+    browser.page.click("#subscribe")
+    browser.page.wait_for_selector("body[data-state=subscribed]")
+
+    browser.page.fill("#token", OTHER_TOKEN)
+    browser.page.click("#subscribe")
+    browser.wait(lambda: len(api.requests) == 5, "the second user's requests")
+    first = "https://fcm.googleapis.com/fcm/send/browser-test-1"
+    second = "https://fcm.googleapis.com/fcm/send/browser-test-2"
+    assert [(r["method"], (r["body"] or {}).get("endpoint")) for r in api.requests[2:]] == [
+        ("GET", None),
+        ("POST", first),  # 409
+        ("POST", second),
+    ]
+    assert api.holders == {first: f"Bearer {TOKEN}", second: f"Bearer {OTHER_TOKEN}"}
+    stub = browser.page.evaluate("window.__pushStub")
+    assert stub["unsubscribed"] == [first]
+    browser.page.wait_for_function(
+        "document.getElementById('log').textContent.split('subscribe: done').length === 3"
+    )
 
 
 def test_a_push_shows_our_notification_and_a_click_opens_its_url(browser: Browser) -> None:
