@@ -46,6 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,29 +153,29 @@ def chromium() -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def api_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``outbox api`` on a free loopback port, without a database."""
+@contextmanager
+def serve_api(log_path: Path, ready: str, **env: str) -> Iterator[str]:
+    """``outbox api`` on a free loopback port with ``env``; yields its origin once
+    ``ready`` (a path) answers 200."""
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
-    env = {
+    environment = {
         **os.environ,
-        "OUTBOX_DATABASE_URL": f"postgresql://outbox@127.0.0.1:{free_port()}/none",
         "OUTBOX_API_JWT_SECRET": JWT_SECRET,
         "OUTBOX_API_PUBLIC_URL": origin,
         "PYTHONPATH": str(ROOT),
+        **env,
     }
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("outbox")), "api", "--port", str(port)],
-            env=env,
+            env=environment,
             cwd=ROOT,
             stdout=log,
             stderr=log,
         )
     try:
-        wait_until(lambda: _answers(f"{origin}/livez"), 30, "the API to start")
+        wait_until(lambda: _answers(f"{origin}{ready}"), 30, "the API to start")
         yield origin
     finally:
         process.send_signal(signal.SIGTERM)
@@ -183,6 +184,15 @@ def api_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def api_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``outbox api`` without a database (static files need none: /livez says ready)."""
+    log_path = tmp_path_factory.mktemp("api") / "api.log"
+    nowhere = f"postgresql://outbox@127.0.0.1:{free_port()}/none"
+    with serve_api(log_path, "/livez", OUTBOX_DATABASE_URL=nowhere) as origin:
+        yield origin
 
 
 def _answers(url: str) -> bool:
@@ -313,22 +323,36 @@ class Browser:
         return calls
 
 
+Launch = Callable[[str], Browser]
+
+
 @pytest.fixture
-def browser(
-    chromium: str, playwright: Playwright, api_origin: str, tmp_path: Path
-) -> Iterator[Browser]:
-    context = playwright.chromium.launch_persistent_context(
-        str(tmp_path / "profile"),
-        executable_path=chromium,
-        headless=True,
-        args=CHROMIUM_ARGS,
-    )
-    try:
+def launch(chromium: str, playwright: Playwright, tmp_path: Path) -> Iterator[Launch]:
+    """Open Chromium with a fresh profile that may show notifications from ``origin``."""
+    contexts: list[BrowserContext] = []
+
+    def open_browser(origin: str) -> Browser:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / f"profile-{len(contexts)}"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_ARGS,
+        )
+        contexts.append(context)
         context.set_default_timeout(15_000)
-        context.grant_permissions(["notifications"], origin=api_origin)
-        yield Browser(context, api_origin)
+        context.grant_permissions(["notifications"], origin=origin)
+        return Browser(context, origin)
+
+    try:
+        yield open_browser
     finally:
-        context.close()
+        for context in contexts:
+            context.close()
+
+
+@pytest.fixture
+def browser(launch: Launch, api_origin: str) -> Browser:
+    return launch(api_origin)
 
 
 def price_alert(origin: str) -> tuple[dict[str, Any], bytes]:
