@@ -2,7 +2,8 @@
 
 Routes: ``POST /api/v1/messaging/test`` (owner test sends, see ``_testsend``),
 ``GET /api/v1/messages/{id}`` (a message's status, ``_message_status``),
-``GET /ack/{token}`` (acknowledgement links, no login, ``_ack_link``), ``GET /health``,
+``GET /ack/{token}`` (acknowledgement links, no login, ``_ack_link``), ``GET /static/<name>``
+(the browser client, no login, ``_static``), ``GET /health``,
 ``GET /metrics`` (Prometheus text), the OpenAPI document at ``/schema/openapi.json``
 and its docs page at ``/schema``.
 
@@ -42,6 +43,7 @@ from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
 from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
+from outbox.api._static import static_files_handler
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
 from outbox.dispatcher.rendering import RenderCache
@@ -224,6 +226,7 @@ def create_app(
             messaging,
             read_message_status,
             acknowledge_by_link,
+            static_files_handler(),
             health,
             livez,
             metrics,

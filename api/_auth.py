@@ -42,9 +42,9 @@ OWNER_ROLE = "owner"
 REQUIRED_CLAIMS = ("sub", "role", "exp")
 SECURITY_SCHEME = "BearerToken"
 """The OpenAPI security scheme's name."""
-PUBLIC_PATHS = ["^/health$", "^/livez$", "^/metrics$", "^/schema", "^/ack/"]
+PUBLIC_PATHS = ["^/health$", "^/livez$", "^/metrics$", "^/schema", "^/ack/", "^/static/"]
 """Paths served without a token (Litestar ``exclude`` patterns); ``/ack/`` links carry
-their own signed token."""
+their own signed token; ``/static/`` is the browser client (public files)."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A non-editable install ships sql/, templates/ and migrations/ as package data."""
+"""A non-editable install ships sql/, templates/, migrations/ and the browser client
+(api/static/) as package data."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
         "outbox/demo/demo.sql",
         "outbox/testing/__init__.py",
         "outbox/testing/smtp.py",
+        "outbox/api/static/outbox-push.js",
+        "outbox/api/static/outbox-sw.js",
+        "outbox/api/static/outbox-demo.html",
     ):
         assert expected in names, f"{expected} missing from {wheel.name}"
     assert any(n.startswith("outbox/templates/email/") and n.endswith(".j2") for n in names)
@@ -90,7 +94,19 @@ def test_the_wheel_carries_the_data_folders_and_finds_them_when_installed(
         f"assert outbox.__file__.startswith({str(target)!r}), outbox.__file__;"
         "assert 'CREATE TABLE outbox.message' in q.read_sql_file('schema.sql');"
         "assert 'enqueue' in q.load_queries();"
-        "assert (pathlib.Path(m.version_location()) / 'outbox_0001_initial.upgrade.sql').is_file()"
+        "assert (pathlib.Path(m.version_location()) / 'outbox_0001_initial.upgrade.sql').is_file();"
+        # the API serves the browser client from the installed package
+        "from litestar.testing import TestClient;"
+        "from outbox._settings import Secret, Settings;"
+        "import outbox.api as api;"
+        f"assert api.__file__.startswith({str(target)!r}), api.__file__;"
+        "s = Settings(api_jwt_secret=Secret('x' * 40), database_url='postgresql://127.0.0.1:9/x');"
+        "c = TestClient(api.create_app(s, channels={}));"
+        "rs = [c.get('/static/' + n) for n in ('outbox-push.js', 'outbox-sw.js')];"
+        "assert [r.status_code for r in rs] == [200, 200], rs;"
+        "assert {r.headers['content-type'] for r in rs} == {'text/javascript; charset=utf-8'};"
+        "assert b'showNotification' in rs[1].content;"
+        "assert c.get('/static/outbox-demo.html').status_code == 200"
     )
     # run from an unrelated folder so the repository is not on sys.path
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
