@@ -59,6 +59,20 @@ ON CONFLICT (endpoint) DO UPDATE
         created_at = now()
 RETURNING id
 
+-- list_push_subscriptions --
+-- One user's browser subscriptions as one JSON array, oldest first (NULL when none):
+-- [[id, endpoint, p256dh, auth, created_at, last_used_at], ...].
+SELECT json_agg(json_build_array(s.id, s.endpoint, s.p256dh, s.auth, s.created_at,
+                                 s.last_used_at) ORDER BY s.id)
+  FROM outbox.push_subscription s
+ WHERE s.user_id = %(user_id)s
+
+-- remove_push_subscription --
+-- The user unsubscribed this endpoint: returns its id, no row when it is not theirs.
+DELETE FROM outbox.push_subscription
+ WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
+RETURNING id
+
 -- cancel --
 -- Withdraw a pending message nobody has started sending; true when it was.
 SELECT outbox.cancel(%(id)s)
