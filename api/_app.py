@@ -40,6 +40,7 @@ from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
+from outbox.api._inbox import list_inbox, read_all, read_item, unread_count
 from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
@@ -224,6 +225,10 @@ def create_app(
             messaging,
             read_message_status,
             acknowledge_by_link,
+            list_inbox,
+            read_item,
+            read_all,
+            unread_count,
             health,
             livez,
             metrics,

@@ -1,0 +1,32 @@
+"""What every route of a user's own (``role: "user"``) declares alike.
+
+The guard (:func:`~outbox.api._auth.user_only`), the OpenAPI security requirement,
+and the answers any of them may give besides its own: 401 (no token, a bad one, or
+one without ``sub``), 403 (the role is not ``user``), 503 (the database).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.openapi import ResponseSpec
+
+from outbox.api._auth import SECURITY_SCHEME, user_only
+from outbox.api._testsend import ErrorBody
+
+USER_ROUTE: dict[str, Any] = {"guards": [user_only], "security": [{SECURITY_SCHEME: []}]}
+"""Keyword arguments of every user's route decorator."""
+
+_COMMON = {
+    401: ResponseSpec(
+        data_container=ErrorBody,
+        description="No token, a bad, expired or unsigned one, or one without sub",
+    ),
+    403: ResponseSpec(data_container=ErrorBody, description="The token's role is not user"),
+    503: ResponseSpec(data_container=ErrorBody, description="The database is unavailable"),
+}
+
+
+def user_responses(extra: dict[int, ResponseSpec] | None = None) -> dict[int, ResponseSpec]:
+    """The 401, 403 and 503 every user's route may answer, and the route's own."""
+    return {**_COMMON, **(extra or {})}

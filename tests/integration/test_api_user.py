@@ -1,0 +1,409 @@
+"""A user's own routes, against real PostgreSQL: the inbox, preferences and push
+subscriptions. Every test that can name another user's rows tries to, and checks
+that nothing of theirs was shown or changed.
+
+Inbox items are written with the dispatcher's own statement (``effect_inbox_item``,
+the effect of channel ``inapp``), so the rows are what a delivery leaves behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import jwt
+import psycopg
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+import outbox
+from outbox._queries import QUERIES
+from outbox._settings import Secret, Settings
+from outbox.api import create_app
+from tests.support.pg_cluster import free_port
+from tests.support.roles import login_role
+
+SECRET = "api-jwt-secret-for-the-user-tests-0123456789"
+INBOX = "/api/v1/inbox"
+ALERT_VARS = {
+    "instrument": "EURUSD",
+    "trigger_price": "1.1",
+    "current_price": "1.2",
+    "condition": "above",
+}
+_message_ids = itertools.count(1_000)
+
+
+def bearer(sub: str | None = "alice", role: str | None = "user", **claims: Any) -> dict[str, str]:
+    payload: dict[str, Any] = {"exp": int(time.time()) + 300, **claims}
+    if sub is not None:
+        payload["sub"] = sub
+    if role is not None:
+        payload["role"] = role
+    return {"Authorization": f"Bearer {jwt.encode(payload, SECRET, algorithm='HS256')}"}
+
+
+ALICE = bearer("alice")
+BOB = bearer("bob")
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        api_jwt_secret=Secret(SECRET),
+        api_auth_failures_per_minute=1000,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    async with AsyncTestClient(app=create_app(settings, channels={})) as client:
+        yield client
+
+
+@pytest.fixture
+def api_role_url(database_url: str, admin: psycopg.Connection[Any]) -> Iterator[str]:
+    """A login in outbox_dispatcher: the role the API runs as in production."""
+    with login_role(admin, database_url, "outbox_dispatcher") as url:
+        yield url
+
+
+def deliver(
+    admin: psycopg.Connection[Any],
+    user: str,
+    title: str,
+    *,
+    message_id: int | None = None,
+    url: str | None = "https://platform.example.com/positions",
+) -> int:
+    """What channel inapp leaves behind: one item (and its NOTIFY); returns its id."""
+    params = {
+        "user_id": user,
+        "message_id": next(_message_ids) if message_id is None else message_id,
+        "template": "price_alert",
+        "title": title,
+        "body": f"{title}: the body",
+        "url": url,
+    }
+    admin.execute(QUERIES["effect_inbox_item"], params)
+    row = admin.execute(
+        "SELECT id FROM outbox.inbox_item WHERE message_id = %s", [params["message_id"]]
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def items(admin: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Every item: (id, user, title, read?) - what a refused request must not change."""
+    return admin.execute(
+        "SELECT id, user_id, title, read_at IS NOT NULL FROM outbox.inbox_item ORDER BY id"
+    ).fetchall()
+
+
+def titles(page: dict[str, Any]) -> list[str]:
+    return [item["title"] for item in page["items"]]
+
+
+# ------------------------------------------------------------------ who may call
+
+
+USER_ROUTES = [
+    ("GET", INBOX),
+    ("POST", f"{INBOX}/1/read"),
+    ("POST", f"{INBOX}/read-all"),
+    ("GET", f"{INBOX}/unread-count"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), USER_ROUTES)
+async def test_user_routes_refuse_the_owner_and_other_roles_with_403(
+    client: AsyncTestClient[Litestar],
+    admin: psycopg.Connection[Any],
+    method: str,
+    path: str,
+) -> None:
+    deliver(admin, "alice", "EURUSD above 1.1")
+    before = items(admin)
+    for role in ("owner", "admin", ""):
+        response = await client.request(method, path, headers=bearer("alice", role))
+        assert response.status_code == 403, (role, response.text)
+        assert response.json()["detail"] == "only a user (role user) may use this route"
+    assert items(admin) == before
+
+
+@pytest.mark.parametrize(("method", "path"), USER_ROUTES)
+async def test_user_routes_refuse_tokens_without_a_user_with_401(
+    client: AsyncTestClient[Litestar],
+    admin: psycopg.Connection[Any],
+    method: str,
+    path: str,
+) -> None:
+    deliver(admin, "alice", "EURUSD above 1.1")
+    before = items(admin)
+    refused = [
+        {},  # no token
+        bearer(sub=None),  # no sub claim
+        bearer(sub=""),
+        bearer(sub="x" * 256),  # longer than any stored user id
+        bearer(sub="a\x00b"),
+        bearer(role=None),  # no role claim
+        {"Authorization": "Bearer " + jwt.encode({"sub": "alice", "role": "user"}, SECRET)},
+        {"Authorization": ALICE["Authorization"][:-2] + "xx"},  # signature broken
+    ]
+    for headers in refused:
+        response = await client.request(method, path, headers=headers)
+        assert response.status_code == 401, (headers, response.text)
+    assert items(admin) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/api/v1/messaging/test"), ("GET", "/api/v1/messages/1")]
+)
+async def test_owner_routes_refuse_the_user_role_with_403(
+    client: AsyncTestClient[Litestar], method: str, path: str
+) -> None:
+    body = {"user_id": "alice", "channel": "email", "template_name": "x", "template_vars": {}}
+    response = await client.request(
+        method, path, headers=ALICE, json=body if method == "POST" else None
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["detail"] == "only the owner may use this route"
+
+
+# ------------------------------------------------------------------ the inbox
+
+
+async def test_the_inbox_lists_only_the_callers_items_newest_first(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    first = deliver(admin, "alice", "first")
+    deliver(admin, "bob", "bob's")
+    second = deliver(admin, "alice", "second", url=None)
+
+    response = await client.get(INBOX, headers=ALICE)
+
+    assert response.status_code == 200, response.text
+    page = response.json()
+    assert titles(page) == ["second", "first"]
+    assert page["next_cursor"] is None
+    newest = page["items"][0]
+    row = admin.execute(
+        "SELECT message_id, created_at FROM outbox.inbox_item WHERE id = %s", [second]
+    ).fetchone()
+    assert row is not None
+    assert newest == {
+        "id": second,
+        "message_id": row[0],
+        "template": "price_alert",
+        "title": "second",
+        "body": "second: the body",
+        "url": None,
+        "created_at": newest["created_at"],
+        "read_at": None,
+    }
+    assert newest["created_at"].endswith("Z")  # UTC, whatever the server's TimeZone
+    assert page["items"][1]["id"] == first
+    assert page["items"][1]["url"] == "https://platform.example.com/positions"
+    assert titles((await client.get(INBOX, headers=BOB)).json()) == ["bob's"]
+    assert (await client.get(INBOX, headers=bearer("carol"))).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
+
+
+async def test_pages_follow_the_cursor_and_the_last_one_says_no_more(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    for n in range(1, 6):
+        deliver(admin, "alice", f"item {n}")
+        deliver(admin, "bob", f"bob {n}")  # interleaved: ids of alice's items have gaps
+
+    seen: list[str] = []
+    cursors: list[int | None] = []
+    cursor: int | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get(INBOX, params=params, headers=ALICE)).json()
+        seen += titles(page)
+        cursor = page["next_cursor"]
+        cursors.append(cursor)
+        if cursor is None:
+            break
+        assert cursor == page["items"][-1]["id"]
+
+    assert seen == [f"item {n}" for n in range(5, 0, -1)]
+    assert len(cursors) == 3  # 2 + 2 + 1: the last page is not an empty one
+
+    # exactly a page's worth left: no cursor, no empty page after it
+    four = (await client.get(INBOX, params={"limit": 4}, headers=ALICE)).json()
+    rest = (
+        await client.get(
+            INBOX, params={"limit": 1, "cursor": four["items"][-1]["id"]}, headers=ALICE
+        )
+    ).json()
+    assert titles(rest) == ["item 1"] and rest["next_cursor"] is None
+
+
+async def test_unread_lists_only_unread_items_and_the_count_follows_reads(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    one = deliver(admin, "alice", "one")
+    deliver(admin, "alice", "two")
+    deliver(admin, "bob", "bob's")
+    count = f"{INBOX}/unread-count"
+    assert (await client.get(count, headers=ALICE)).json() == {"unread": 2}
+
+    assert (await client.post(f"{INBOX}/{one}/read", headers=ALICE)).json() == {"read": True}
+
+    unread = (await client.get(INBOX, params={"unread": "true"}, headers=ALICE)).json()
+    assert titles(unread) == ["two"]
+    everything = (await client.get(INBOX, params={"unread": "false"}, headers=ALICE)).json()
+    assert titles(everything) == ["two", "one"]
+    assert everything["items"][1]["read_at"].endswith("Z")
+    assert (await client.get(count, headers=ALICE)).json() == {"unread": 1}
+    assert (await client.get(count, headers=BOB)).json() == {"unread": 1}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "ten"},
+        {"cursor": 0},
+        {"cursor": -5},
+        {"cursor": 2**63},
+        {"cursor": "abc"},
+        {"unread": "maybe"},
+    ],
+)
+async def test_bad_query_parameters_answer_422(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any], params: dict[str, Any]
+) -> None:
+    deliver(admin, "alice", "one")
+    response = await client.get(INBOX, params=params, headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert response.json()["status_code"] == 422
+
+
+async def test_marking_read_twice_answers_200_and_keeps_the_first_read_time(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    item = deliver(admin, "alice", "one")
+    first = await client.post(f"{INBOX}/{item}/read", headers=ALICE)
+    read_at = admin.execute(
+        "SELECT read_at FROM outbox.inbox_item WHERE id = %s", [item]
+    ).fetchone()
+
+    second = await client.post(f"{INBOX}/{item}/read", headers=ALICE)
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert first.json() == second.json() == {"read": True}
+    assert read_at is not None and read_at[0] is not None
+    assert (
+        admin.execute("SELECT read_at FROM outbox.inbox_item WHERE id = %s", [item]).fetchone()
+        == read_at
+    )
+
+
+async def test_another_users_item_cannot_be_read_and_answers_like_an_unknown_one(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    bobs = deliver(admin, "bob", "bob's")
+    before = items(admin)
+
+    refused = [
+        await client.post(f"{INBOX}/{bobs}/read", headers=ALICE),
+        await client.post(f"{INBOX}/{bobs + 1000}/read", headers=ALICE),  # nobody's
+        await client.post(f"{INBOX}/0/read", headers=ALICE),
+        await client.post(f"{INBOX}/-1/read", headers=ALICE),
+        await client.post(f"{INBOX}/{2**63}/read", headers=ALICE),
+    ]
+
+    assert [r.status_code for r in refused] == [404] * 5
+    assert {r.json()["detail"] for r in refused} == {"inbox item not found"}
+    assert refused[0].json() == refused[1].json()  # nothing tells bob's item from none
+    assert items(admin) == before
+    assert (await client.get(f"{INBOX}/unread-count", headers=BOB)).json() == {"unread": 1}
+
+
+async def test_read_all_marks_only_the_callers_unread_items(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    already = deliver(admin, "alice", "read before")
+    deliver(admin, "alice", "one")
+    deliver(admin, "alice", "two")
+    deliver(admin, "bob", "bob's")
+    await client.post(f"{INBOX}/{already}/read", headers=ALICE)
+
+    response = await client.post(f"{INBOX}/read-all", headers=ALICE)
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"read": 2}
+    assert (await client.post(f"{INBOX}/read-all", headers=ALICE)).json() == {"read": 0}
+    assert [(user, read) for _, user, _, read in items(admin)] == [
+        ("alice", True),
+        ("alice", True),
+        ("alice", True),
+        ("bob", False),
+    ]
+
+
+async def test_reading_an_alerts_item_acknowledges_the_alert(
+    client: AsyncTestClient[Litestar], admin: psycopg.Connection[Any]
+) -> None:
+    alert = outbox.enqueue(
+        admin,
+        user_id="alice",
+        channel="inapp",
+        template="price_alert",
+        vars=ALERT_VARS,
+        escalate_after=300,
+        fallback=["email"],
+    )
+    admin.execute(
+        "UPDATE outbox.message SET status = 'awaiting_ack', sent_at = now(),"
+        " next_attempt_at = now() + escalate_after WHERE id = %s",
+        [alert],
+    )
+    item = deliver(admin, "alice", "EURUSD above 1.1", message_id=alert)
+
+    response = await client.post(f"{INBOX}/{item}/read", headers=ALICE)
+
+    assert response.status_code == 200, response.text
+    status = outbox.message_status(admin, alert)
+    assert status is not None and status.state == "acknowledged"
+
+
+async def test_the_api_role_serves_the_inbox(
+    settings: Settings, api_role_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    one = deliver(admin, "alice", "one")
+    deliver(admin, "alice", "two")
+    as_api = replace(settings, database_url=api_role_url)
+    async with AsyncTestClient(app=create_app(as_api, channels={})) as client:
+        listed = await client.get(INBOX, headers=ALICE)
+        read = await client.post(f"{INBOX}/{one}/read", headers=ALICE)
+        again = await client.post(f"{INBOX}/{one}/read", headers=ALICE)
+        count = await client.get(f"{INBOX}/unread-count", headers=ALICE)
+        read_all = await client.post(f"{INBOX}/read-all", headers=ALICE)
+
+    assert titles(listed.json()) == ["two", "one"]
+    assert (read.status_code, again.status_code) == (200, 200), (read.text, again.text)
+    assert count.json() == {"unread": 1}
+    assert read_all.json() == {"read": 1}
+
+
+async def test_an_unreachable_database_answers_503(settings: Settings) -> None:
+    down = replace(settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    async with AsyncTestClient(app=create_app(down, channels={})) as client:
+        # one route: they all take their connection through api/_database.py, and each
+        # waits out the pool's timeout (5 s)
+        response = await client.get(INBOX, headers=ALICE)
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "the database is unavailable"
