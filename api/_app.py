@@ -43,6 +43,7 @@ from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
 from outbox.api._inbox import list_inbox, read_all, read_item, unread_count
 from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
+from outbox.api._preferences import get_preferences, put_preferences
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
 from outbox.dispatcher.rendering import RenderCache
@@ -229,6 +230,8 @@ def create_app(
             read_item,
             read_all,
             unread_count,
+            get_preferences,
+            put_preferences,
             health,
             livez,
             metrics,
