@@ -44,6 +44,7 @@ from outbox.api._inbox import list_inbox, read_all, read_item, unread_count
 from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
 from outbox.api._preferences import get_preferences, put_preferences
+from outbox.api._push_subscriptions import subscribe, unsubscribe, vapid_public_key
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
 from outbox.dispatcher.rendering import RenderCache
@@ -232,6 +233,9 @@ def create_app(
             unread_count,
             get_preferences,
             put_preferences,
+            vapid_public_key,
+            subscribe,
+            unsubscribe,
             health,
             livez,
             metrics,

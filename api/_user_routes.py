@@ -2,7 +2,8 @@
 
 The guard (:func:`~outbox.api._auth.user_only`), the OpenAPI security requirement,
 and the answers any of them may give besides its own: 401 (no token, a bad one, or
-one without ``sub``), 403 (the role is not ``user``), 503 (the database).
+one without ``sub``), 403 (the role is not ``user``), 429 (too many failed
+authentications from the caller's address), 503 (the database).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ _COMMON = {
         description="No token, a bad, expired or unsigned one, or one without sub",
     ),
     403: ResponseSpec(data_container=ErrorBody, description="The token's role is not user"),
+    429: ResponseSpec(
+        data_container=ErrorBody,
+        description="Too many failed authentications from this address; see Retry-After",
+    ),
     503: ResponseSpec(data_container=ErrorBody, description="The database is unavailable"),
 }
 
