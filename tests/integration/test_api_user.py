@@ -118,6 +118,7 @@ USER_ROUTES = [
     ("POST", f"{INBOX}/1/read"),
     ("POST", f"{INBOX}/read-all"),
     ("GET", f"{INBOX}/unread-count"),
+    ("GET", f"{INBOX}/stream"),  # refused before it opens (test_api_stream.py streams)
     ("GET", "/api/v1/preferences"),
     ("PUT", "/api/v1/preferences"),
     ("GET", "/api/v1/push/vapid-public-key"),
