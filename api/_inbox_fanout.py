@@ -62,7 +62,17 @@ def sse_event(row: Any) -> tuple[int, bytes]:
 class Subscriber:
     """One open stream: what it has sent, what waits for it, and its wake-up."""
 
-    __slots__ = ("_order", "_sent", "catch_up", "cursor", "pending", "user_id", "wake")
+    __slots__ = (
+        "_order",
+        "_sent",
+        "catch_up",
+        "catch_up_at",
+        "catch_up_failures",
+        "cursor",
+        "pending",
+        "user_id",
+        "wake",
+    )
 
     def __init__(self, user_id: str, cursor: int) -> None:
         self.user_id = user_id
@@ -72,6 +82,9 @@ class Subscriber:
         self.pending: deque[tuple[int, bytes]] = deque()
         self.catch_up = True
         """Read items after ``cursor`` from the database before anything else."""
+        self.catch_up_at = 0.0
+        """``time.monotonic()`` from which to try it (later after a failed one)."""
+        self.catch_up_failures = 0
         self._sent: set[int] = set()
         self._order: deque[int] = deque()
 
@@ -80,14 +93,14 @@ class Subscriber:
         if len(self.pending) >= MAX_QUEUED:
             # a slow reader: drop what waits, and read it back from the table later
             self.pending.clear()
-            self.catch_up = True
+            self.catch_up, self.catch_up_at = True, 0.0
         else:
             self.pending.append(item)
         self.wake.set()
 
     def resync(self) -> None:
-        """Notifications may have been lost: catch up from the database."""
-        self.catch_up = True
+        """Notifications may have been lost: catch up from the database, now."""
+        self.catch_up, self.catch_up_at = True, 0.0
         self.wake.set()
 
     def is_new(self, item_id: int) -> bool:

@@ -50,7 +50,10 @@ MAX_STREAMS_PER_USER = 16
 PAGE = 100
 """Items one catch-up statement reads; a long catch-up reads page after page."""
 CATCH_UP_RETRY = 1.0
-"""Seconds before a stream retries a catch-up the database did not answer."""
+"""Seconds before a stream retries a catch-up the database did not answer; doubled
+after each failure up to :data:`CATCH_UP_RETRY_MAX` (a thousand streams must not
+hammer a database that is down: the listener's reconnect wakes them all anyway)."""
+CATCH_UP_RETRY_MAX = 30.0
 RECONNECT_MS = 2000
 """The ``retry:`` a client waits before reconnecting (EventSource's own default is 3 s)."""
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -90,22 +93,23 @@ async def _events(
         written = time.monotonic()
         while not fanout.closing:
             subscriber.wake.clear()
-            if subscriber.catch_up:
+            if subscriber.catch_up and time.monotonic() >= subscriber.catch_up_at:
                 async for event in _catch_up(context, subscriber):
                     yield event
                     written = time.monotonic()
+            # items the listener brought, unless a catch-up is due first (it finds
+            # them too; sending them now would move the cursor past a gap)
             while subscriber.pending and not subscriber.catch_up:
                 item_id, event = subscriber.pending.popleft()
                 if subscriber.is_new(item_id):
                     subscriber.mark_sent(item_id)
                     yield event
                     written = time.monotonic()
-            if subscriber.catch_up:  # the catch-up failed, or the stream fell behind
-                wait = CATCH_UP_RETRY
-            else:
-                wait = max(0.0, written + heartbeat - time.monotonic())
+            wait = written + heartbeat - time.monotonic()
+            if subscriber.catch_up:
+                wait = min(wait, subscriber.catch_up_at - time.monotonic())
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(max(0.0, wait)):
                     await subscriber.wake.wait()
             except TimeoutError:
                 if time.monotonic() - written >= heartbeat:
@@ -124,14 +128,20 @@ async def _catch_up(context: ApiContext, subscriber: Subscriber) -> AsyncIterato
         try:
             page = await _page_after(context, subscriber.user_id, subscriber.cursor)
         except DB_ERRORS as error:
-            log.warning("inbox stream: catch-up failed error=%s", type(error).__name__)
-            subscriber.catch_up = True
+            # DEBUG: with the database down every stream fails alike; the listener
+            # says so once, at WARNING
+            log.debug("inbox stream: catch-up failed error=%s", type(error).__name__)
+            pause = CATCH_UP_RETRY * 2 ** min(subscriber.catch_up_failures, 10)
+            subscriber.catch_up_failures += 1
+            subscriber.catch_up = True  # again after the pause, or at the next resync
+            subscriber.catch_up_at = time.monotonic() + min(pause, CATCH_UP_RETRY_MAX)
             return
         for item_id, event in page:
             if subscriber.is_new(item_id):
                 subscriber.mark_sent(item_id)
                 yield event
         if len(page) < PAGE:
+            subscriber.catch_up_failures = 0
             return
 
 
