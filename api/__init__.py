@@ -1,6 +1,10 @@
-"""The owner's HTTP API: test sends, ``/health`` and ``/metrics`` (Litestar).
+"""The HTTP API: the owner's test sends and message status, the users' own routes
+(inbox and its stream, preferences, push subscriptions), ``/health`` and ``/metrics``
+(Litestar).
 
-Serve it with ``outbox api``; embed it with ``create_app(Settings.from_env())``.
+Serve it with ``outbox api``; embed it with ``create_app(Settings.from_env())`` (and
+call ``end_streams(app)`` in its event loop when shutting down, or the server waits
+for the open inbox streams).
 
 Litestar is imported on first use of :func:`create_app`, not with this package:
 every ``outbox`` command loads ``outbox.api.cli`` to register ``outbox api``, and none
@@ -13,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from outbox.api._app import create_app
+    from outbox.api._server import end_streams
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "end_streams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from outbox.api._app import create_app
 
         return create_app
+    if name == "end_streams":
+        from outbox.api._server import end_streams
+
+        return end_streams
     raise AttributeError(f"module 'api' has no attribute {name!r}")

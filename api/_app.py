@@ -41,8 +41,13 @@ from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
+from outbox.api._inbox import list_inbox, read_all, read_item, unread_count
+from outbox.api._inbox_fanout import InboxFanout
+from outbox.api._inbox_stream import DEFAULT_HEARTBEAT, inbox_stream
 from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
+from outbox.api._preferences import get_preferences, put_preferences
+from outbox.api._push_subscriptions import subscribe, unsubscribe, vapid_public_key
 from outbox.api._static import static_files_handler
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
@@ -192,13 +197,15 @@ def create_app(
     channel_factory: Callable[[Settings], Mapping[str, Channel]] | None = None,
     catalog: TemplateCatalog | None = None,
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT,
+    stream_heartbeat: float = DEFAULT_HEARTBEAT,
 ) -> Litestar:
     """Build the API for ``settings``.
 
     ``channels`` replaces the channels built from settings, and the app does not
     close them (their owner does). ``channel_factory(settings)`` is called at
     startup instead of :func:`~outbox.dispatcher.channels.build_channels`, in the app's
-    event loop, and the app closes what it returns at shutdown. Raises
+    event loop, and the app closes what it returns at shutdown. ``stream_heartbeat``:
+    seconds between the comment lines that keep an idle inbox stream open. Raises
     :class:`~outbox.ConfigurationError` when ``OUTBOX_API_JWT_SECRET`` is empty.
     """
     auth = jwt_auth(
@@ -227,6 +234,16 @@ def create_app(
             read_message_status,
             acknowledge_by_link,
             static_files_handler(),
+            list_inbox,
+            read_item,
+            read_all,
+            unread_count,
+            inbox_stream,
+            get_preferences,
+            put_preferences,
+            vapid_public_key,
+            subscribe,
+            unsubscribe,
             health,
             livez,
             metrics,
@@ -258,6 +275,7 @@ def create_app(
     )
     # set on the built app: Litestar(state=...) would deep-copy the limiter
     app.state["ack_link_failures"] = ack_link_failures
+    app.state["inbox_stream_heartbeat"] = stream_heartbeat
     return app
 
 
@@ -287,9 +305,15 @@ def _lifespan(
             pool=pool,
         )
         app.state["metrics"] = api_metrics
+        # LISTEN needs a session of its own: the direct URL when the pool goes
+        # through a transaction-pooling PgBouncer
+        fanout = InboxFanout(settings.listen_database_url or settings.database_url, pool)
+        await fanout.start()
+        app.state["inbox_fanout"] = fanout
         try:
             yield
         finally:
+            await fanout.close()
             for channel in owned.values():
                 try:
                     await channel.aclose()

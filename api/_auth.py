@@ -1,10 +1,13 @@
-"""Who may call the API: JWT bearer tokens, the owner role, a per-caller rate limit.
+"""Who may call the API: JWT bearer tokens, two roles, a per-caller rate limit.
 
 Tokens are HS256 JWTs signed with ``OUTBOX_API_JWT_SECRET`` carrying ``sub``,
 ``role`` and ``exp``. Litestar's :class:`~litestar.security.jwt.JWTAuth` verifies
 them: only HS256 is accepted, so ``alg: none`` and any other algorithm are
 refused; a wrong signature, an expired token, a missing claim or a missing header
-answer 401. :func:`owner_only` answers 403 unless ``role`` is ``owner``.
+answer 401. Two roles, and neither may use the other's routes (403):
+:func:`owner_only` guards the owner's routes (``role: "owner"``), :func:`user_only`
+the users' own (``role: "user"``, ``sub`` = the user id: every such route reads
+and changes only that user's rows, whatever ids the request names).
 
 The rate limit counts requests per token subject (the caller), in this process's
 memory; a refused request answers 429 with ``Retry-After``. Failed authentications
@@ -39,6 +42,9 @@ from outbox._errors import ConfigurationError
 
 MIN_SECRET_BYTES = 32
 OWNER_ROLE = "owner"
+USER_ROLE = "user"
+MAX_USER_ID = 255
+"""The longest ``user_id`` outbox stores (``outbox.recipient``, ``outbox.inbox_item``)."""
 REQUIRED_CLAIMS = ("sub", "role", "exp")
 SECURITY_SCHEME = "BearerToken"
 """The OpenAPI security scheme's name."""
@@ -109,7 +115,10 @@ def jwt_auth(
         require_claims=claims,
         exclude=PUBLIC_PATHS,
         openapi_security_scheme_name=SECURITY_SCHEME,
-        description="HS256 JWT with claims sub, role and exp; role must be owner.",
+        description=(
+            "HS256 JWT with claims sub, role and exp. Role owner: the owner's routes;"
+            " role user (sub = the user id): the user's own routes."
+        ),
     )
 
 
@@ -119,7 +128,42 @@ def owner_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandl
     if not isinstance(token, OwnerToken):
         raise NotAuthorizedException("a bearer token is required")
     if token.role != OWNER_ROLE:
-        raise PermissionDeniedException("only the owner may send test messages")
+        raise PermissionDeniedException("only the owner may use this route")
+
+
+def user_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: 401 without a verified token or without a usable ``sub`` (the user id),
+    403 unless its ``role`` claim is ``user``.
+    """
+    user_of(connection)
+    token = connection.scope["auth"]
+    if token.role != USER_ROLE:
+        # the owner too: the owner's token names the owner, not a user whose rows it is
+        raise PermissionDeniedException("only a user (role user) may use this route")
+
+
+def user_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The user id the caller's token names (``sub``); 401 when there is none.
+
+    Only this id reaches the database: a route never takes a user id from the
+    request, so no request can name another user's rows.
+    """
+    token = connection.scope.get("auth")
+    if not isinstance(token, OwnerToken):
+        raise NotAuthorizedException("a bearer token is required")
+    sub = token.sub
+    if not sub or len(sub) > MAX_USER_ID or "\x00" in sub or not _encodable(sub):
+        raise NotAuthorizedException("the token's sub is not a user id")
+    return sub
+
+
+def _encodable(text: str) -> bool:
+    """False for a lone surrogate (JSON can spell one; PostgreSQL cannot store it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def caller_of(request: Request[Any, Any, Any]) -> str:

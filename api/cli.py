@@ -20,9 +20,8 @@ def register(commands: Any) -> None:
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Serve ``outbox api``; return 0 after a clean shutdown, 2 on bad configuration."""
-    import uvicorn
-
     from outbox.api._app import create_app
+    from outbox.api._server import serve
 
     if not 0 < args.port < 65536:
         print("outbox: --port must be between 1 and 65535", file=sys.stderr)
@@ -36,5 +35,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     # log_config=None: uvicorn keeps its hands off logging, so its records go through
     # outbox's set-up (OUTBOX_LOG_FORMAT, the non-blocking writer; the access log, a
     # line per request, at WARNING unless OUTBOX_LOG_LEVEL=DEBUG).
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, lifespan="on")
+    # The inbox streams end first at shutdown (api/_server.py): SIGTERM stops the API
+    # within moments, not when the last browser tab closes.
+    if not serve(app, host=args.host, port=args.port, log_config=None, lifespan="on"):
+        return 3  # uvicorn's own code when it could not start (the port is taken, say)
     return 0

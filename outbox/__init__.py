@@ -47,8 +47,13 @@ from outbox._inbox import (
 from outbox._migrate import version_location
 from outbox._preferences import set_preference, set_preference_async
 from outbox._recipients import (
+    PushSubscriptionRecord,
     add_push_subscription,
     add_push_subscription_async,
+    list_push_subscriptions,
+    list_push_subscriptions_async,
+    remove_push_subscription,
+    remove_push_subscription_async,
     upsert_recipient,
     upsert_recipient_async,
 )
@@ -73,6 +78,7 @@ __all__ = [
     "MessageStatus",
     "MissingTemplateVariables",
     "OutboxError",
+    "PushSubscriptionRecord",
     "Settings",
     "TemplateRenderError",
     "UnknownTemplate",
@@ -88,12 +94,16 @@ __all__ = [
     "enqueue_campaign_async",
     "inbox",
     "inbox_async",
+    "list_push_subscriptions",
+    "list_push_subscriptions_async",
     "message_status",
     "message_status_async",
     "read_all_inbox_items",
     "read_all_inbox_items_async",
     "read_inbox_item",
     "read_inbox_item_async",
+    "remove_push_subscription",
+    "remove_push_subscription_async",
     "set_preference",
     "set_preference_async",
     "upsert_recipient",

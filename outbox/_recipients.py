@@ -8,9 +8,11 @@ alone may not write or read addresses, by design.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import time
+from dataclasses import dataclass
+from datetime import datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -21,6 +23,18 @@ from outbox._errors import InvalidMessage
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 _BASE64URL = re.compile(r"^[A-Za-z0-9_\-]+={0,2}$")
 INT64 = range(-(2**63), 2**63)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushSubscriptionRecord:
+    """One stored browser subscription of a user (``outbox.push_subscription``)."""
+
+    id: int
+    endpoint: str
+    p256dh: str
+    auth: str
+    created_at: datetime
+    last_used_at: datetime | None
 
 
 def _channels(name: str, value: Sequence[str] | None) -> list[str] | None:
@@ -171,3 +185,53 @@ async def add_push_subscription_async(
     row = await fetch_one_async(conn, "add_push_subscription", params)
     assert row is not None
     return int(row[0])
+
+
+def _subscriptions(row: Any) -> list[PushSubscriptionRecord]:
+    if row is None or row[0] is None:
+        return []
+    # psycopg parses json; some SQLAlchemy set-ups hand it over as text
+    items = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+    return [
+        PushSubscriptionRecord(
+            id=item[0],
+            endpoint=item[1],
+            p256dh=item[2],
+            auth=item[3],
+            created_at=datetime.fromisoformat(item[4]),
+            last_used_at=datetime.fromisoformat(item[5]) if item[5] else None,
+        )
+        for item in items
+    ]
+
+
+def _endpoint_params(user_id: str, endpoint: str) -> dict[str, Any]:
+    # the limits add_push_subscription stores under: anything else is a caller's bug
+    check_text("endpoint", endpoint, max_length=2048)
+    return {"user_id": check_text("user_id", user_id), "endpoint": endpoint}
+
+
+def list_push_subscriptions(conn: Any, user_id: str) -> list[PushSubscriptionRecord]:
+    """The user's browser push subscriptions, oldest first."""
+    params = {"user_id": check_text("user_id", user_id)}
+    return _subscriptions(fetch_one(conn, "list_push_subscriptions", params))
+
+
+async def list_push_subscriptions_async(conn: Any, user_id: str) -> list[PushSubscriptionRecord]:
+    """Asynchronous :func:`list_push_subscriptions`."""
+    params = {"user_id": check_text("user_id", user_id)}
+    return _subscriptions(await fetch_one_async(conn, "list_push_subscriptions", params))
+
+
+def remove_push_subscription(conn: Any, user_id: str, endpoint: str) -> bool:
+    """Delete the user's subscription of ``endpoint`` (the browser unsubscribed);
+    False when the user has none there (unknown, or another user's).
+    """
+    row = fetch_one(conn, "remove_push_subscription", _endpoint_params(user_id, endpoint))
+    return row is not None
+
+
+async def remove_push_subscription_async(conn: Any, user_id: str, endpoint: str) -> bool:
+    """Asynchronous :func:`remove_push_subscription`."""
+    params = _endpoint_params(user_id, endpoint)
+    return await fetch_one_async(conn, "remove_push_subscription", params) is not None

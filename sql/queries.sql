@@ -59,6 +59,20 @@ ON CONFLICT (endpoint) DO UPDATE
         created_at = now()
 RETURNING id
 
+-- list_push_subscriptions --
+-- One user's browser subscriptions as one JSON array, oldest first (NULL when none):
+-- [[id, endpoint, p256dh, auth, created_at, last_used_at], ...].
+SELECT json_agg(json_build_array(s.id, s.endpoint, s.p256dh, s.auth, s.created_at,
+                                 s.last_used_at) ORDER BY s.id)
+  FROM outbox.push_subscription s
+ WHERE s.user_id = %(user_id)s
+
+-- remove_push_subscription --
+-- The user unsubscribed this endpoint: returns its id, no row when it is not theirs.
+DELETE FROM outbox.push_subscription
+ WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
+RETURNING id
+
 -- cancel --
 -- Withdraw a pending message nobody has started sending; true when it was.
 SELECT outbox.cancel(%(id)s)
@@ -522,6 +536,47 @@ SELECT CAST(extract(epoch FROM now() - sent_at) AS double precision)
 SELECT outbox.message_status(%(message_id)s),
        EXISTS (SELECT 1 FROM outbox.message
                 WHERE id = %(message_id)s AND acknowledged_at IS NOT NULL)
+
+-- api_inbox_unread_count --
+-- How many of the user's inbox items are unread (the partial unread index answers).
+SELECT count(*) FROM outbox.inbox_item WHERE user_id = %(user_id)s AND read_at IS NULL
+
+-- api_inbox_item_is_read --
+-- Whether this item is the user's and read: why marking it read changed nothing
+-- (no row: unknown, or another user's).
+SELECT read_at IS NOT NULL FROM outbox.inbox_item
+ WHERE id = %(item_id)s AND user_id = %(user_id)s
+
+-- api_inbox_last_id --
+-- Where a new stream starts: the user's newest item id (0 when none).
+SELECT coalesce(max(id), 0) FROM outbox.inbox_item WHERE user_id = %(user_id)s
+
+-- api_inbox_after --
+-- A stream catching up: the user's items after the last one it sent, oldest first.
+SELECT id, user_id, message_id, template, title, body, url, created_at, read_at
+  FROM outbox.inbox_item
+ WHERE user_id = %(user_id)s AND id > %(after)s
+ ORDER BY id
+ LIMIT %(limit)s
+
+-- api_inbox_items --
+-- The items a batch of NOTIFYs named (their user comes from the row, never from the
+-- payload: anyone may NOTIFY).
+SELECT id, user_id, message_id, template, title, body, url, created_at, read_at
+  FROM outbox.inbox_item
+ WHERE id = ANY (CAST(%(ids)s AS bigint[]))
+ ORDER BY id
+
+-- api_preferences --
+-- One user's topic preferences ('' instrument: the whole topic).
+SELECT topic, instrument, channels FROM outbox.preference
+ WHERE user_id = %(user_id)s
+ ORDER BY topic, instrument
+
+-- api_push_subscription_owner --
+-- Who holds this endpoint now (no row: nobody), locked until the subscription is
+-- written, so two users cannot both take it.
+SELECT user_id FROM outbox.push_subscription WHERE endpoint = %(endpoint)s FOR UPDATE
 
 -- ====================================================== dispatcher: shared limits
 -- Rate limits as send calendars and recipient paces (outbox.rate_limit), and a

@@ -7,6 +7,7 @@
   24), ``sub`` the configured contact.
 * :func:`endpoint_refusal` is the SSRF guard: only ``https`` endpoints whose host
   matches ``OUTBOX_PUSH_ALLOWED_HOSTS`` (exact names or ``*.suffix``), no user info.
+* :func:`keys_refusal` checks a browser's keys: a P-256 point and a 16-byte secret.
 * :func:`encrypt` produces the RFC 8291 ``aes128gcm`` body with pywebpush.
 
 Signing and encrypting cost well under a millisecond each (one ECDSA signature, one
@@ -142,6 +143,30 @@ def endpoint_refusal(
     else:
         return f"the endpoint scheme {parts.scheme!r} is not https"
     return f"host {host} is not in OUTBOX_PUSH_ALLOWED_HOSTS"
+
+
+P256DH_BYTES = 65
+"""A browser's ``p256dh``: an uncompressed P-256 point (0x04, then x and y)."""
+AUTH_BYTES = 16
+"""A browser's ``auth`` secret (RFC 8291)."""
+
+
+def keys_refusal(p256dh: str, auth: str) -> str | None:
+    """Why a subscription's keys could never encrypt a message, or None when they can."""
+    try:
+        point = _b64decode(p256dh)
+        secret = _b64decode(auth)
+    except (ValueError, binascii.Error):
+        return "the subscription keys are not base64url"
+    if len(point) != P256DH_BYTES or point[0] != 4:
+        return f"keys.p256dh must be an uncompressed P-256 point ({P256DH_BYTES} bytes)"
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        return "keys.p256dh is not a point on P-256"
+    if len(secret) != AUTH_BYTES:
+        return f"keys.auth must be {AUTH_BYTES} bytes"
+    return None
 
 
 def encrypt(subscription: PushSubscription, body: bytes) -> bytes:

@@ -61,6 +61,7 @@ from outbox.dispatcher.channels._webpush import (
     VapidSigner,
     encrypt,
     endpoint_refusal,
+    keys_refusal,
     load_vapid_key,
     origin,
     public_key_b64,
@@ -86,6 +87,28 @@ MAX_PAYLOAD = 3993
 DEFAULT_RETRY_AFTER = 60.0
 
 Kind = Literal["accepted", "gone", "rate_limited", "transient", "permanent", "refused"]
+
+
+def subscription_refusal(settings: Settings, endpoint: str, p256dh: str, auth: str) -> str | None:
+    """Why this channel would never deliver to a browser subscription, or None.
+
+    The rules it applies before every send, for whoever stores subscriptions (the
+    API checks a browser's before storing it): an ``https`` endpoint on a host in
+    ``OUTBOX_PUSH_ALLOWED_HOSTS`` without user info, keys that can encrypt.
+    """
+    allowed = tuple(h.strip().lower() for h in settings.push_allowed_hosts if h.strip())
+    return endpoint_refusal(endpoint, allowed) or keys_refusal(p256dh, auth)
+
+
+def application_server_key(settings: Settings) -> str | None:
+    """The VAPID public key browsers subscribe with (base64url, unpadded), derived
+    from ``OUTBOX_VAPID_PRIVATE_KEY``; None when push is not configured. Raises
+    :class:`~outbox._errors.ConfigurationError` for a key that is not P-256.
+    """
+    secret = settings.vapid_private_key
+    if not secret:
+        return None
+    return public_key_b64(load_vapid_key(secret.reveal()))
 
 
 @dataclass(frozen=True)
