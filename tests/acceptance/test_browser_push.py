@@ -18,10 +18,11 @@ Stubbed, and why:
   ``unsubscribe()``) that records how it was called.
 - ``GET /api/v1/push/vapid-public-key`` and ``POST``/``DELETE
   /api/v1/push/subscriptions``: answered inside the browser by the test (Playwright's
-  request routing), which records what the client sent. The endpoints themselves are
-  tested over HTTP with the database by their own tests; here what matters is that
-  the page's code calls them as the contract says. The API runs without a database
-  (it is not needed to serve static files; its pool retries in the background).
+  request routing) as the API answers them, and records what the client sent: so the
+  refusals, the rotated key and the second user of one browser take no database. The
+  API serving the files runs without one (its pool retries in the background).
+  One test, ``..._through_the_real_api``, uses the API's own endpoints on a migrated
+  database instead, and reads ``outbox.push_subscription``.
 - The click: Chromium lets a worker open or focus a window only while it handles a
   real ``notificationclick`` (a user's click on the notification), and the DevTools
   protocol cannot click a notification. So the test dispatches a ``notificationclick``
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,6 +62,7 @@ from playwright.sync_api import BrowserContext, CDPSession, Page, Playwright, Ro
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher.channels.base import RenderedPush
 from outbox.dispatcher.rendering import render
+from outbox.testing.push import VapidKeys
 from tests.acceptance.conftest import wait_until
 from tests.support.binaries import require_binary
 from tests.support.pg_cluster import free_port
@@ -609,3 +613,51 @@ def test_a_collapsed_alert_replaces_the_older_notification(browser: Browser) -> 
     shown = browser.push_until_shown("plain text", lambda found: len(found) == 3)
     assert {n["title"] for n in shown} == {payload["title"], "New notification"}
     assert "plain text" in [n["body"] for n in shown]
+
+
+@pytest.fixture
+def real_api(database_url: str, tmp_path: Path) -> Iterator[tuple[str, VapidKeys]]:
+    """``outbox api`` on a migrated database, with a VAPID key: its push endpoints."""
+    vapid = VapidKeys.generate()
+    with serve_api(
+        tmp_path / "api.log",
+        "/health",
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_VAPID_PRIVATE_KEY=vapid.private_pem,
+    ) as origin:
+        yield origin, vapid
+
+
+def test_the_demo_page_subscribes_and_unsubscribes_through_the_real_api(
+    launch: Launch, real_api: tuple[str, VapidKeys], admin: psycopg.Connection[Any]
+) -> None:
+    """The API's own push endpoints and database; only pushManager is stubbed (the
+    vendor's push service is out of reach), with an FCM endpoint and browser-shaped
+    keys, which the API checks as the push channel does before a send."""
+    origin, vapid = real_api
+    token = jwt.encode(
+        {"sub": "trader-7", "role": "user", "exp": int(time.time()) + 600},
+        JWT_SECRET,
+        algorithm="HS256",
+    )
+    browser = launch(origin)
+    browser.context.add_init_script(PUSH_MANAGER_STUB)
+    browser.page.goto(f"{origin}/static/outbox-demo.html#token={token}")
+    browser.page.wait_for_selector("body[data-ready=true]")
+
+    browser.page.click("#subscribe")
+    browser.page.wait_for_selector("body[data-state=subscribed]")
+
+    endpoint = "https://fcm.googleapis.com/fcm/send/browser-test-1"
+    stub = browser.page.evaluate("window.__pushStub")
+    assert stub["subscribe"] == [{"userVisibleOnly": True, "key": vapid.public_raw}]
+    rows = "SELECT user_id, endpoint, p256dh, auth FROM outbox.push_subscription"
+    assert admin.execute(rows).fetchall() == [
+        ("trader-7", endpoint, STUB_KEYS["p256dh"], STUB_KEYS["auth"])
+    ]
+
+    browser.page.click("#unsubscribe")
+    browser.page.wait_for_selector("body[data-state=unsubscribed]")
+    assert admin.execute(rows).fetchall() == []
+    assert browser.page.evaluate("window.__pushStub")["unsubscribed"] == [endpoint]
+    assert "unsubscribe: done" in (browser.page.text_content("#log") or "")
