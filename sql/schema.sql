@@ -1090,3 +1090,5 @@ ALTER FUNCTION outbox._acknowledge_seen(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_inbox_item(text, bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;
 GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;
+-- The API (outbox_dispatcher) writes a user's own preferences (PUT /api/v1/preferences).
+GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) TO outbox_dispatcher;

@@ -2,6 +2,7 @@
 -- recipients and preferences naming inapp lose it (a message on inapp is
 -- deleted: no channel of 0008 could deliver it). Frozen.
 
+REVOKE EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) FROM outbox_dispatcher;
 DROP VIEW outbox.unacknowledged_alert;
 DROP FUNCTION outbox.read_all_inbox_items(text);
 DROP FUNCTION outbox.read_inbox_item(text, bigint);

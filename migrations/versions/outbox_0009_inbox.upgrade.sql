@@ -529,6 +529,8 @@ GRANT SELECT ON outbox.inbox_item TO outbox_recipient_writer;
 GRANT SELECT, UPDATE, DELETE ON outbox.inbox_item TO outbox_owner;
 GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text)
     TO outbox_dispatcher, outbox_recipient_writer;
+-- The API (outbox_dispatcher) writes a user's own preferences (PUT /api/v1/preferences).
+GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) TO outbox_dispatcher;
 -- A non-superuser may give a function to a role only if that role may create in the
 -- schema: for the hand-over only (as in outbox_0006).
 GRANT CREATE ON SCHEMA outbox TO outbox_owner;

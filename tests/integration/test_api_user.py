@@ -557,12 +557,6 @@ async def test_the_api_role_reads_preferences(
     assert response.json() == [{"topic": "price_alert", "instrument": None, "channels": ["push"]}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the API's role (outbox_dispatcher) lacks EXECUTE on outbox.set_preference:"
-    " GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text)"
-    " TO outbox_dispatcher",
-)
 async def test_the_api_role_replaces_preferences(
     settings: Settings, api_role_url: str, admin: psycopg.Connection[Any]
 ) -> None:
