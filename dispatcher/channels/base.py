@@ -94,6 +94,9 @@ class Recipient:
     email: str | None = None
     telegram_chat_id: int | None = None
     push_subscriptions: tuple[PushSubscription, ...] = ()
+    # Every other channel's address (sms: an E.164 phone, a plugin's own kind), by
+    # channel name, from ``outbox.recipient_address``.
+    addresses: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +158,20 @@ class DeletePushSubscription:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MarkAddressUndeliverable:
+    """The provider says the user's address on ``channel`` cannot receive (any channel)."""
+
+    channel: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisableChannel:
+    """The user turned ``channel`` off at the provider (an SMS STOP): never try it again."""
+
+    channel: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class WriteInboxItem:
     """Channel inapp delivers by writing the user's inbox item with the ack."""
 
@@ -169,6 +186,8 @@ Effect = (
     | UpdateTelegramChat
     | DeletePushSubscription
     | WriteInboxItem
+    | MarkAddressUndeliverable
+    | DisableChannel
 )
 
 
