@@ -14,6 +14,14 @@ commit (``commit()`` returned in the producer) to provider-accepted (the sink's
 ``send``) p50, p99 and max, both clocks ``time.time()`` on this machine; the
 campaign's drain rate (messages/s from its first send to its last); the machine,
 its load and the versions. Targets: alert p99 <= 50 ms; every alert delivered.
+
+``--breakdown`` splits each alert's latency in three: from its commit to the start
+of the claim that leased it (waiting for the next claim), the claim statement itself,
+and from the claim's end to the send. An ``AFTER UPDATE`` row trigger on
+``outbox.message``, created in the benchmark's own database and firing for the
+transactional lane only, writes ``now()`` (the claim's start) and
+``clock_timestamp()`` (the end of the claim statement, where after-row triggers run)
+for each alert it leases.
 """
 
 from __future__ import annotations
@@ -94,6 +102,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra flags for outbox dispatch, e.g. '--batch-size 50'",
     )
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="split each alert's latency at its claim (a trigger in the benchmark's"
+        " database notes when the claim that leased it started and ended)",
+    )
+    parser.add_argument(
         "--drain-timeout-s",
         type=float,
         default=3600.0,
@@ -124,6 +138,8 @@ class Round:
     load_before: tuple[float, ...] = ()
     load_after: tuple[float, ...] = ()
     supervisor_exit: int | None = None
+    breakdown_ms: dict[str, list[float]] = field(default_factory=dict)
+    """With --breakdown: 'to claim', 'claim', 'claim to send' of each alert in the flood."""
 
 
 class AlertProducer(threading.Thread):
@@ -183,6 +199,35 @@ def enqueue_campaign(url: str, messages: int, users: int) -> tuple[int, int]:
     return first, last
 
 
+CLAIM_PROBE = """
+CREATE TABLE public.bench_alert_claim (
+    id bigint, claim_started timestamptz, claim_ended timestamptz, leased_by text
+);
+CREATE FUNCTION public.bench_note_alert_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.bench_alert_claim VALUES (NEW.id, now(), clock_timestamp(), NEW.leased_by);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_note_alert_claim AFTER UPDATE ON outbox.message FOR EACH ROW
+    WHEN (NEW.lane = 'transactional' AND NEW.status = 'sending' AND OLD.status = 'pending')
+    EXECUTE FUNCTION public.bench_note_alert_claim();
+"""
+
+
+def alert_claims(url: str) -> dict[int, tuple[float, float]]:
+    """Alert id -> (claim start, claim statement end), unix seconds, first claim only."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, extract(epoch FROM claim_started)::float8,"
+            " extract(epoch FROM claim_ended)::float8"
+            " FROM public.bench_alert_claim ORDER BY claim_ended"
+        ).fetchall()
+    claims: dict[int, tuple[float, float]] = {}
+    for message_id, started, ended in rows:
+        claims.setdefault(int(message_id), (float(started), float(ended)))
+    return claims
+
+
 def campaign_left(conn: psycopg.Connection[Any], first: int, last: int) -> bool:
     """Whether any campaign message is still pending or in flight (an index probe)."""
     row = conn.execute(
@@ -237,6 +282,9 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
         setup_started = time.monotonic()
         first, last = enqueue_campaign(url, args.messages, args.users)
         vacuum(url, "outbox.message", "outbox.recipient", "outbox.push_subscription")
+        if args.breakdown:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(CLAIM_PROBE)
         print(
             f"  round {number}: campaign of {args.messages:,} enqueued in"
             f" {time.monotonic() - setup_started:.1f}s (enqueue_campaign, one transaction)",
@@ -287,6 +335,7 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
                     break
                 time.sleep(0.2)
             measured.load_after = os.getloadavg()
+            claims = alert_claims(url) if args.breakdown else {}
         finally:
             producer.stopping.set()
             if supervisor.poll() is None:
@@ -305,7 +354,14 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
         if committed_at > end:
             measured.after_flood += 1
         elif message_id in alert_sent:
-            measured.latencies_ms.append((alert_sent[message_id] - committed_at) * 1000)
+            sent_at = alert_sent[message_id]
+            measured.latencies_ms.append((sent_at - committed_at) * 1000)
+            if message_id in claims:
+                started, ended = claims[message_id]
+                parts = measured.breakdown_ms
+                parts.setdefault("to claim", []).append((started - committed_at) * 1000)
+                parts.setdefault("claim", []).append((ended - started) * 1000)
+                parts.setdefault("claim to send", []).append((sent_at - ended) * 1000)
     lat = measured.latencies_ms
     print(
         f"  round {number}: campaign {delivered:,} in {measured.drain_seconds:.1f}s"
@@ -374,6 +430,26 @@ def main(argv: list[str]) -> int:
             "Alert latency under a flood (commit to provider-accepted)",
         )
     )
+    if args.breakdown:
+        split = [
+            [
+                n,
+                part,
+                len(values),
+                f"{percentile(values, 0.5):.1f}",
+                f"{percentile(values, 0.99):.1f}",
+                f"{max(values, default=float('nan')):.1f}",
+            ]
+            for n, r in enumerate(rounds, 1)
+            for part, values in r.breakdown_ms.items()
+        ]
+        print(
+            table(
+                ["round", "part of the alert's latency", "alerts", "p50 ms", "p99 ms", "max ms"],
+                split,
+                "Where the alerts waited (--breakdown)",
+            )
+        )
     p99 = summarize([percentile(r.latencies_ms, 0.99) for r in rounds])
     delivered = sum(r.alerts_delivered for r in rounds) / max(
         1, sum(r.alerts_committed for r in rounds)
