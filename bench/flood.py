@@ -139,6 +139,10 @@ class Round:
     load_after: tuple[float, ...] = ()
     supervisor_exit: int | None = None
     breakdown_ms: dict[str, list[float]] = field(default_factory=dict)
+    alert_offsets_s: list[float] = field(default_factory=list)
+    """Seconds from the campaign's first send to each alert's commit (latencies_ms order)."""
+    background: dict[str, int] = field(default_factory=dict)
+    """What PostgreSQL did meanwhile: autovacuums and checkpoints during the drain."""
     """With --breakdown: 'to claim', 'claim', 'claim to send' of each alert in the flood."""
 
 
@@ -228,6 +232,29 @@ def alert_claims(url: str) -> dict[int, tuple[float, float]]:
     return claims
 
 
+BACKGROUND = """
+SELECT (SELECT coalesce(sum(autovacuum_count), 0) FROM pg_stat_user_tables
+         WHERE schemaname = 'outbox' AND relname = 'message'),
+       (SELECT coalesce(sum(autovacuum_count), 0) FROM pg_stat_user_tables
+         WHERE schemaname = 'outbox' AND relname = 'attempt'),
+       (SELECT {checkpoints})
+"""
+# PostgreSQL 17 moved the checkpoint counters to a view of their own
+CHECKPOINTS_BEFORE_17 = "checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+CHECKPOINTS_FROM_17 = "num_timed + num_requested FROM pg_stat_checkpointer"
+
+
+def background(url: str) -> tuple[int, int, int]:
+    """Autovacuums of outbox.message and outbox.attempt, and checkpoints, so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        version = conn.info.server_version
+        checkpoints = CHECKPOINTS_FROM_17 if version >= 170000 else CHECKPOINTS_BEFORE_17
+        row = conn.execute(BACKGROUND.format(checkpoints=checkpoints)).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 def campaign_left(conn: psycopg.Connection[Any], first: int, last: int) -> bool:
     """Whether any campaign message is still pending or in flight (an index probe)."""
     row = conn.execute(
@@ -294,6 +321,7 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
         sink.touch()
         port = _free_port()
         measured.load_before = os.getloadavg()
+        before = background(url)
         with open(Path(tmp) / "dispatch.log", "wb") as log:
             supervisor = subprocess.Popen(
                 [
@@ -336,6 +364,12 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
                 time.sleep(0.2)
             measured.load_after = os.getloadavg()
             claims = alert_claims(url) if args.breakdown else {}
+            after = background(url)
+            measured.background = {
+                "autovacuum outbox.message": after[0] - before[0],
+                "autovacuum outbox.attempt": after[1] - before[1],
+                "checkpoints": after[2] - before[2],
+            }
         finally:
             producer.stopping.set()
             if supervisor.poll() is None:
@@ -356,6 +390,7 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
         elif message_id in alert_sent:
             sent_at = alert_sent[message_id]
             measured.latencies_ms.append((sent_at - committed_at) * 1000)
+            measured.alert_offsets_s.append(committed_at - start)
             if message_id in claims:
                 started, ended = claims[message_id]
                 parts = measured.breakdown_ms
@@ -370,6 +405,11 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
         f" max {max(lat, default=float('nan')):.1f} ms;"
         f" delivered {measured.alerts_delivered}/{measured.alerts_committed};"
         f" load {measured.load_before[0]:.2f} -> {measured.load_after[0]:.2f}",
+        flush=True,
+    )
+    print(
+        f"  round {number}: meanwhile "
+        + ", ".join(f"{k}: {v}" for k, v in measured.background.items()),
         flush=True,
     )
     return measured
