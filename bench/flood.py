@@ -368,7 +368,7 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
             measured.background = {
                 "autovacuum outbox.message": after[0] - before[0],
                 "autovacuum outbox.attempt": after[1] - before[1],
-                "checkpoints": after[2] - before[2],
+                "checkpoints (whole server)": after[2] - before[2],
             }
         finally:
             producer.stopping.set()
