@@ -108,6 +108,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " database notes when the claim that leased it started and ended)",
     )
     parser.add_argument(
+        "--vacuum-every-s",
+        type=float,
+        default=None,
+        help="VACUUM outbox.message this often while the campaign drains: what autovacuum"
+        " does (the migrations ask for it after 10,000 dead rows) on a server where it is"
+        " off, as on the test server (the header shows the setting)",
+    )
+    parser.add_argument(
         "--drain-timeout-s",
         type=float,
         default=3600.0,
@@ -143,6 +151,8 @@ class Round:
     """Seconds from the campaign's first send to each alert's commit (latencies_ms order)."""
     background: dict[str, int] = field(default_factory=dict)
     """What PostgreSQL did meanwhile: autovacuums and checkpoints during the drain."""
+    vacuums: int = 0
+    """VACUUMs run by --vacuum-every-s."""
     """With --breakdown: 'to claim', 'claim', 'claim to send' of each alert in the flood."""
 
 
@@ -185,6 +195,22 @@ class AlertProducer(threading.Thread):
                     due += self.interval
         except BaseException as error:  # reported by the main thread
             self.error = error
+
+
+class Vacuumer(threading.Thread):
+    """``VACUUM outbox.message`` every ``interval`` seconds (``--vacuum-every-s``)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        super().__init__(daemon=True, name="vacuumer")
+        self.url, self.interval = url, interval
+        self.stopping = threading.Event()
+        self.runs = 0
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stopping.wait(self.interval):
+                conn.execute("VACUUM outbox.message")
+                self.runs += 1
 
 
 def enqueue_campaign(url: str, messages: int, users: int) -> tuple[int, int]:
@@ -339,9 +365,12 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
                 stderr=log,
             )
         producer = AlertProducer(url, args.alert_interval_ms / 1000, args.alerts, args.users)
+        vacuumer = Vacuumer(url, args.vacuum_every_s) if args.vacuum_every_s else None
         try:
             wait_ready(f"http://127.0.0.1:{port}", supervisor)
             producer.start()
+            if vacuumer is not None:
+                vacuumer.start()
             deadline = time.monotonic() + args.drain_timeout_s
             with psycopg.connect(url, autocommit=True) as conn:
                 while campaign_left(conn, first, last):
@@ -352,6 +381,10 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
                     time.sleep(0.5)
             producer.stopping.set()
             producer.join(30)
+            if vacuumer is not None:
+                vacuumer.stopping.set()
+                vacuumer.join(120)
+                measured.vacuums = vacuumer.runs
             if producer.error is not None:
                 raise RuntimeError(f"the alert producer failed: {producer.error!r}")
             alerts = set(producer.committed)
@@ -372,6 +405,8 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
             }
         finally:
             producer.stopping.set()
+            if vacuumer is not None:
+                vacuumer.stopping.set()
             if supervisor.poll() is None:
                 supervisor.send_signal(signal.SIGTERM)
             try:
@@ -409,7 +444,8 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
     )
     print(
         f"  round {number}: meanwhile "
-        + ", ".join(f"{k}: {v}" for k, v in measured.background.items()),
+        + ", ".join(f"{k}: {v}" for k, v in measured.background.items())
+        + (f", VACUUM (--vacuum-every-s): {measured.vacuums}" if args.vacuum_every_s else ""),
         flush=True,
     )
     return measured
@@ -434,6 +470,10 @@ def main(argv: list[str]) -> int:
         + f", one stop-loss alert every {interval:g} ms, rounds {args.rounds}",
     )
     facts["outbox"] = outbox.__version__
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        row = conn.execute("SHOW autovacuum").fetchone()
+    facts["autovacuum"] = row[0] if row else "?"
+    print(f"autovacuum={facts['autovacuum']}, outbox {facts['outbox']}")
     rounds = [one_round(args, n) for n in range(1, args.rounds + 1)]
     rows = []
     for n, r in enumerate(rounds, 1):
