@@ -380,7 +380,9 @@ class Supervisor:
                 code = child.process.poll()
                 if code is None:
                     continue
-                if code != 0:
+                # -SIGTERM: it died of the signal itself, before its handler was set
+                # up, which comes before its first connection: it held nothing
+                if code not in (0, -signal.SIGTERM):
                     log.error(
                         "dispatcher process %d pid=%s stopped with %s",
                         child.index,
@@ -442,16 +444,18 @@ class Supervisor:
         return None
 
     def ready(self) -> str | None:
-        """Every child dispatches, and the database answers and is migrated."""
+        """The database answers and is migrated (its problem first: it is the cause
+        when every child waits), and every child dispatches.
+        """
+        problem: str | None = self._database.ready() if self._database is not None else None
+        if problem is not None:
+            return problem
         with self._lock:
             states = [(c.index, c.state()) for c in self._children]
-        waiting = [
-            f"{index} {state}" for index, state in states if state in {"starting", "restarting"}
-        ]
+        waiting = [f"{n} {state}" for n, state in states if state in {"starting", "restarting"}]
         if waiting:
             return f"dispatcher processes not ready (of {len(states)}): " + ", ".join(waiting)
-        problem: str | None = self._database.ready() if self._database is not None else None
-        return problem
+        return None
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

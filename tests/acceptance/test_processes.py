@@ -92,12 +92,12 @@ class Supervised:
 def supervise(database_url: str, recorder: FileRecorder, tmp_path: Path) -> Iterator[Any]:
     started: list[Supervised] = []
 
-    def start(*args: str, **env: str) -> Supervised:
+    def start(*args: str, database: str | None = None, **env: str) -> Supervised:
         port = free_port()
         log = tmp_path / f"supervisor-{len(started)}.log"
         environment = {
             **os.environ,
-            "OUTBOX_DATABASE_URL": database_url,
+            "OUTBOX_DATABASE_URL": database or database_url,
             "OUTBOX_CHANNEL_PLUGINS": "email=tests.support.channels:file_email",
             "OUTBOX_TEST_RECORD_FILE": str(recorder.path),
             "OUTBOX_RATE_LIMITS": "off",
@@ -270,3 +270,22 @@ def test_a_process_that_cannot_stop_is_killed_after_the_grace_and_the_status_is_
     assert 5 <= took < 5 + 3, f"{took:.1f}s"  # no grace, the supervisor's 5 s margin
     assert f"pid={stuck} did not stop within 5s: killed" in log, log
     assert log.count("dispatcher stopped id=") == 1, log
+
+
+def test_readyz_names_an_unmigrated_database_while_livez_stays_200(
+    supervise: Any, empty_database_url: str
+) -> None:
+    supervisor = supervise("--processes", "2", database=empty_database_url)
+
+    def answering() -> bool:
+        try:
+            return supervisor.get("/readyz")[0] == 503 and len(supervisor.children()) == 2
+        except OSError:
+            return False
+
+    wait_until(answering, 30, "the supervisor's /readyz")
+    status, body = supervisor.get("/readyz")
+    assert status == 503 and "run `outbox migrate`" in body, body
+    assert supervisor.get("/livez") == (200, "ok\n")
+    code, _ = supervisor.stop(timeout=30)  # children waiting for the schema stop too
+    assert code == 0, supervisor.log.read_text()
