@@ -530,6 +530,14 @@ def main(argv: list[str]) -> int:
                 "Where the alerts waited (--breakdown)",
             )
         )
+        for n, r in enumerate(rounds, 1):
+            claims = r.breakdown_ms.get("claim", [])
+            quarters = [claims[len(claims) * k // 4 : len(claims) * (k + 1) // 4] for k in range(4)]
+            print(
+                f"round {n}: the claim statement's p50 by quarter of the drain: "
+                + ", ".join(f"{percentile(q, 0.5):.1f}" for q in quarters)
+                + " ms"
+            )
     p99 = summarize([percentile(r.latencies_ms, 0.99) for r in rounds])
     delivered = sum(r.alerts_delivered for r in rounds) / max(
         1, sum(r.alerts_committed for r in rounds)
