@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PostgresServer
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(120)
 def test_the_flood_benchmark_runs_in_quick_mode_and_its_figures_are_sane(
-    pg_server, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
     figures = tmp_path / "flood.json"
     result = subprocess.run(
         [
