@@ -1135,8 +1135,8 @@ BEGIN
         RAISE EXCEPTION 'outbox: a phone number must be E.164: + and 7-15 digits, no leading 0'
             USING ERRCODE = '22023';
     END IF;
-    INSERT INTO outbox.recipient AS r (user_id) VALUES (p_user_id)
-    ON CONFLICT ON CONSTRAINT recipient_pkey DO NOTHING;
+    -- no conflict target: the owner may insert recipients but read none of them
+    INSERT INTO outbox.recipient AS r (user_id) VALUES (p_user_id) ON CONFLICT DO NOTHING;
     INSERT INTO outbox.recipient_address AS a (user_id, channel, address)
     VALUES (p_user_id, p_channel, p_address)
     ON CONFLICT ON CONSTRAINT recipient_address_pkey DO UPDATE
@@ -1368,8 +1368,9 @@ GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector
 GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) TO outbox_dispatcher;
 
 -- Channels as data (outbox_0010).
--- set_address creates the recipient it addresses
-GRANT SELECT, INSERT ON outbox.recipient TO outbox_owner;
+-- set_address creates the recipient it addresses (INSERT ... ON CONFLICT DO NOTHING:
+-- the owner still reads no recipient's settings)
+GRANT INSERT ON outbox.recipient TO outbox_owner;
 -- everybody who checks a channel name reads the list
 GRANT SELECT ON outbox.channel TO outbox_dispatcher, outbox_operator, outbox_inspector,
     outbox_recipient_writer;
