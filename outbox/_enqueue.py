@@ -110,6 +110,19 @@ def check_channel(channel: object) -> str:
     return channel
 
 
+def check_channel_has_templates(channel: str) -> None:
+    """Refuse a channel that is neither built in nor has a template folder here: it
+    is a typo far more often than a plugin's channel missing its templates (the
+    database refuses channels it does not list either way).
+    """
+    if channel not in CHANNELS and channel not in default_catalog().channels():
+        raise InvalidMessage(
+            f"unknown channel {channel!r}: not a built-in one ({', '.join(CHANNELS)}) and"
+            f" no template folder {channel}/ (a plugin's channel renders"
+            f" {channel}/<template>.txt.j2 from OUTBOX_TEMPLATES_DIR)"
+        )
+
+
 def check_lane(lane: object) -> str:
     """Return ``lane`` if it names a known lane, else raise."""
     if lane not in LANES:
@@ -311,8 +324,11 @@ def build_message(
     key = None if idempotency_key is None else check_text("idempotency_key", idempotency_key)
     checked_send_at = check_send_at(send_at)
     collapse = None if collapse_key is None else check_text("collapse_key", collapse_key)
+    checked_fallback = check_fallback(fallback, checked_channel)
     if validate_template:
         assert isinstance(vars, Mapping)
+        for name in (checked_channel, *(checked_fallback or ())):
+            check_channel_has_templates(name)
         default_catalog().validate(checked_channel, checked_template, vars)
     return MessageSpec(
         channel=checked_channel,
@@ -323,7 +339,7 @@ def build_message(
         idempotency_key=key,
         send_at=checked_send_at,
         priority=check_priority(checked_lane, priority),
-        fallback=check_fallback(fallback, checked_channel),
+        fallback=checked_fallback,
         dedup_window=check_dedup_window(dedup_window),
         expires_at=check_expires_at(expires_at, checked_send_at),
         collapse_key=collapse,
