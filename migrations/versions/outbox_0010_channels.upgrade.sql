@@ -482,7 +482,13 @@ BEGIN
     END IF;
     IF array_position(set_preference.channels, NULL) IS NOT NULL
        OR NOT set_preference.channels <@ ARRAY(SELECT c.name FROM outbox.channel c) THEN
-        RAISE EXCEPTION 'outbox: channels % names an unknown channel', set_preference.channels
+        -- name the first one the caller got wrong (the API shows this to users)
+        RAISE EXCEPTION 'outbox: unknown channel % in channels %',
+            quote_nullable((SELECT left(u.name, 32) FROM unnest(set_preference.channels) u(name)
+                             WHERE u.name IS NULL OR NOT EXISTS (
+                                 SELECT 1 FROM outbox.channel c WHERE c.name = u.name)
+                             LIMIT 1)),
+            left(set_preference.channels::text, 200)
             USING ERRCODE = '22023';
     END IF;
     -- A failed stop-loss, take-profit or entry must reach the trader somewhere.
