@@ -300,7 +300,11 @@ def _lifespan(
         app.state["outbox"] = ApiContext(
             settings=settings,
             catalog=templates,
-            renderer=RenderCache(templates, platform_base_url=settings.platform_base_url),
+            renderer=RenderCache(
+                templates,
+                platform_base_url=settings.platform_base_url,
+                sms_max_segments=settings.sms_max_segments,
+            ),
             channels=channels if channels is not None else owned,
             pool=pool,
         )
