@@ -386,6 +386,12 @@ class Settings:
         problem = public_url_problem(self.sms_api_url)
         if problem is not None:
             raise ConfigurationError(f"OUTBOX_SMS_API_URL is refused: {problem}")
+        api = urlsplit(self.sms_api_url)
+        if api.scheme.lower() == "http" and api.hostname not in ("127.0.0.1", "::1", "localhost"):
+            # basic auth carries the auth token: in the clear only on this machine
+            raise ConfigurationError(
+                "OUTBOX_SMS_API_URL must be https:// (http:// on loopback only)"
+            )
         object.__setattr__(self, "sms_api_url", self.sms_api_url.rstrip("/"))
         if self.sms_account_sid and not _TWILIO_ACCOUNT_SID.match(self.sms_account_sid):
             raise ConfigurationError(

@@ -30,6 +30,7 @@ REFUSED = [
     ("OUTBOX_SMS_MAX_SEGMENTS", "11"),
     ("OUTBOX_SMS_MAX_SEGMENTS", "0"),
     ("OUTBOX_SMS_API_URL", "ftp://api.twilio.com"),
+    ("OUTBOX_SMS_API_URL", "http://api.twilio.com"),
     ("OUTBOX_SMS_TIMEOUT_SECONDS", "0"),
     ("OUTBOX_RATE_LIMITS", "email=100/fortnight"),
     ("OUTBOX_RETRY_DELAYS", "1,two,4"),
