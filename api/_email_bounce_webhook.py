@@ -92,11 +92,11 @@ def mailgun_signature(signing_key: str, timestamp: str, token: str) -> str:
 
 
 def _forbidden(detail: str) -> Response[Any]:
-    return Response({"detail": detail}, status_code=403)
+    return Response({"status_code": 403, "detail": detail}, status_code=403)
 
 
 def _bad(detail: str) -> Response[Any]:
-    return Response({"detail": detail}, status_code=400)
+    return Response({"status_code": 400, "detail": detail}, status_code=400)
 
 
 def _reason(event: dict[str, Any]) -> str | None:

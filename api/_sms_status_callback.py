@@ -68,11 +68,13 @@ def twilio_signature(url: str, params: list[tuple[str, str]], auth_token: str) -
 
 
 def _forbidden() -> Response[Any]:
-    return Response({"detail": "the request is not signed by Twilio"}, status_code=403)
+    return Response(
+        {"status_code": 403, "detail": "the request is not signed by Twilio"}, status_code=403
+    )
 
 
 def _bad(detail: str) -> Response[Any]:
-    return Response({"detail": detail}, status_code=400)
+    return Response({"status_code": 400, "detail": detail}, status_code=400)
 
 
 @post(
