@@ -11,9 +11,14 @@ sms=outbox.testing.plugins:sms_channel"
 Each one is the production channel with one loopback-only difference: TLS trusts the
 throwaway CA of :mod:`outbox.testing.tls` (and nothing else), and push accepts
 ``http://`` endpoints on hosts listed exactly in ``OUTBOX_PUSH_ALLOWED_HOSTS``.
+
+``chat=outbox.testing.plugins:chat_channel`` adds a channel outbox does not ship
+(:mod:`outbox.testing.chat`, the example of docs/channels.md), trusting the same CA.
 """
 
 from __future__ import annotations
+
+import os
 
 import httpx
 
@@ -22,6 +27,7 @@ from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
 from outbox.dispatcher.channels.sms import SmsChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.chat import ChatChannel
 from outbox.testing.tls import client_context
 
 
@@ -47,3 +53,10 @@ def push_channel(settings: Settings) -> PushChannel:
 def sms_channel(settings: Settings) -> SmsChannel:
     """The production SMS channel, trusting the loopback CA (the Twilio stand-in)."""
     return SmsChannel(settings, transport=httpx.AsyncHTTPTransport(verify=client_context()))
+
+
+def chat_channel(settings: Settings) -> ChatChannel:
+    """The example plugin channel ``chat`` (its own settings come from the
+    environment: ``OUTBOX_CHAT_URL``, ``OUTBOX_CHAT_TOKEN``), trusting the loopback CA.
+    """
+    return ChatChannel(os.environ, transport=httpx.AsyncHTTPTransport(verify=client_context()))

@@ -360,3 +360,22 @@ def test_roles_without_the_grant_cannot_report_deliveries_or_bounces(
                     other.execute(statement)
     assert len(outcomes(admin, message_id)) == 1
     assert all(not row[2] for row in addresses(admin))
+
+
+def test_an_unknown_channel_changes_nothing_even_behind_a_key_or_a_collapse(
+    admin: psycopg.Connection[Any],
+) -> None:
+    """Enqueue asks outbox.channel in its INSERT: the refusal comes after the collapse
+    and the idempotency look-up, and must undo the one and not slip past the other."""
+    [(first,)] = admin.execute(
+        "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}',"
+        " idempotency_key => 'k1', collapse_key => 'eurusd')"
+    ).fetchall()
+    for statement in (
+        "SELECT outbox.enqueue('chat', 'price_alert', 'u1', '{}', collapse_key => 'eurusd')",
+        "SELECT outbox.enqueue('chat', 'price_alert', 'u1', '{}', idempotency_key => 'k1')",
+    ):
+        with pytest.raises(errors.InvalidParameterValue, match="unknown channel chat"):
+            admin.execute(statement)
+    assert admin.execute("SELECT id, status FROM outbox.message").fetchall() == [(first, "pending")]
+    assert admin.execute("SELECT count(*) FROM outbox.attempt").fetchone() == (0,)
