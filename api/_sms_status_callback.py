@@ -3,9 +3,10 @@
 No login: the credential is ``X-Twilio-Signature``, base64 HMAC-SHA1 under the
 account's auth token of the URL Twilio was told to call (``StatusCallback``:
 ``OUTBOX_API_PUBLIC_URL`` + this path, plus the query string if any) followed by
-every form field's name and value, sorted by name. It is compared in constant time;
-a request whose signature is missing or does not verify gets 403 and touches
-nothing. Answers:
+every form field's name and value, sorted by name (the URL with or without its
+scheme's default port, as Twilio's own validators accept). It is compared in
+constant time; a request whose signature is missing or does not verify gets 403
+and touches nothing. Answers:
 
 ===  ============================================================================
 204  verified: ``delivered`` and ``undelivered``/``failed`` are recorded in
@@ -34,7 +35,7 @@ import hmac
 import logging
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import psycopg
 from litestar import Request, Response, post
@@ -65,6 +66,27 @@ def twilio_signature(url: str, params: list[tuple[str, str]], auth_token: str) -
     material = url + "".join(name + value for name, value in sorted(params))
     digest = hmac.new(auth_token.encode(), material.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
+
+
+def signed_url_variants(url: str) -> tuple[str, ...]:
+    """``url`` as configured, with the scheme's default port and without it.
+
+    Twilio signs the URL as it called it, and has been seen to add or drop a default
+    port (``:443``) on the way; its own validators accept both spellings, so this
+    does too. Nothing else about the URL may differ.
+    """
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    if default is None or parts.port not in (None, default):
+        return (url,)
+    userless = [
+        urlunsplit(parts._replace(netloc=f"{host}:{default}")),
+        urlunsplit(parts._replace(netloc=host)),
+    ]
+    return tuple(dict.fromkeys([url, *userless]))
 
 
 def _forbidden() -> Response[Any]:
@@ -119,9 +141,13 @@ async def sms_status_callback(request: Request[Any, Any, Any]) -> Response[Any]:
         )
     except ValueError:  # not a form, or too many fields: nothing Twilio signed
         return _forbidden()
-    given = request.headers.get("X-Twilio-Signature", "")
-    expected = twilio_signature(signed_url, params, settings.sms_auth_token.reveal())
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+    given = request.headers.get("X-Twilio-Signature", "").encode()
+    token = settings.sms_auth_token.reveal()
+    verified = [
+        hmac.compare_digest(given, twilio_signature(candidate, params, token).encode())
+        for candidate in signed_url_variants(signed_url)
+    ]
+    if not given or not any(verified):
         return _forbidden()
 
     form = dict(params)
