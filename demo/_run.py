@@ -40,20 +40,24 @@ from outbox.demo import _scenario, _summary
 from outbox.demo._channels import CA_FILE_VARIABLE
 from outbox.demo._database import DATABASE, demo_database, relative
 from outbox.demo._processes import Processes, child_environment, outbox_command
-from outbox.demo._sinks import MailSink, PushSink, TelegramSink, free_port
+from outbox.demo._sinks import MailSink, PushSink, SmsSink, TelegramSink, free_port
 from outbox.testing.push import VapidKeys
 from outbox.testing.tls import make_certificate
 
 REPLICAS = 2
 BOT_TOKEN = "123456789:DEMO-only-token_not-a-real-bot"  # noqa: S105 - a loopback stand-in
+TWILIO_ACCOUNT = "AC" + "de" * 16
+TWILIO_TOKEN = "demo-only-twilio-auth-token"  # noqa: S105 - a loopback stand-in
+SMS_SENDER = "+15005550006"
 SENDER = f"alerts@{_scenario.MAIL_DOMAIN}"
-DEMO_RATE_LIMITS = "email=60000/m,telegram=1000/s,telegram_chat=100/s,push=1000/s"
+DEMO_RATE_LIMITS = "email=60000/m,telegram=1000/s,telegram_chat=100/s,push=1000/s,sms=1000/s"
 """Generous on purpose, so the demo finishes in seconds (the summary says so)."""
 PRODUCTION_RATE_LIMITS = "email=100/m,telegram=20/s,telegram_chat=1/s"
 OUTPUTS = (
     "mail",
     "telegram.jsonl",
     "push.jsonl",
+    "sms.jsonl",
     "tls",
     "dispatcher-1.log",
     "dispatcher-2.log",
@@ -128,10 +132,10 @@ def run_demo(options: DemoOptions) -> int:
             clock.say(f"database {DATABASE} migrated (alembic upgrade heads)")
             sinks: list[Any] = []
             stack.callback(_stop_sinks, sinks)
-            env, mail, telegram, push = _start_sinks(directory, sinks, options.users)
+            env, mail, telegram, push, sms = _start_sinks(directory, sinks, options.users)
             clock.say(
                 f"sinks on loopback: SMTP 127.0.0.1:{mail.port}, Telegram Bot API "
-                f"{telegram.url}, Web Push {push.url}"
+                f"{telegram.url}, Web Push {push.url}, Twilio {sms.url}"
             )
             children = Processes()
             stack.callback(children.stop)
@@ -156,7 +160,7 @@ def run_demo(options: DemoOptions) -> int:
                 directory=directory,
                 report=report,
                 rate_limits=(DEMO_RATE_LIMITS, PRODUCTION_RATE_LIMITS),
-                sinks=(mail, telegram, push),
+                sinks=(mail, telegram, push, sms),
                 elapsed=clock.elapsed,
             )
             if options.keep and status == 0:
@@ -166,7 +170,7 @@ def run_demo(options: DemoOptions) -> int:
         if not options.keep:
             print(
                 "\nCleaned up: replicas and sinks stopped, the demo database dropped. Mails and "
-                f"the Telegram and push records stay in {relative(directory)}/.",
+                f"the Telegram, push and SMS records stay in {relative(directory)}/.",
                 flush=True,
             )
         return status
@@ -180,8 +184,8 @@ def run_demo(options: DemoOptions) -> int:
 
 def _start_sinks(
     directory: Path, sinks: list[Any], users: int
-) -> tuple[dict[str, str], MailSink, TelegramSink, PushSink]:
-    """Start the three sinks; return the dispatchers' environment and the sinks."""
+) -> tuple[dict[str, str], MailSink, TelegramSink, PushSink, SmsSink]:
+    """Start the four sinks; return the dispatchers' environment and the sinks."""
     vapid = VapidKeys.generate()
     certificate = make_certificate(directory / "tls")
     bounces = [_scenario.email_of(u) for u in _scenario.campaign_bounces(users)]
@@ -204,6 +208,14 @@ def _start_sinks(
         vapid_public_key=vapid.public_raw,
     ).start()
     sinks.append(push)
+    sms = SmsSink(
+        directory / "sms.jsonl",
+        certificate=certificate,
+        account_sid=TWILIO_ACCOUNT,
+        auth_token=TWILIO_TOKEN,
+        unsubscribed=[_scenario.phone_of(_scenario.SMS_STOPPED)],
+    ).start()
+    sinks.append(sms)
     env = child_environment(
         {
             "OUTBOX_SMTP_HOST": "127.0.0.1",
@@ -216,12 +228,18 @@ def _start_sinks(
             "OUTBOX_VAPID_PUBLIC_KEY": vapid.public_raw,
             "OUTBOX_VAPID_SUBJECT": f"mailto:ops@{_scenario.MAIL_DOMAIN}",
             "OUTBOX_PUSH_ALLOWED_HOSTS": "127.0.0.1",
-            "OUTBOX_CHANNEL_PLUGINS": "push=outbox.demo._channels:push_channel",
+            "OUTBOX_SMS_API_URL": sms.url,
+            "OUTBOX_SMS_ACCOUNT_SID": TWILIO_ACCOUNT,
+            "OUTBOX_SMS_AUTH_TOKEN": TWILIO_TOKEN,
+            "OUTBOX_SMS_FROM": SMS_SENDER,
+            "OUTBOX_CHANNEL_PLUGINS": (
+                "push=outbox.demo._channels:push_channel,sms=outbox.demo._channels:sms_channel"
+            ),
             CA_FILE_VARIABLE: str(certificate.ca_file),
             "OUTBOX_RATE_LIMITS": DEMO_RATE_LIMITS,
         }
     )
-    return env, mail, telegram, push
+    return env, mail, telegram, push, sms
 
 
 def _stop_sinks(sinks: list[Any]) -> None:

@@ -11,6 +11,10 @@ Here each one also keeps what it accepts where a person can look at it:
   parses MarkdownV2 as Telegram does) appends to ``telegram.jsonl``; chats in
   ``blocked`` get ``403 Forbidden: bot was blocked by the user``, chats in ``flaky``
   a ``500`` that many times first.
+* :class:`SmsSink` (:class:`~outbox.testing.twilio.TwilioServer` on ``https``)
+  checks basic auth and the form like Twilio and appends every accepted SMS to
+  ``sms.jsonl``; numbers in ``unsubscribed`` get ``400`` code ``21610`` (the user
+  replied STOP).
 * :class:`PushSink` (:class:`~outbox.testing.push.PushServer` on ``https``) checks
   the VAPID token, decrypts the ``aes128gcm`` body with the keys of the browser it
   made and appends the notification to ``push.jsonl``; subscriptions marked gone
@@ -35,6 +39,7 @@ from outbox.testing.push import PushServer, ReceivedPush
 from outbox.testing.smtp import ReceivedMail, SmtpServer
 from outbox.testing.telegram import TelegramMessage, TelegramServer
 from outbox.testing.tls import LoopbackCertificate
+from outbox.testing.twilio import TwilioMessage, TwilioServer
 
 HOST = "127.0.0.1"
 
@@ -59,7 +64,7 @@ class JsonLines:
 class _RecordingSink:
     """A loopback server that appends what it accepts to a JSON-lines file."""
 
-    _server: TelegramServer | PushServer
+    _server: TelegramServer | PushServer | TwilioServer
     _records: JsonLines
 
     @property
@@ -194,6 +199,37 @@ class PushSink(_RecordingSink):
                 "ttl": push.ttl,
                 "notification": push.json(),
             }
+        )
+
+
+class SmsSink(_RecordingSink):
+    """Twilio's Messages API on ``https``, answered like Twilio."""
+
+    _server: TwilioServer
+
+    def __init__(
+        self,
+        record_file: Path,
+        *,
+        certificate: LoopbackCertificate,
+        account_sid: str,
+        auth_token: str,
+        unsubscribed: Iterable[str] = (),
+    ) -> None:
+        self._records = JsonLines(record_file)
+        self._server = TwilioServer(
+            account_sid=account_sid,
+            auth_token=auth_token,
+            tls=True,
+            certificate=certificate,
+            on_message=self._write,
+        )
+        for number in unsubscribed:
+            self._server.unsubscribed(number)
+
+    def _write(self, message: TwilioMessage) -> None:
+        self._records.append(
+            {"sid": message.sid, "to": message.to, "from": message.sender, "body": message.body}
         )
 
 

@@ -37,7 +37,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -45,7 +45,7 @@ from urllib.parse import parse_qs
 import httpx
 
 from outbox.testing.http_server import HttpRequest, HttpResponse, LoopbackHttpServer
-from outbox.testing.tls import client_context
+from outbox.testing.tls import LoopbackCertificate
 
 _PATH = re.compile(r"^/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -127,9 +127,15 @@ class TwilioServer(LoopbackHttpServer):
         host: str = "127.0.0.1",
         port: int = 0,
         tls: bool = True,
+        certificate: LoopbackCertificate | None = None,
         callback_delay_seconds: float = 0.05,
+        on_message: Callable[[TwilioMessage], None] | None = None,
     ) -> None:
-        super().__init__(host=host, port=port, tls=tls)
+        """``certificate``: serve HTTPS with it (default: the process's loopback one);
+        ``on_message`` is called (on a request thread) with every accepted message.
+        """
+        super().__init__(host=host, port=port, tls=tls, certificate=certificate)
+        self.on_message = on_message
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.callback_delay_seconds = callback_delay_seconds
@@ -324,6 +330,8 @@ class TwilioServer(LoopbackHttpServer):
             self._messages.append(message)
             failure = self._undeliverable.get(to)
             self._lock.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
         if message.status_callback:
             thread = threading.Thread(
                 target=self._report, args=(message, failure), name="twilio-callbacks", daemon=True
@@ -381,7 +389,7 @@ class TwilioServer(LoopbackHttpServer):
         form = self.status_callback_form(message, status, error_code=error_code)
         signature = twilio_signature(message.status_callback, form, self.auth_token)
         try:
-            with httpx.Client(verify=client_context(), timeout=10.0) as client:
+            with httpx.Client(verify=self.client_tls_context(), timeout=10.0) as client:
                 answer = client.post(
                     message.status_callback,
                     data=form,
