@@ -24,7 +24,6 @@ REFUSED = [
     ("OUTBOX_SMTP_TLS", "ssl"),
     ("OUTBOX_SMTP_TLS", "STARTTLS please"),
     ("OUTBOX_RATE_LIMITS", "email=100"),
-    ("OUTBOX_RATE_LIMITS", "whatsapp=1/s"),
     ("OUTBOX_SMS_ACCOUNT_SID", "AC123"),
     ("OUTBOX_SMS_FROM", "0044 20 7946 0000"),
     ("OUTBOX_SMS_MAX_SEGMENTS", "11"),
@@ -32,6 +31,7 @@ REFUSED = [
     ("OUTBOX_SMS_API_URL", "ftp://api.twilio.com"),
     ("OUTBOX_SMS_API_URL", "http://api.twilio.com"),
     ("OUTBOX_SMS_TIMEOUT_SECONDS", "0"),
+    ("OUTBOX_RATE_LIMITS", "Fax=1/s"),
     ("OUTBOX_RATE_LIMITS", "email=100/fortnight"),
     ("OUTBOX_RETRY_DELAYS", "1,two,4"),
     ("OUTBOX_RETRY_DELAYS", "-1"),
@@ -282,3 +282,14 @@ def test_sms_settings_are_read_and_the_auth_token_never_shows() -> None:
 
 def test_a_messaging_service_sid_is_a_valid_sender() -> None:
     assert Settings.from_env({"OUTBOX_SMS_FROM": "MG" + "a" * 32}).sms_from == "MG" + "a" * 32
+
+
+def test_any_channels_name_is_a_rate_limit_key() -> None:
+    """A plugin's channel (and sms) is limited like the built-ins."""
+    from outbox._settings import parse_rate_limits
+
+    limits = parse_rate_limits("chat=10/s,sms=1/s,email=100/m,telegram_chat=1/s")
+    assert sorted(limits) == ["chat", "email", "sms", "telegram_chat"]
+    assert limits["chat"].count == 10 and limits["chat"].per_seconds == 1.0
+    with pytest.raises(ConfigurationError):
+        parse_rate_limits("Chat=10/s")
