@@ -16,6 +16,9 @@ message and expires. Answers:
 503  the database does not answer
 ===  ============================================================================
 
+A browser (an ``Accept`` that prefers ``text/html``) gets the same status codes with a
+short HTML page instead (``_ack_page``).
+
 Only GET acknowledges. HEAD answers 405: Litestar routes no HEAD to a GET handler, so
 a link checker that only looks changes nothing.
 """
@@ -39,6 +42,7 @@ from outbox import acknowledge_async
 from outbox._ack_tokens import verify
 from outbox._errors import InvalidAckToken
 from outbox._queries import QUERIES
+from outbox.api import _ack_page
 from outbox.api._auth import FailedAuthLimit, client_address
 from outbox.api._metrics import ApiMetrics
 from outbox.api._testsend import DB_ERRORS, DB_TIMEOUT, ApiContext, ErrorBody
@@ -154,6 +158,14 @@ async def acknowledge_by_link(
             "too many invalid acknowledgement links from this address",
             headers={"RateLimit-Reset": str(math.ceil(wait))},  # the app's 429 makes Retry-After
         )
+    browser = request.accept.best_match([_ack_page.JSON, _ack_page.HTML]) == _ack_page.HTML
+    platform = context.settings.platform_base_url
+
+    def invalid() -> Response[Any]:
+        if browser:
+            return _ack_page.page(404, _ack_page.INVALID, platform)
+        return Response(InvalidLink(), status_code=404, headers=NO_STORE)
+
     key = context.settings.ack_signing_key()
     try:
         if key is None:  # the API needs the JWT secret, so never; but refuse, not crash
@@ -161,7 +173,7 @@ async def acknowledge_by_link(
         message_id = verify(token, key=key)
     except InvalidAckToken:
         guesses.record_failure(address, time.monotonic())
-        return Response(InvalidLink(), status_code=404, headers=NO_STORE)
+        return invalid()
 
     outcome = await _acknowledge(context, message_id)
     if outcome.acknowledged_now:
@@ -173,7 +185,11 @@ async def acknowledge_by_link(
         log.debug("acknowledged id=%d via=link", message_id)
     elif outcome.state is None:
         # signed by us, but gone without a trace (history pruned): as good as unknown
-        return Response(InvalidLink(), status_code=404, headers=NO_STORE)
+        return invalid()
     elif outcome.state != "acknowledged" and not outcome.already_acknowledged:
+        if browser:
+            return _ack_page.page(409, _ack_page.NOT_ACKNOWLEDGEABLE, platform)
         return Response(NotAcknowledgeable(status=outcome.state), status_code=409, headers=NO_STORE)
+    if browser:
+        return _ack_page.page(200, _ack_page.ACKNOWLEDGED, platform)
     return Response(Acknowledged(message_id=message_id), status_code=200, headers=NO_STORE)

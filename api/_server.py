@@ -11,7 +11,10 @@ the app in its own server does the same with :func:`end_streams`.
 
 from __future__ import annotations
 
+import signal
 import socket
+import threading
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -44,5 +47,23 @@ def serve(app: Litestar, **config: Any) -> bool:
     was taken, say). ``config``: :class:`uvicorn.Config` keywords.
     """
     server = ApiServer(uvicorn.Config(app, **config), app)
-    server.run()
+    # Once it has shut down gracefully, uvicorn raises the signal that stopped it again
+    # under the handler it found, so the process would die of it (exit -15). `outbox api`
+    # exits 0 after a graceful stop, as `outbox dispatch` does: the handler it finds
+    # (ours) asks the server to stop, which it has done already. A signal that comes
+    # before uvicorn installs its own handlers stops the server the same way.
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return server.started
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

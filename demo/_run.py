@@ -6,8 +6,9 @@
 2. Sinks on loopback (``_sinks``), throwaway VAPID keys and a throwaway CA.
 3. Two ``outbox dispatch`` replicas as subprocesses, configured only through
    ``OUTBOX_*`` variables, as in production.
-4. The campaign (one transaction), then the trading simulation (``_scenario``),
-   while the replicas deliver; a progress bar shows the queue draining.
+4. ``outbox api``, then the campaign (one transaction), then the trading simulation
+   (``_scenario``), while the replicas deliver; a progress bar shows the queue draining.
+   Then the in-app inbox (``_inbox``): a trader's stream prints an alert as it lands.
 5. The summary (``_summary``), then clean-up; with ``--keep`` the database, the
    replicas, the sinks and ``outbox api`` stay up until Ctrl-C.
 """
@@ -30,13 +31,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import httpx
 import psycopg
 
 import outbox
 from outbox._embedded import EmbeddedPostgres
 from outbox._migrate import upgrade
 from outbox._progress import ProgressBar
-from outbox.demo import _scenario, _summary
+from outbox.demo import _inbox, _scenario, _summary
 from outbox.demo._channels import CA_FILE_VARIABLE
 from outbox.demo._database import DATABASE, demo_database, relative
 from outbox.demo._processes import Processes, child_environment, outbox_command
@@ -151,10 +153,14 @@ def run_demo(options: DemoOptions) -> int:
                     directory / f"dispatcher-{number}.log",
                 )
             clock.say(f"{REPLICAS} dispatcher replicas started (`outbox dispatch`, subprocesses)")
+            api, secret = _start_api(options, {**env, "OUTBOX_DATABASE_URL": url}, children)
+            clock.say(f"outbox api started on {api} (users' inbox, owner routes, metrics)")
             report, status = _simulate_and_deliver(options, clock, url, push, children)
+            if status == 0:
+                status = _show_inbox(url, api, secret, clock)
             if not options.keep:
                 codes = children.stop()
-                clock.say(f"replicas stopped with SIGTERM (exit codes {codes})")
+                clock.say(f"replicas and API stopped with SIGTERM (exit codes {codes})")
             _summary.print_summary(
                 url,
                 directory=directory,
@@ -164,9 +170,7 @@ def run_demo(options: DemoOptions) -> int:
                 elapsed=clock.elapsed,
             )
             if options.keep and status == 0:
-                status = _keep_running(
-                    options, url, embedded, {**env, "OUTBOX_DATABASE_URL": url}, children
-                )
+                status = _keep_running(options, url, embedded, api, secret, children)
         if not options.keep:
             print(
                 "\nCleaned up: replicas and sinks stopped, the demo database dropped. Mails and "
@@ -174,6 +178,9 @@ def run_demo(options: DemoOptions) -> int:
                 flush=True,
             )
         return status
+    except ApiDidNotStart as error:
+        print(f"outbox demo: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\noutbox demo: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
@@ -346,23 +353,20 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _keep_running(
-    options: DemoOptions,
-    url: str,
-    embedded: EmbeddedPostgres | None,
-    env: Mapping[str, str],
-    children: Processes,
-) -> int:
-    """Start ``outbox api``, say how to reach everything, wait for Ctrl-C."""
-    import jwt
+class ApiDidNotStart(RuntimeError):
+    """``outbox api`` did not come up (the message says where to look)."""
 
-    port = options.api_port or free_port()
+
+def _start_api(
+    options: DemoOptions, env: Mapping[str, str], children: Processes
+) -> tuple[str, str]:
+    """Start ``outbox api``; return its URL and its throwaway JWT secret.
+
+    On ``--api-port`` with ``--keep`` (it stays up for you), else on any free port.
+    """
+    port = options.api_port if options.keep and options.api_port else free_port()
     if not _port_is_free(port):
-        print(
-            f"outbox demo: port {port} is in use; run again with --api-port (0: any free port)",
-            file=sys.stderr,
-        )
-        return 1
+        raise ApiDidNotStart(f"port {port} is in use; run again with --api-port (0: any free port)")
     secret = secrets.token_urlsafe(32)
     log = options.directory / "api.log"
     children.start(
@@ -373,11 +377,30 @@ def _keep_running(
     )
     api = f"http://127.0.0.1:{port}"
     if not _wait_for_health(api, children):
-        print(
-            f"outbox demo: outbox api did not answer on {api}/health; see {relative(log)}",
-            file=sys.stderr,
-        )
+        raise ApiDidNotStart(f"outbox api did not answer on {api}/health; see {relative(log)}")
+    return api, secret
+
+
+def _show_inbox(url: str, api: str, secret: str, clock: Clock) -> int:
+    try:
+        _inbox.show_inbox(url, api, secret, clock.say)
+    except (_inbox.InboxDemoError, httpx.HTTPError) as error:
+        print(f"outbox demo: the in-app inbox step failed: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _keep_running(
+    options: DemoOptions,
+    url: str,
+    embedded: EmbeddedPostgres | None,
+    api: str,
+    secret: str,
+    children: Processes,
+) -> int:
+    """Say how to reach everything, wait for Ctrl-C."""
+    import jwt
+
     token = jwt.encode(
         {"sub": "demo-owner", "role": "owner", "exp": int(time.time()) + 86400},
         secret,
@@ -392,6 +415,7 @@ def _keep_running(
         url=url,
         api=api,
         token=token,
+        user_token=_inbox.user_token(secret, _inbox.TRADER),
         psql=psql,
         directory=options.directory,
     )

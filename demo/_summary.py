@@ -236,6 +236,7 @@ def print_kept(
     url: str,
     api: str,
     token: str,
+    user_token: str,
     psql: str,
     directory: Path,
 ) -> None:
@@ -268,6 +269,9 @@ def print_kept(
         f"                 -H 'Authorization: Bearer {token}' \\",
         "                 -H 'Content-Type: application/json' \\",
         f"                 -d '{body}'",
+        f"  inbox        curl -sN {api}/api/v1/inbox/stream -H 'Authorization: Bearer "
+        f"{user_token}'",
+        "               (trader-0007's live inbox; enqueue on channel 'inapp' to trader-0007)",
         f"  sinks        new mails appear in {relative(directory / 'mail')}/, Telegram, push "
         f"and SMS in {relative(directory)}/*.jsonl",
         f"  CLI          OUTBOX_DATABASE_URL='{url}' outbox stats",

@@ -48,7 +48,7 @@ import math
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import MetricsHandler
@@ -170,31 +170,45 @@ class DispatcherMetrics:
                 self.failed.labels(reason=finish.error_class, channel=message.channel).inc()
 
 
+class Health(Protocol):
+    """What ``/livez`` and ``/readyz`` answer: None when fine, else the problem in words."""
+
+    def live(self) -> str | None:
+        """Why the process should be restarted, or None."""
+
+    def ready(self) -> str | None:
+        """Why the process should get no work now, or None."""
+
+
 def serve_metrics(
     port: int,
     settings: Settings,
     *,
     addr: str = "0.0.0.0",  # noqa: S104
     registry: CollectorRegistry | None = None,
+    health: Health | None = None,
 ) -> None:
     """Serve ``/metrics`` (Prometheus text), ``/livez`` and ``/readyz`` on ``port``.
 
     A daemon thread, so a busy event loop never delays a scrape or a probe. The
     dispatcher exports its own counters only: the database-derived gauges come from
-    the API's ``/metrics`` (docs/metrics.md). ``/livez`` is 200 while the process
-    runs; ``/readyz`` is 503 while the database does not answer or is not migrated
-    (checked at most every :data:`READINESS_CACHE_SECONDS`, from this thread).
+    the API's ``/metrics`` (docs/metrics.md). By default (one dispatcher process)
+    ``/livez`` is 200 while the process runs and ``/readyz`` is 503 while the
+    database does not answer or is not migrated (checked at most every
+    :data:`READINESS_CACHE_SECONDS`, from this thread); a supervisor of several
+    processes passes its own ``health``.
     """
-    readiness = _Readiness(settings.database_url)
+    probes: Health = health if health is not None else DatabaseHealth(settings.database_url)
     base = MetricsHandler.factory(REGISTRY if registry is None else registry)
 
     class Handler(base):  # type: ignore[valid-type,misc]
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/livez":
-                self._answer(200, "ok\n")
+                problem = probes.live()
+                self._answer(503 if problem else 200, (problem or "ok") + "\n")
             elif path == "/readyz":
-                problem = readiness.problem()
+                problem = probes.ready()
                 self._answer(503 if problem else 200, (problem or "ok") + "\n")
             else:
                 super().do_GET()
@@ -218,8 +232,10 @@ def serve_metrics(
 READINESS_CACHE_SECONDS = 2.0
 
 
-class _Readiness:
-    """Whether the database answers and is migrated; remembered for a moment."""
+class DatabaseHealth:
+    """One dispatcher process's probes: alive while it runs; ready while the database
+    answers and is migrated (the answer is remembered for a moment).
+    """
 
     def __init__(self, database_url: str) -> None:
         self._url = database_url
@@ -227,7 +243,12 @@ class _Readiness:
         self._checked = -math.inf
         self._problem: str | None = None
 
-    def problem(self) -> str | None:
+    def live(self) -> str | None:
+        """Never a problem: the process answers, so it runs."""
+        return None
+
+    def ready(self) -> str | None:
+        """The database's problem (unreachable, not migrated), or None."""
         with self._lock:
             if time.monotonic() - self._checked >= READINESS_CACHE_SECONDS:
                 self._problem = self._check()

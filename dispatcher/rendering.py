@@ -248,13 +248,19 @@ def _render_push(
     problem = _push_problem(payload)
     if problem:
         raise TemplateRenderError(f"{template} (push): {problem}")
+    topic = push_topic(template, context)
+    if topic is not None and "tag" not in payload and "tag" not in payload["data"]:
+        # The browser's tag: a newer alert about the same instrument, ticket or approval
+        # replaces the shown notification (outbox-sw.js), as the Topic replaces an
+        # undelivered one at the push service. A template's own tag wins.
+        payload["data"]["tag"] = topic
     body = _COMPACT_JSON.encode(payload).encode("utf-8")
     if len(body) > PUSH_PAYLOAD_LIMIT:
         raise TemplateRenderError(
             f"{template} (push): the payload is {len(body)} bytes; Web Push allows at most"
             f" {PUSH_PAYLOAD_LIMIT} (shorten the variables or the template)"
         )
-    return RenderedPush(payload=payload, body=body, topic=push_topic(template, context))
+    return RenderedPush(payload=payload, body=body, topic=topic)
 
 
 INAPP_ITEM_LIMIT = PUSH_PAYLOAD_LIMIT

@@ -307,10 +307,12 @@ def remove_push_subscription(conn: Any, user_id: str, endpoint: str) -> bool:
     False when the user has none there (unknown, or another user's).
     """
     row = fetch_one(conn, "remove_push_subscription", _endpoint_params(user_id, endpoint))
-    return row is not None
+    return row is not None and row[0] is True
 
 
 async def remove_push_subscription_async(conn: Any, user_id: str, endpoint: str) -> bool:
     """Asynchronous :func:`remove_push_subscription`."""
-    params = _endpoint_params(user_id, endpoint)
-    return await fetch_one_async(conn, "remove_push_subscription", params) is not None
+    row = await fetch_one_async(
+        conn, "remove_push_subscription", _endpoint_params(user_id, endpoint)
+    )
+    return row is not None and row[0] is True

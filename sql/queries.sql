@@ -94,10 +94,8 @@ SELECT json_agg(json_build_array(s.id, s.endpoint, s.p256dh, s.auth, s.created_a
  WHERE s.user_id = %(user_id)s
 
 -- remove_push_subscription --
--- The user unsubscribed this endpoint: returns its id, no row when it is not theirs.
-DELETE FROM outbox.push_subscription
- WHERE user_id = %(user_id)s AND endpoint = %(endpoint)s
-RETURNING id
+-- The user unsubscribed this endpoint: true when it was theirs and is gone.
+SELECT outbox.remove_push_subscription(%(user_id)s, %(endpoint)s)
 
 -- cancel --
 -- Withdraw a pending message nobody has started sending; true when it was.

@@ -1084,6 +1084,25 @@ $$;
 COMMENT ON FUNCTION outbox.read_all_inbox_items(text) IS
     'Mark every unread inbox item of the user read (and acknowledge their alerts); returns the count';
 
+-- A user unsubscribed a browser. The service that manages users (outbox_recipient_writer)
+-- may add and update subscriptions but not delete rows at will: this removes exactly one
+-- endpoint of exactly one user, so a caller cannot empty another table's worth of rows.
+CREATE FUNCTION outbox.remove_push_subscription(user_id text, endpoint text) RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM outbox.push_subscription s
+         WHERE s.user_id = remove_push_subscription.user_id
+           AND s.endpoint = remove_push_subscription.endpoint
+        RETURNING s.id
+    )
+    SELECT count(*) > 0 FROM gone
+$$;
+COMMENT ON FUNCTION outbox.remove_push_subscription(text, text) IS
+    'Remove one browser subscription of the user; false when the endpoint is not theirs or unknown';
+
 -- ---------------------------------------------------------------------------
 -- Channels, addresses and delivery reports: the functions.
 -- ---------------------------------------------------------------------------
@@ -1376,8 +1395,13 @@ ALTER FUNCTION outbox._sees_all(boolean) OWNER TO outbox_owner;
 GRANT SELECT, INSERT ON outbox.inbox_item TO outbox_dispatcher;
 GRANT SELECT ON outbox.inbox_item TO outbox_recipient_writer;
 GRANT SELECT, UPDATE, DELETE ON outbox.inbox_item TO outbox_owner;
-GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text)
+GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text),
+    outbox.remove_push_subscription(text, text)
     TO outbox_dispatcher, outbox_recipient_writer;
+-- The owner deletes a subscription only through remove_push_subscription; it matches
+-- rows by user and endpoint and never reads the keys (p256dh, auth).
+GRANT SELECT (id, user_id, endpoint), DELETE ON outbox.push_subscription TO outbox_owner;
+ALTER FUNCTION outbox.remove_push_subscription(text, text) OWNER TO outbox_owner;
 ALTER FUNCTION outbox._acknowledge_seen(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_inbox_item(text, bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;

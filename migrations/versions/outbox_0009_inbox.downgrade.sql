@@ -4,6 +4,8 @@
 
 REVOKE EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) FROM outbox_dispatcher;
 DROP VIEW outbox.unacknowledged_alert;
+DROP FUNCTION outbox.remove_push_subscription(text, text);
+REVOKE SELECT (id, user_id, endpoint), DELETE ON outbox.push_subscription FROM outbox_owner;
 DROP FUNCTION outbox.read_all_inbox_items(text);
 DROP FUNCTION outbox.read_inbox_item(text, bigint);
 DROP TABLE outbox.inbox_item;

@@ -500,6 +500,25 @@ $$;
 COMMENT ON FUNCTION outbox.read_all_inbox_items(text) IS
     'Mark every unread inbox item of the user read (and acknowledge their alerts); returns the count';
 
+-- A user unsubscribed a browser. The service that manages users (outbox_recipient_writer)
+-- may add and update subscriptions but not delete rows at will: this removes exactly one
+-- endpoint of exactly one user, so a caller cannot empty another table's worth of rows.
+CREATE FUNCTION outbox.remove_push_subscription(user_id text, endpoint text) RETURNS boolean
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM outbox.push_subscription s
+         WHERE s.user_id = remove_push_subscription.user_id
+           AND s.endpoint = remove_push_subscription.endpoint
+        RETURNING s.id
+    )
+    SELECT count(*) > 0 FROM gone
+$$;
+COMMENT ON FUNCTION outbox.remove_push_subscription(text, text) IS
+    'Remove one browser subscription of the user; false when the endpoint is not theirs or unknown';
+
 -- On call at 3 a.m.: the alerts that were sent and that nobody acknowledged yet,
 -- without their vars. Waiting (awaiting_ack), or on an escalation hop (pending,
 -- sending); escalates_at NULL: every channel of the chain has had it.
@@ -520,15 +539,19 @@ REVOKE ALL ON outbox.unacknowledged_alert FROM PUBLIC;
 GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;
 REVOKE ALL ON outbox.inbox_item FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text),
-    outbox._acknowledge_seen(bigint)
+    outbox._acknowledge_seen(bigint), outbox.remove_push_subscription(text, text)
     FROM PUBLIC;
 -- The dispatcher writes items; the API (which runs as outbox_dispatcher) and the
 -- service that manages users read them and mark them read.
 GRANT SELECT, INSERT ON outbox.inbox_item TO outbox_dispatcher;
 GRANT SELECT ON outbox.inbox_item TO outbox_recipient_writer;
 GRANT SELECT, UPDATE, DELETE ON outbox.inbox_item TO outbox_owner;
-GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text)
+GRANT EXECUTE ON FUNCTION outbox.read_inbox_item(text, bigint), outbox.read_all_inbox_items(text),
+    outbox.remove_push_subscription(text, text)
     TO outbox_dispatcher, outbox_recipient_writer;
+-- The owner deletes a subscription only through remove_push_subscription; it matches
+-- rows by user and endpoint and never reads the keys (p256dh, auth).
+GRANT SELECT (id, user_id, endpoint), DELETE ON outbox.push_subscription TO outbox_owner;
 -- The API (outbox_dispatcher) writes a user's own preferences (PUT /api/v1/preferences).
 GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) TO outbox_dispatcher;
 -- A non-superuser may give a function to a role only if that role may create in the
@@ -537,4 +560,5 @@ GRANT CREATE ON SCHEMA outbox TO outbox_owner;
 ALTER FUNCTION outbox._acknowledge_seen(bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_inbox_item(text, bigint) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.remove_push_subscription(text, text) OWNER TO outbox_owner;
 REVOKE CREATE ON SCHEMA outbox FROM outbox_owner;

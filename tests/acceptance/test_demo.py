@@ -57,7 +57,21 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
     assert "2 dispatcher replicas started" in out
     assert "campaign committed: 1,000 price alerts" in out
     assert re.search(r"after ROLLBACK: 0 rows, position still 'open'", out)
-    assert "queue drained" in out and "exit codes [0, 0]" in out
+    assert "queue drained" in out and "exit codes [0, 0, 0]" in out  # two replicas, the API
+
+    # the in-app inbox: a trader's stream prints the alert, reading it acknowledges it
+    assert re.search(r"outbox api started on http://127\.0\.0\.1:\d+", out)
+    assert "trader-0007's browser opened GET /api/v1/inbox/stream" in out
+    streamed = re.search(
+        r"in-app alert #(\d+) committed; the stream printed item #\d+ (\d+) ms later: "
+        r"'🚨 URGENT: close XAUUSD manually now'",
+        out,
+    )
+    assert streamed is not None, out
+    # within a second on a quiet machine (bench streams measures it); a loaded one may
+    # take longer to schedule the replica, the API and the reader
+    assert int(streamed.group(2)) < 5000
+    assert "unread 1 -> 0, the alert is acknowledged and will not escalate" in out
 
     # progress bars on stderr (not a terminal: whole lines, no carriage returns)
     assert "\r" not in result.stderr
@@ -66,8 +80,8 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
     # delivered per channel, and the sinks agree with outbox.attempt
     received = re.search(
         r"the sinks received: ([\d,]+) mails, (\d+) Telegram messages, (\d+) push "
-        r"notifications, (\d+) SMS \(delivered per channel: email ([\d,]+), push (\d+), "
-        r"sms (\d+), telegram (\d+)\)",
+        r"notifications, (\d+) SMS \(delivered per channel: email ([\d,]+), inapp 1, "
+        r"push (\d+), sms (\d+), telegram (\d+)\)",
         out,
     )
     assert received is not None, out
@@ -200,6 +214,20 @@ def test_keep_leaves_the_database_replicas_and_api_running_until_ctrl_c(tmp_path
             assert json.loads(answer.read())["status"] == "sent"
         assert len(list((folder / "mail").glob("*.eml"))) == before + 1
         assert (folder / "pgdata" / "PG_VERSION").is_file()
+
+        # the printed user token opens trader-0007's inbox, whose alert the demo read
+        user = re.search(
+            r"inbox\s+curl -sN \S+/api/v1/inbox/stream -H 'Authorization: Bearer (\S+)'", out
+        )
+        assert user is not None, out
+        inbox = urllib.request.Request(
+            f"{api}/api/v1/inbox", headers={"Authorization": f"Bearer {user.group(1)}"}
+        )
+        with urllib.request.urlopen(inbox, timeout=30) as answer:
+            items = json.loads(answer.read())["items"]
+        assert [(i["template"], i["read_at"] is not None) for i in items] == [
+            ("position_failure_sl", True)
+        ]
 
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0

@@ -194,4 +194,4 @@ async def test_sigterm_ends_the_api_promptly_with_a_stream_open(api: Api) -> Non
     code = api.process.wait(10)
     assert time.monotonic() - signalled < 5
     # uvicorn shuts down gracefully, then lets the signal end the process as it would
-    assert code in (0, -signal.SIGTERM)
+    assert code == 0  # a graceful stop, not death by the signal

@@ -229,6 +229,68 @@ async def test_an_alert_not_sent_yet_answers_409_with_its_state_and_stays_pendin
     assert snapshot(admin) == before
 
 
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+"""What Chromium and Firefox send when a person opens a link."""
+
+
+async def test_a_browser_gets_a_page_that_says_it_is_acknowledged(
+    client: AsyncTestClient[Litestar],
+    settings: Settings,
+    admin: psycopg.Connection[Any],
+    alert: int,
+) -> None:
+    response = await client.get(link_path(settings, alert), headers=BROWSER)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<h1>Alert acknowledged</h1>" in response.text
+    assert f'href="{settings.platform_base_url}"' in response.text
+    assert "<script" not in response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert outcomes(admin, alert) == ["sent", "acknowledged"]  # the page is the same click
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "heading"),
+    [
+        (lambda s, i: "/ack/garbage", 404, "This link does not work"),
+        (lambda s, i: link_path(s, i + 1000), 404, "This link does not work"),
+    ],
+)
+async def test_a_browser_gets_a_page_for_a_bad_link_and_nothing_changes(
+    client: AsyncTestClient[Litestar],
+    settings: Settings,
+    admin: psycopg.Connection[Any],
+    alert: int,
+    make: Any,
+    status: int,
+    heading: str,
+) -> None:
+    before = snapshot(admin)
+    response = await client.get(make(settings, alert), headers=BROWSER)
+    assert (response.status_code, response.headers["content-type"][:9]) == (status, "text/html")
+    assert f"<h1>{heading}</h1>" in response.text
+    assert snapshot(admin) == before
+
+
+async def test_a_browser_gets_a_page_for_an_alert_not_sent_yet(
+    client: AsyncTestClient[Litestar], settings: Settings, admin: psycopg.Connection[Any]
+) -> None:
+    message_id = enqueue_alert(admin)
+    response = await client.get(link_path(settings, message_id), headers=BROWSER)
+    assert response.status_code == 409
+    assert "<h1>Nothing to acknowledge</h1>" in response.text
+
+
+async def test_a_program_that_accepts_anything_gets_json(
+    client: AsyncTestClient[Litestar], settings: Settings, alert: int
+) -> None:
+    response = await client.get(link_path(settings, alert), headers={"Accept": "*/*"})
+    assert response.json() == {"status": "acknowledged", "message_id": alert}
+
+
 # ------------------------------------------------------------- links that do not work
 
 

@@ -135,12 +135,6 @@ def test_the_recipient_writer_lists_subscriptions(
     assert [s.endpoint for s in listed] == [phone.endpoint]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.errors.InsufficientPrivilege,
-    reason="outbox_recipient_writer may not DELETE from outbox.push_subscription (by design,"
-    " test_roles.py); removal needs a SECURITY DEFINER outbox.remove_push_subscription",
-)
 def test_the_recipient_writer_removes_a_subscription(
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:

@@ -18,6 +18,7 @@ EXPORTED = {
     "position_failure_alerts_sent_total",
     "outbox_escalations_total",
     "outbox_expired_total",
+    "outbox_dispatcher_restarts_total",
     "outbox_queue_depth",
     "outbox_dead_letters",
     "outbox_alerts_awaiting_ack",

@@ -262,6 +262,17 @@ def test_the_push_topic_is_stable_short_url_safe_and_specific() -> None:
     assert push_topic("anything", {"other": 1}) is None
 
 
+def test_the_push_payload_tags_the_notification_with_its_topic() -> None:
+    # outbox-sw.js shows a notification under data.tag: a newer alert about the same
+    # instrument replaces the one on screen.
+    content = rendered("push", "price_alert")
+    assert isinstance(content, RenderedPush)
+    assert content.payload["data"]["tag"] == content.topic
+    assert json.loads(content.body)["data"]["tag"] == content.topic
+    other = rendered("push", "price_alert", instrument="GBPUSD")
+    assert isinstance(other, RenderedPush) and other.payload["data"]["tag"] != content.topic
+
+
 def test_a_long_telegram_text_is_split_into_valid_parts() -> None:
     reason = "Broker rejected the order (code #134: not enough money)! " * 200
     telegram = rendered("telegram", "position_failure_entry", error_reason=reason)
