@@ -4,9 +4,10 @@
    its data in ``<dir>/pgdata``; otherwise a scratch database ``outbox_demo`` on the
    configured server. Either way the database is created fresh and migrated.
 2. Sinks on loopback (``_sinks``), throwaway VAPID keys and a throwaway CA.
-3. Two ``outbox dispatch`` replicas as subprocesses, configured only through
+3. ``outbox api`` (its own public URL: Twilio's status callbacks come to it), then
+   two ``outbox dispatch`` replicas as subprocesses, configured only through
    ``OUTBOX_*`` variables, as in production.
-4. ``outbox api``, then the campaign (one transaction), then the trading simulation
+4. The campaign (one transaction), then the trading simulation
    (``_scenario``), while the replicas deliver; a progress bar shows the queue draining.
    Then the in-app inbox (``_inbox``): a trader's stream prints an alert as it lands.
 5. The summary (``_summary``), then clean-up; with ``--keep`` the database, the
@@ -141,6 +142,12 @@ def run_demo(options: DemoOptions) -> int:
             )
             children = Processes()
             stack.callback(children.stop)
+            # the API first: the replicas ask Twilio to report deliveries to it
+            api, secret = _start_api(options, {**env, "OUTBOX_DATABASE_URL": url}, children)
+            clock.say(
+                f"outbox api started on {api} (users' inbox, owner routes, metrics,"
+                " Twilio's status callbacks)"
+            )
             for number in range(1, REPLICAS + 1):
                 children.start(
                     f"dispatcher-{number}",
@@ -149,12 +156,11 @@ def run_demo(options: DemoOptions) -> int:
                         **env,
                         "OUTBOX_DATABASE_URL": url,
                         "OUTBOX_DISPATCHER_ID": f"replica-{number}",
+                        "OUTBOX_API_PUBLIC_URL": api,
                     },
                     directory / f"dispatcher-{number}.log",
                 )
             clock.say(f"{REPLICAS} dispatcher replicas started (`outbox dispatch`, subprocesses)")
-            api, secret = _start_api(options, {**env, "OUTBOX_DATABASE_URL": url}, children)
-            clock.say(f"outbox api started on {api} (users' inbox, owner routes, metrics)")
             report, status = _simulate_and_deliver(options, clock, url, push, children)
             if status == 0:
                 status = _show_inbox(url, api, secret, clock)
@@ -369,13 +375,14 @@ def _start_api(
         raise ApiDidNotStart(f"port {port} is in use; run again with --api-port (0: any free port)")
     secret = secrets.token_urlsafe(32)
     log = options.directory / "api.log"
+    api = f"http://127.0.0.1:{port}"
     children.start(
         "api",
         outbox_command("api", "--port", str(port)),
-        {**env, "OUTBOX_API_JWT_SECRET": secret},
+        # its own address: Twilio's signed status callbacks are verified against it
+        {**env, "OUTBOX_API_JWT_SECRET": secret, "OUTBOX_API_PUBLIC_URL": api},
         log,
     )
-    api = f"http://127.0.0.1:{port}"
     if not _wait_for_health(api, children):
         raise ApiDidNotStart(f"outbox api did not answer on {api}/health; see {relative(log)}")
     return api, secret

@@ -14,7 +14,8 @@ Here each one also keeps what it accepts where a person can look at it:
 * :class:`SmsSink` (:class:`~outbox.testing.twilio.TwilioServer` on ``https``)
   checks basic auth and the form like Twilio and appends every accepted SMS to
   ``sms.jsonl``; numbers in ``unsubscribed`` get ``400`` code ``21610`` (the user
-  replied STOP).
+  replied STOP). It posts Twilio's signed status callbacks (``sent``, ``delivered``)
+  to the ``StatusCallback`` the dispatcher asked for: the demo's ``outbox api``.
 * :class:`PushSink` (:class:`~outbox.testing.push.PushServer` on ``https``) checks
   the VAPID token, decrypts the ``aes128gcm`` body with the keys of the browser it
   made and appends the notification to ``push.jsonl``; subscriptions marked gone
@@ -226,6 +227,15 @@ class SmsSink(_RecordingSink):
         )
         for number in unsubscribed:
             self._server.unsubscribed(number)
+
+    @property
+    def reports(self) -> dict[str, int]:
+        """Status callbacks the API accepted (204), per status: what Twilio reported."""
+        counted: dict[str, int] = {}
+        for callback in self._server.callbacks:
+            if callback.status == 204:
+                counted[callback.message_status] = counted.get(callback.message_status, 0) + 1
+        return counted
 
     def _write(self, message: TwilioMessage) -> None:
         self._records.append(

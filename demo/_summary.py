@@ -167,6 +167,11 @@ def print_summary(
         f"  sms       {relative(directory / 'sms.jsonl')}  "
         f"({_count(sms.count)} texts, as Twilio accepted them)"
     )
+    delivered = sms.reports.get("delivered", 0)
+    out.append(
+        f"            Twilio's signed callbacks reported {_count(delivered)} delivered"
+        " (outbox.attempt: outcome 'delivered', through POST /api/v1/webhooks/sms)"
+    )
     out.append("")
     demo_limits, production_limits = rate_limits
     out.append(

@@ -137,6 +137,9 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
         json.loads(line) for line in (folder / "push.jsonl").read_text().splitlines()
     ]
     assert len(pushes_recorded) == pushes
+    # Twilio's signed status callbacks reached the demo's API, which recorded them
+    reported = re.search(r"Twilio's signed callbacks reported (\d+) delivered", out)
+    assert reported is not None and int(reported.group(1)) == texts, out[-3000:]
     texts_recorded = [json.loads(line) for line in (folder / "sms.jsonl").read_text().splitlines()]
     assert len(texts_recorded) == texts
     # trader-0004 takes alerts by SMS; trader-0008 replied STOP and never gets one
