@@ -138,7 +138,7 @@ async def mailgun_email_event(request: Request[Any, Any, Any]) -> Response[Any]:
         )
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         return _bad("the body is not JSON")
     signature = body.get("signature") if isinstance(body, dict) else None
     event = body.get("event-data") if isinstance(body, dict) else None

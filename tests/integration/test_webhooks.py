@@ -318,7 +318,8 @@ async def test_a_forged_old_or_replayed_bounce_gets_403_and_changes_nothing(
 async def test_a_body_that_is_not_a_mailgun_webhook_gets_400(
     client: AsyncTestClient[Litestar],
 ) -> None:
-    for content in (b"not json", b"[]", json.dumps({"signature": {}}).encode()):
+    deep = b"[" * 30_000 + b"]" * 30_000  # within 64 KiB, deeper than the parser goes
+    for content in (b"not json", b"[]", json.dumps({"signature": {}}).encode(), deep, b"\xff"):
         response = await client.post(
             MAILGUN_PATH, content=content, headers={"Content-Type": "application/json"}
         )
