@@ -83,6 +83,7 @@ def test_a_plugin_channel_delivers_retries_dies_and_is_a_fallback_link(
             OUTBOX_RETRY_DELAYS="0.2",
             OUTBOX_MAX_ATTEMPTS="3",
             OUTBOX_POLL_INTERVAL="0.2",
+            OUTBOX_RATE_LIMITS="chat=50/s",  # a plugin's channel is rate-limited like any
         )
 
         messages = server.wait_for_messages(3, timeout=60)  # alice, bob, erin
