@@ -254,23 +254,31 @@ class TwilioServer(LoopbackHttpServer):
     # --- the API -------------------------------------------------------------------------
 
     def handle(self, request: HttpRequest) -> HttpResponse:
-        match = _PATH.match(request.path)
-        if request.method != "POST" or match is None:
-            return _error(404, 20404, "The requested resource was not found")
-        if not self._authorized(request) or match["account"] != self.account_sid:
-            return _error(
-                401,
-                20003,
-                "Authentication Error - invalid username",
-                {"WWW-Authenticate": 'Basic realm="Twilio API"'},
-            )
-        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip()
         form: dict[str, str] = {}
+        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip()
         if content_type == "application/x-www-form-urlencoded":
             parsed = parse_qs(request.body.decode("utf-8", "replace"), keep_blank_values=True)
             form = {key: values[-1] for key, values in parsed.items()}
-        response, code = self._create(form, request.received_at)
+        match = _PATH.match(request.path)
+        message: TwilioMessage | None = None
+        code: int | None
+        failure: str | None = None
+        if request.method != "POST" or match is None:
+            response, code = _error(404, 20404, "The requested resource was not found"), 20404
+        elif not self._authorized(request) or match["account"] != self.account_sid:
+            response, code = (
+                _error(
+                    401,
+                    20003,
+                    "Authentication Error - invalid username",
+                    {"WWW-Authenticate": 'Basic realm="Twilio API"'},
+                ),
+                20003,
+            )
+        else:
+            response, code, message = self._create(form, request.received_at)
         with self._lock:
+            # the request is on record before anyone waiting for its message wakes up
             self._requests.append(
                 TwilioRequest(
                     form.get("To"),
@@ -282,6 +290,22 @@ class TwilioServer(LoopbackHttpServer):
                     request.received_at,
                 )
             )
+            if message is not None:
+                self._messages.append(message)
+                failure = self._undeliverable.get(message.to)
+            self._lock.notify_all()
+        if message is not None:
+            if self.on_message is not None:
+                self.on_message(message)
+            if message.status_callback:
+                thread = threading.Thread(
+                    target=self._report,
+                    args=(message, failure),
+                    name="twilio-callbacks",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+                thread.start()
         return response
 
     def _authorized(self, request: HttpRequest) -> bool:
@@ -301,23 +325,28 @@ class TwilioServer(LoopbackHttpServer):
                     scripts.remove(script)
             return script
 
-    def _create(self, form: dict[str, str], now: float) -> tuple[HttpResponse, int | None]:
+    def _create(
+        self, form: dict[str, str], now: float
+    ) -> tuple[HttpResponse, int | None, TwilioMessage | None]:
+        """Twilio's answer to a Messages request, its error code, and the message
+        accepted (None when refused).
+        """
         to, body = form.get("To", ""), form.get("Body", "")
         senders = [form[k] for k in ("From", "MessagingServiceSid") if form.get(k)]
         if not _E164.match(to):
-            return _error(400, 21211, f"The 'To' number {to} is not a valid phone number."), 21211
+            error = f"The 'To' number {to} is not a valid phone number."
+            return _error(400, 21211, error), 21211, None
         if len(senders) != 1:
-            return _error(400, 21603, "A 'From' or 'MessagingServiceSid' is required."), 21603
+            return _error(400, 21603, "A 'From' or 'MessagingServiceSid' is required."), 21603, None
         if not body.strip():
-            return _error(400, 21602, "Message body is required."), 21602
+            return _error(400, 21602, "Message body is required."), 21602, None
         if len(body) > 1600:
-            return _error(
-                400, 21617, "The concatenated message body exceeds 1600 characters."
-            ), 21617
+            error = "The concatenated message body exceeds 1600 characters."
+            return _error(400, 21617, error), 21617, None
         script = self._scripted(to)
         if script is not None:
             headers = {"Retry-After": str(script.retry_after)} if script.retry_after else None
-            return _error(script.status, script.code, script.message, headers), script.code
+            return _error(script.status, script.code, script.message, headers), script.code, None
         message = TwilioMessage(
             sid="SM" + secrets.token_hex(16),
             to=to,
@@ -326,18 +355,6 @@ class TwilioServer(LoopbackHttpServer):
             status_callback=form.get("StatusCallback") or None,
             received_at=now,
         )
-        with self._lock:
-            self._messages.append(message)
-            failure = self._undeliverable.get(to)
-            self._lock.notify_all()
-        if self.on_message is not None:
-            self.on_message(message)
-        if message.status_callback:
-            thread = threading.Thread(
-                target=self._report, args=(message, failure), name="twilio-callbacks", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
         resource = {
             "sid": message.sid,
             "account_sid": self.account_sid,
@@ -353,7 +370,7 @@ class TwilioServer(LoopbackHttpServer):
             "error_message": None,
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{message.sid}.json",
         }
-        return HttpResponse.json(201, resource), None
+        return HttpResponse.json(201, resource), None, message
 
     # --- status callbacks --------------------------------------------------------------
 

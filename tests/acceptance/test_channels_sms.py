@@ -229,3 +229,42 @@ def test_a_signed_mailgun_hard_bounce_marks_the_address_and_a_forged_one_changes
         " WHERE channel = 'email' ORDER BY user_id"
     ).fetchall()
     assert rows == [("u3", True), ("u4", False)]
+
+
+def test_a_429_waits_retry_after_without_an_attempt_and_a_500_is_retried(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    twilio: TwilioServer,
+    api_url: str,
+) -> None:
+    outbox.upsert_recipient(admin, "u5", phone="+447700900555")
+    outbox.upsert_recipient(admin, "u6", phone="+447700900666")
+    twilio.rate_limit("+447700900555", retry_after=2)
+    twilio.answer("+447700900666", status=500, code=20500, message="Internal Error", times=1)
+    stop_loss(admin, "u5")
+    stop_loss(admin, "u6")
+    spawn_dispatcher(
+        **dispatcher_environment(twilio=twilio),
+        OUTBOX_API_PUBLIC_URL=api_url,
+        OUTBOX_RATE_LIMITS="sms=5/s",
+        OUTBOX_RETRY_DELAYS="0.5",
+        OUTBOX_POLL_INTERVAL="0.2",
+    )
+
+    twilio.wait_for_messages(2, timeout=30)
+    by_number: dict[str | None, list[Any]] = {}
+    for request in twilio.requests:
+        by_number.setdefault(request.to, []).append(request)
+    limited, accepted = by_number["+447700900555"]
+    assert (limited.status, limited.code, accepted.status) == (429, 20429, 201)
+    assert accepted.received_at - limited.received_at >= 2.0  # Retry-After honoured
+    failed, retried = by_number["+447700900666"]
+    assert (failed.status, retried.status) == (500, 201)
+    wait_until(
+        lambda: len(history(admin, "u5")) >= 2 and len(history(admin, "u6")) >= 2, 10, "the acks"
+    )
+    assert history(admin, "u5")[:2] == [
+        ("sms", "deferred", "rate_limited", 1),
+        ("sms", "sent", None, 1),  # still the first attempt: a rate limit burns none
+    ]
+    assert history(admin, "u6")[:2] == [("sms", "retry", "sms_5xx", 1), ("sms", "sent", None, 2)]
