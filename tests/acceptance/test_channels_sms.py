@@ -268,3 +268,37 @@ def test_a_429_waits_retry_after_without_an_attempt_and_a_500_is_retried(
         ("sms", "sent", None, 1),  # still the first attempt: a rate limit burns none
     ]
     assert history(admin, "u6")[:2] == [("sms", "retry", "sms_5xx", 1), ("sms", "sent", None, 2)]
+
+
+def test_a_wrong_auth_token_pauses_sms_without_burning_attempts_until_it_is_fixed(
+    admin: psycopg.Connection[Any],
+    spawn_dispatcher: Spawn,
+    twilio: TwilioServer,
+    api_url: str,
+) -> None:
+    outbox.upsert_recipient(admin, "u7", phone="+447700900777")
+    message_id = stop_loss(admin, "u7")
+    wrong = spawn_dispatcher(
+        **(dispatcher_environment(twilio=twilio) | {"OUTBOX_SMS_AUTH_TOKEN": "a-revoked-token"}),
+        OUTBOX_POLL_INTERVAL="0.2",
+    )
+    wait_until(lambda: len(history(admin, "u7")) >= 1, 20, "the refused login")
+    assert history(admin, "u7")[0] == ("sms", "deferred", "sms_auth", 1)
+    assert [(r.status, r.code) for r in twilio.requests][:1] == [(401, 20003)]
+    breaker = admin.execute(
+        "SELECT failures > 0 FROM outbox.channel_state WHERE channel = 'sms'"
+    ).fetchone()
+    assert breaker == (True,)
+    assert twilio.messages == []
+    wrong.terminate()
+    wrong.wait(20)
+
+    dispatch(spawn_dispatcher, twilio, api_url)  # the right token: the alert goes out
+    [sms] = twilio.wait_for_messages(1, timeout=90)
+    assert sms.to == "+447700900777"
+    wait_until(lambda: ("sms", "sent", None, 1) in history(admin, "u7"), 10, "the ack")
+    attempts = admin.execute(
+        "SELECT attempt FROM outbox.attempt WHERE message_id = %s AND outcome = 'sent'",
+        [message_id],
+    ).fetchall()
+    assert attempts == [(1,)]  # the outage burned no attempt
