@@ -68,7 +68,7 @@ class MessagingTestRequest(msgspec.Struct, kw_only=True):
     """What to send, to whom, on which channel."""
 
     user_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-    channel: Literal["email", "telegram", "push"]
+    channel: Literal["email", "telegram", "push", "sms"]
     template_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     template_vars: dict[str, Any]
 

@@ -102,7 +102,11 @@ class Dispatcher:
         self.options = options = options or DispatcherOptions()
         self.catalog = catalog or TemplateCatalog(settings.templates_dir)
         self.policy = policy or RetryPolicy.from_settings(settings)
-        self.renderer = RenderCache(self.catalog, platform_base_url=settings.platform_base_url)
+        self.renderer = RenderCache(
+            self.catalog,
+            platform_base_url=settings.platform_base_url,
+            sms_max_segments=settings.sms_max_segments,
+        )
         self.id = dispatcher_id or settings.dispatcher_id or default_dispatcher_id()
         self.observer: Observer = observer if observer is not None else NoObserver()
         self.delivered = 0

@@ -17,6 +17,9 @@ Per channel:
   every variable is escaped for the inside of a JSON string; at most 3993 bytes
   once encoded; its ``Topic`` is derived from the template and key variables.
 - inapp: a JSON object (``title``, ``body``, ``url``) escaped like push.
+- sms: plain text from ``sms/<name>.txt.j2``, stripped, not empty, in at most
+  ``sms_max_segments`` segments (:mod:`outbox.dispatcher.sms_text`;
+  :class:`~outbox.dispatcher.channels.base.RenderedSms`).
 - any other channel (a plugin's): plain text from ``<channel>/<name>.txt.j2``,
   stripped, not empty, at most :data:`TEXT_OUTPUT_LIMIT` characters
   (:class:`~outbox.dispatcher.channels.base.RenderedText`).
@@ -59,10 +62,12 @@ from outbox.dispatcher.channels.base import (
     RenderedEmail,
     RenderedInApp,
     RenderedPush,
+    RenderedSms,
     RenderedTelegram,
     RenderedText,
 )
 from outbox.dispatcher.html_text import extract_title, html_to_text
+from outbox.dispatcher.sms_text import count_segments
 
 __all__ = [
     "EMAIL_SIZE_LIMIT",
@@ -93,11 +98,18 @@ EMAIL_SIZE_LIMIT = 1024 * 1024
 """Bytes of rendered HTML plus text one email may carry (SMTP servers commonly
 refuse 10-25 MB including attachments; a notification is far below this)."""
 
+SMS_TEXT_LIMIT = 1600
+"""Characters Twilio accepts in one message body (10 segments of GSM-7)."""
+
+DEFAULT_SMS_MAX_SEGMENTS = 4
+"""As ``OUTBOX_SMS_MAX_SEGMENTS``'s default."""
+
 RENDER_OUTPUT_LIMITS = {
     "email": EMAIL_SIZE_LIMIT,
     "telegram": 2 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
     "push": 16 * PUSH_PAYLOAD_LIMIT,
     "inapp": 16 * PUSH_PAYLOAD_LIMIT,
+    "sms": 16 * SMS_TEXT_LIMIT,
 }
 """Characters one template of a channel may produce before rendering stops. Each is
 above what the channel's own check (bytes of an email, Telegram parts, push bytes)
@@ -125,6 +137,7 @@ def render(
     lane: str,
     platform_base_url: str,
     ack_url: str | None = None,
+    sms_max_segments: int = DEFAULT_SMS_MAX_SEGMENTS,
 ) -> Rendered:
     """Render ``template`` with ``vars`` for ``channel``.
 
@@ -136,7 +149,8 @@ def render(
     Raises :class:`~outbox.TemplateRenderError` for anything that prevents a valid
     message: vars nested deeper than :data:`~outbox.MAX_VARS_DEPTH`, unknown
     template, missing variable, a template error or a sandbox violation, output over
-    the channel's budget, MarkdownV2 that would not parse, a push payload too large.
+    the channel's budget, MarkdownV2 that would not parse, a push payload too large,
+    an SMS longer than ``sms_max_segments`` segments.
     """
     if not isinstance(vars, Mapping):
         raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
@@ -163,6 +177,8 @@ def render(
             return _render_inapp(catalog, envs, template, context)
         if channel == "push":
             return _render_push(catalog, envs, template, context)
+        if channel == "sms":
+            return _render_sms(catalog, envs, template, context, sms_max_segments)
         return _render_text(catalog, envs, channel, template, context)
     except TemplateRenderError:
         raise
@@ -302,6 +318,24 @@ def _render_text(
     return RenderedText(text=text)
 
 
+def _render_sms(
+    catalog: TemplateCatalog,
+    envs: Environments,
+    template: str,
+    context: Any,
+    max_segments: int,
+) -> RenderedSms:
+    text = _render_text(catalog, envs, "sms", template, context).text
+    cost = count_segments(text)
+    if cost.segments > max_segments or len(text) > SMS_TEXT_LIMIT:
+        raise TemplateRenderError(
+            f"{template} (sms): the text needs {cost.segments} segments ({cost.units}"
+            f" {cost.encoding} units), more than the {max_segments} allowed"
+            " (OUTBOX_SMS_MAX_SEGMENTS)"
+        )
+    return RenderedSms(text=text, encoding=cost.encoding, segments=cost.segments)
+
+
 def _push_problem(payload: object) -> str | None:
     """Describe what is wrong with a push payload's shape; None when nothing is."""
     if not isinstance(payload, dict):
@@ -346,10 +380,16 @@ class RenderCache:
     """
 
     def __init__(
-        self, catalog: TemplateCatalog, *, platform_base_url: str, max_entries: int = 2048
+        self,
+        catalog: TemplateCatalog,
+        *,
+        platform_base_url: str,
+        max_entries: int = 2048,
+        sms_max_segments: int = DEFAULT_SMS_MAX_SEGMENTS,
     ) -> None:
         self.catalog = catalog
         self.platform_base_url = platform_base_url
+        self.sms_max_segments = sms_max_segments
         self.max_entries = max_entries
         self._rendered: dict[tuple[object, ...], Rendered] = {}
         self._offload = asyncio.Semaphore(OFFLOAD_CONCURRENCY)
@@ -392,6 +432,7 @@ class RenderCache:
             lane=lane,
             platform_base_url=self.platform_base_url,
             ack_url=ack_url,
+            sms_max_segments=self.sms_max_segments,
         )
         if vars_key is None or ack_url is not None:  # a link is for one message only
             return uncached()

@@ -21,6 +21,7 @@ from outbox.dispatcher.channels.base import (
     RenderedEmail,
     RenderedInApp,
     RenderedPush,
+    RenderedSms,
     RenderedTelegram,
 )
 from outbox.dispatcher.rendering import (
@@ -117,6 +118,9 @@ def test_every_builtin_template_renders_as_its_reviewed_snapshot(channel: str, n
     elif isinstance(content, RenderedTelegram):
         parts = "\n----- next part -----\n".join(content.parts)
         matches_snapshot(f"telegram/{name}.md", parts + "\n")
+    elif isinstance(content, RenderedSms):
+        header = f"{content.encoding}, {content.segments} segment(s)"
+        matches_snapshot(f"sms/{name}.txt", f"{header}\n\n{content.text}\n")
     elif isinstance(content, RenderedInApp):
         item = {"title": content.title, "body": content.body, "url": content.url}
         matches_snapshot(
