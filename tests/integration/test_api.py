@@ -342,6 +342,13 @@ async def test_a_body_that_fails_the_schema_gets_422(
     assert response.status_code == 422, response.text
 
 
+async def test_inapp_is_not_a_provider_to_test(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post(URL, json=body(channel="inapp"), headers=bearer())
+
+    assert response.status_code == 400, response.text
+    assert "enqueue a message instead" in response.text
+
+
 async def test_a_body_over_64_kib_gets_413(client: AsyncTestClient[Litestar]) -> None:
     huge = body(variables={**ENTRY, "error_reason": "x" * (65 * 1024)})
 
