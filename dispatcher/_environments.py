@@ -1,7 +1,10 @@
 """The sandboxed Jinja environments one catalog renders with, built once per catalog.
 
-Four environments per catalog: HTML (autoescaped), plain text, Telegram MarkdownV2
-(every variable escaped) and push JSON (every variable escaped for a JSON string).
+Four environments per catalog and base URL: HTML (autoescaped), plain text, Telegram
+MarkdownV2 (every variable escaped) and push JSON (every variable escaped for a JSON
+string). With the renderer's ``platform_base_url``, ``platform_url('<constant>')``
+is computed once per template, when it is compiled (see
+:meth:`~outbox._templates.TemplateCatalog.create_environment`).
 :meth:`Environments.render` streams a template's output against a budget.
 """
 
@@ -81,7 +84,9 @@ class OutputTooLong(Exception):
         )
 
 
-_cache: weakref.WeakKeyDictionary[TemplateCatalog, Environments] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[TemplateCatalog, dict[str | None, Environments]] = (
+    weakref.WeakKeyDictionary()
+)
 _cache_lock = threading.Lock()
 
 
@@ -90,18 +95,22 @@ def _json_string(value: object) -> str:
     return encode_basestring(str(value))[1:-1]
 
 
-def environments(catalog: TemplateCatalog) -> Environments:
-    """Return the catalog's rendering environments (built once; they cache templates)."""
+def environments(catalog: TemplateCatalog, platform_base_url: str | None = None) -> Environments:
+    """Return the catalog's rendering environments for ``platform_base_url`` (built
+    once per catalog and base URL; they cache compiled templates).
+    """
     with _cache_lock:
-        found = _cache.get(catalog)
+        by_base = _cache.setdefault(catalog, {})
+        found = by_base.get(platform_base_url)
         if found is None:
+            base = platform_base_url
             found = Environments(
-                html=catalog.create_environment(autoescape=True),
-                text=catalog.create_environment(),
+                html=catalog.create_environment(autoescape=True, platform_base_url=base),
+                text=catalog.create_environment(platform_base_url=base),
                 telegram=catalog.create_environment(
-                    finalize=markdown.finalize, filters=markdown.FILTERS
+                    finalize=markdown.finalize, filters=markdown.FILTERS, platform_base_url=base
                 ),
-                push=catalog.create_environment(finalize=_json_string),
+                push=catalog.create_environment(finalize=_json_string, platform_base_url=base),
             )
-            _cache[catalog] = found
+            by_base[platform_base_url] = found
         return found

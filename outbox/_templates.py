@@ -36,10 +36,11 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound, meta
+from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound, meta, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import pass_context
+from jinja2.visitor import NodeTransformer
 
 from outbox._errors import (
     ConfigurationError,
@@ -93,6 +94,81 @@ def platform_url(context: Context, path: str = "/") -> str:
     if not isinstance(base, str) or not base:
         raise TemplateError("platform_url() needs platform_base_url from the renderer")
     return base.rstrip("/") + "/" + str(path).lstrip("/")
+
+
+_RENDERER_NAMES = frozenset({"platform_url", "platform_base_url"})
+"""Names a template must not assign for its ``platform_url`` calls to be folded."""
+
+
+class _FoldPlatformUrls(NodeTransformer):
+    """Replaces ``platform_url('<constant>')`` with the URL it returns for one base URL.
+
+    A call inside a macro or a ``{% call %}`` block is left alone: a macro imported
+    without context cannot see the base URL, and must go on failing the same way.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
+        return node
+
+    def visit_CallBlock(self, node: nodes.CallBlock) -> nodes.Node:
+        return node
+
+    def visit_Call(self, node: nodes.Call) -> nodes.Node:
+        if (
+            isinstance(node.node, nodes.Name)
+            and node.node.name == "platform_url"
+            and len(node.args) == 1
+            and isinstance(node.args[0], nodes.Const)
+            and type(node.args[0].value) is str
+            and not (node.kwargs or node.dyn_args or node.dyn_kwargs)
+        ):
+            url = self.base.rstrip("/") + "/" + node.args[0].value.lstrip("/")
+            return nodes.Const(url, lineno=node.lineno)
+        return self.generic_visit(node)
+
+
+def _assigns_renderer_names(tree: nodes.Template) -> bool:
+    """Whether the template binds ``platform_url`` or ``platform_base_url`` itself."""
+    for name in tree.find_all(nodes.Name):
+        if name.ctx != "load" and name.name in _RENDERER_NAMES:
+            return True
+    for macro in tree.find_all(nodes.Macro):
+        if macro.name in _RENDERER_NAMES:
+            return True
+    for imported in tree.find_all((nodes.Import, nodes.FromImport)):
+        bound = (
+            [imported.target]
+            if isinstance(imported, nodes.Import)
+            else [n if isinstance(n, str) else n[1] for n in imported.names]
+        )
+        if _RENDERER_NAMES.intersection(bound):
+            return True
+    return False
+
+
+class _RendererEnvironment(ImmutableSandboxedEnvironment):
+    """The renderer's environment for one ``platform_base_url``.
+
+    A call ``platform_url('/a/constant/path')`` returns the same URL for every
+    message, so it is computed once, when the template is compiled (and, being a
+    constant, escaped for the channel then too), instead of going through the
+    sandbox's call checks on every render. Any other call is made as before.
+    """
+
+    def __init__(self, *, platform_base_url: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.platform_base_url = platform_base_url
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        if _assigns_renderer_names(tree):
+            return tree
+        folded = _FoldPlatformUrls(self.platform_base_url).visit(tree)
+        assert isinstance(folded, nodes.Template)
+        return folded
 
 
 class _CatalogLoader(BaseLoader):
@@ -211,6 +287,7 @@ class TemplateCatalog:
         autoescape: bool = False,
         finalize: Callable[[object], object] | None = None,
         filters: Mapping[str, Callable[..., Any]] | None = None,
+        platform_base_url: str | None = None,
     ) -> ImmutableSandboxedEnvironment:
         """Build a sandboxed, strict environment over this catalog's folders.
 
@@ -218,6 +295,11 @@ class TemplateCatalog:
         ``finalize`` (a channel's escaping). Whitespace handling is Jinja's default
         (no ``trim_blocks``): in Telegram text a line break after ``{% endif %}``
         is kept; use ``{%- ... -%}`` to remove whitespace on purpose.
+
+        With ``platform_base_url`` (a renderer's), ``platform_url('<a constant>')``
+        is computed when a template is compiled, for that base URL (a template
+        that assigns ``platform_url`` or ``platform_base_url`` itself is compiled
+        as written); the renderer then passes the same base URL to every render.
         """
         channel_finalize = finalize
 
@@ -225,12 +307,17 @@ class TemplateCatalog:
             shown = value if type(value) is str else format_value(value)
             return channel_finalize(shown) if channel_finalize is not None else shown
 
-        env = ImmutableSandboxedEnvironment(
-            loader=self._loader,
-            undefined=StrictUndefined,
-            autoescape=autoescape,
-            finalize=finalize_output,
-            auto_reload=False,
+        options: dict[str, Any] = {
+            "loader": self._loader,
+            "undefined": StrictUndefined,
+            "autoescape": autoescape,
+            "finalize": finalize_output,
+            "auto_reload": False,
+        }
+        env = (
+            _RendererEnvironment(platform_base_url=platform_base_url, **options)
+            if platform_base_url  # empty: platform_url() fails at render, as it should
+            else ImmutableSandboxedEnvironment(**options)
         )
         env.filters["path_segment"] = path_segment
         env.filters.update(filters or {})
