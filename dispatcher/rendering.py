@@ -35,7 +35,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping
-from json.decoder import WHITESPACE
+from json.decoder import WHITESPACE  # type: ignore[attr-defined]
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 

@@ -138,14 +138,14 @@ def _assigns_renderer_names(tree: nodes.Template) -> bool:
     for macro in tree.find_all(nodes.Macro):
         if macro.name in _RENDERER_NAMES:
             return True
-    for imported in tree.find_all((nodes.Import, nodes.FromImport)):
-        bound = (
-            [imported.target]
-            if isinstance(imported, nodes.Import)
-            else [n if isinstance(n, str) else n[1] for n in imported.names]
-        )
-        if _RENDERER_NAMES.intersection(bound):
+    for imported in tree.find_all(nodes.Import):
+        if imported.target in _RENDERER_NAMES:
             return True
+    for from_import in tree.find_all(nodes.FromImport):
+        for imported_name in from_import.names:
+            alias = imported_name if isinstance(imported_name, str) else imported_name[1]
+            if alias in _RENDERER_NAMES:
+                return True
     return False
 
 
