@@ -212,11 +212,20 @@ class Store:
 
 
 async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckResult:
-    sent = [f for f in batch.finishes if isinstance(f, FinishSent) and not f.awaits_ack]
-    alerts = [f for f in batch.finishes if isinstance(f, FinishSent) and f.awaits_ack]
-    requeue = [f for f in batch.finishes if isinstance(f, FinishRequeue)]
-    dead = [f for f in batch.finishes if isinstance(f, FinishDead)]
-    handoff = [f for f in batch.finishes if isinstance(f, FinishHandoff)]
+    sent: list[FinishSent] = []
+    alerts: list[FinishSent] = []
+    requeue: list[FinishRequeue] = []
+    dead: list[FinishDead] = []
+    handoff: list[FinishHandoff] = []
+    for f in batch.finishes:  # one pass: a batch holds hundreds of finishes
+        if isinstance(f, FinishSent):
+            (sent if f.ack_wait is None else alerts).append(f)
+        elif isinstance(f, FinishRequeue):
+            requeue.append(f)
+        elif isinstance(f, FinishDead):
+            dead.append(f)
+        else:
+            handoff.append(f)
     finished: set[int] = set()
     fallback_ids: list[int] = []
     common = {"dispatcher_id": dispatcher_id}
@@ -224,8 +233,8 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
         await cur.execute(
             QUERIES["finish_sent"],
             {
-                "ids": _int_array(f.lease.id for f in sent),
-                "tokens": "{" + ",".join(_token_text(f.lease.token) for f in sent) + "}",
+                "ids": _int_array(f.message.lease.id for f in sent),
+                "tokens": "{" + ",".join(_token_text(f.message.lease.token) for f in sent) + "}",
                 "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
                 **common,
             },
@@ -277,11 +286,11 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
         finished.update(row[0] for row in rows)
         fallback_ids = [row[0] for row in rows if row[1]]
     for finish in batch.finishes:
-        if finish.lease.id not in finished:
-            continue  # the lease was lost: the replica that holds it now reports
+        if not finish.effects or finish.message.lease.id not in finished:
+            continue  # none, or the lease was lost: the replica that holds it now reports
         for effect in finish.effects:
             await write_effect(cur, finish.message.user_id, effect)
-    all_ids = {f.lease.id for f in batch.finishes}
+    all_ids = {f.message.lease.id for f in batch.finishes}
     return AckResult(
         finished=frozenset(finished & all_ids),
         lost=frozenset(all_ids - finished),
