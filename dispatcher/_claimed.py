@@ -4,49 +4,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher._stored_vars import stored_vars
+from outbox.dispatcher._values import value_builder
 
 MESSAGE_COLUMNS = 15
 """``claim_batch`` returns the message in its first columns, then its recipient."""
 
 KNOWN_RECIPIENTS = 10_000
 """Users whose recipient record a :class:`ClaimDecoder` keeps (cleared when full)."""
-
-_T = TypeVar("_T")
-
-
-def slot_builder(cls: type[_T]) -> Callable[..., _T]:
-    """A constructor of the frozen slots dataclass ``cls`` that fills its slots directly.
-
-    A frozen dataclass's ``__init__`` sets every field through
-    ``object.__setattr__``, which for a claimed message's 17 fields costs as much as
-    the rest of decoding its row. The builder takes the same arguments (positional
-    or by name, with the same defaults; no ``__post_init__`` is run, so ``cls`` must
-    have none) and returns an equal value, as immutable as one ``cls()`` builds.
-    """
-    assert not hasattr(cls, "__post_init__"), cls
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
-    params = []
-    for number, f in enumerate(fields(cls)):  # type: ignore[arg-type]
-        namespace[f"set_{number}"] = cls.__dict__[f.name].__set__  # the slot's descriptor
-        if f.default is not MISSING:
-            namespace[f"default_{number}"] = f.default
-            params.append(f"{f.name}=default_{number}")
-        else:
-            assert f.default_factory is MISSING, f"{cls.__name__}.{f.name}: a factory"
-            params.append(f.name)
-    body = "".join(f"    set_{number}(o, {name})\n" for number, name in enumerate(names))
-    source = f"def build({', '.join(params)}):\n    o = new(cls)\n{body}    return o\n"
-    exec(source, namespace)  # noqa: S102 (the source is built above from field names)
-    built: Callable[..., _T] = namespace["build"]
-    return built
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,8 +123,8 @@ class Claimed:
         )
 
 
-_build_claimed = slot_builder(Claimed)
-_build_lease = slot_builder(Lease)
+_build_claimed = value_builder(Claimed)
+_build_lease = value_builder(Lease)
 
 
 class ClaimDecoder:

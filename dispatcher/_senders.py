@@ -12,6 +12,7 @@ holds no sender (and no other channel) back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -39,6 +40,48 @@ log = logging.getLogger("outbox.dispatcher")
 
 ADDRESS_BOOK_SIZE = 4096
 """Recipients whose addresses a replica keeps at hand (cleared when full)."""
+
+
+class SendSlots:
+    """At most ``size`` sends at once, for the senders and the sends waiting for a
+    rate-limit slot together.
+
+    What an ``asyncio.Semaphore`` does, with a test that costs no coroutine when a
+    slot is free (almost always: the senders are as many as the slots).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody is waiting for one."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot (after :meth:`take_now` said no); first come, first served."""
+        if self.take_now():
+            return
+        handed = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed)
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.give()  # handed over just as we were cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the first sender still waiting, else to the pool."""
+        while self._waiting:
+            handed = self._waiting.popleft()
+            if not handed.done():  # a cancelled waiter's future is done
+                handed.set_result(None)
+                return
+        self._free += 1
 
 
 class Senders:
@@ -76,7 +119,7 @@ class Senders:
         """Lanes whose messages go to their next channel when they die on one."""
         self._ack_url = ack_url
         """Signs an alert's acknowledgement link (None: no key configured, no link)."""
-        self._sem = asyncio.Semaphore(concurrency)
+        self._slots = SendSlots(concurrency)
         self._stopping = False
         self._sending = 0
         self.waiting: set[asyncio.Task[None]] = set()
@@ -208,10 +251,14 @@ class Senders:
             if reservation.slots:
                 envelope = replace(envelope, send_slots=reservation.slots)
             timeout += reservation.spread
-        async with self._sem:
+        if not self._slots.take_now():
+            await self._slots.take()
+        try:
             attempt = await delivery.send(
                 self.channels[channel], envelope, timeout=timeout, deadlines=deadlines
             )
+        finally:
+            self._slots.give()
         outcome = attempt.outcome
         self.observer.sent(message, outcome, attempt.duration_ms)
         if type(outcome) is Sent and self._breaker.settled(channel):

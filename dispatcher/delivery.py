@@ -20,6 +20,7 @@ from psycopg import AsyncConnection, AsyncCursor
 
 from outbox._queries import QUERIES
 from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher._values import value_builder
 from outbox.dispatcher.channels.base import (
     Channel,
     DeletePushSubscription,
@@ -154,7 +155,7 @@ def address(
     """The envelope of rendered ``content`` to ``recipient`` (what :func:`prepare`
     returns once it has rendered).
     """
-    return Envelope(
+    return _build_envelope(  # Envelope(...)
         message_id=message_id,
         lane=cast(LaneName, lane),
         channel=cast(ChannelName, channel),
@@ -164,6 +165,9 @@ def address(
         recipient=recipient,
         content=content,
     )
+
+
+_build_envelope = value_builder(Envelope)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -182,25 +186,24 @@ class SendDeadlines:
     message after message (a sender) keeps one of these instead: a send only
     notes its deadline; one timer per task checks it when it fires, and re-arms
     itself for the deadline of the send under way, if that is still ahead. A send
-    that outlives its deadline is cancelled, as ``asyncio.timeout`` would.
+    that outlives its deadline is cancelled, as ``asyncio.timeout`` would. Made
+    in the task that sends, and used by it alone.
     """
 
     def __init__(self) -> None:
-        self._task: asyncio.Task[Any] | None = None
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("SendDeadlines() belongs to the task that makes the sends")
+        self.task: asyncio.Task[Any] = task
+        """The task whose sends these are (the one that made this object)."""
         self._deadline = 0.0
         self._sending = False
         self._timer: asyncio.TimerHandle | None = None
         self.expired = False
         """The send under way was cancelled for its deadline."""
 
-    def start(self, task: asyncio.Task[Any], timeout: float) -> None:
-        """A send of at most ``timeout`` seconds starts now, in ``task``."""
-        if task is not self._task:  # the first send, or another task
-            self.stop()
-            self._task = task
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+    def start(self, timeout: float) -> None:
+        """A send of at most ``timeout`` seconds starts now, in :attr:`task`."""
         self._deadline = time.monotonic() + timeout
         self._sending = True
         self.expired = False
@@ -216,11 +219,11 @@ class SendDeadlines:
 
     def _check(self) -> None:
         self._timer = None
-        if not self._sending or self._task is None:
+        if not self._sending:
             return  # the next send arms a timer again
         if time.monotonic() >= self._deadline:
             self.expired = True
-            self._task.cancel()
+            self.task.cancel()
         else:
             self._timer = asyncio.get_running_loop().call_at(self._deadline, self._check)
 
@@ -265,10 +268,9 @@ async def send(
 async def _send_by(
     deadlines: SendDeadlines, channel: Channel, envelope: Envelope, timeout: float
 ) -> Outcome:
-    task = asyncio.current_task()
-    assert task is not None
+    task = deadlines.task
     cancelling = task.cancelling()
-    deadlines.start(task, timeout)
+    deadlines.start(timeout)
     try:
         outcome = await channel.send(envelope)
     except asyncio.CancelledError:

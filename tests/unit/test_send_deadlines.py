@@ -86,15 +86,23 @@ async def test_a_deadline_shorter_than_the_armed_one_is_kept() -> None:
 
 
 async def test_a_cancel_from_elsewhere_is_not_turned_into_a_timeout() -> None:
-    deadlines = delivery.SendDeadlines()
-    task = asyncio.create_task(
-        delivery.send(Channel(None), envelope(), timeout=60, deadlines=deadlines)
-    )
+    async def sender() -> delivery.Attempt:
+        deadlines = delivery.SendDeadlines()
+        try:
+            return await delivery.send(Channel(None), envelope(), timeout=60, deadlines=deadlines)
+        finally:
+            deadlines.close()
+
+    task = asyncio.create_task(sender())
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    deadlines.close()
+
+
+def test_send_deadlines_belong_to_a_task() -> None:
+    with pytest.raises(RuntimeError):  # no running loop, so no task
+        delivery.SendDeadlines()
 
 
 async def test_a_channel_that_swallows_the_cancel_leaves_its_task_usable() -> None:
