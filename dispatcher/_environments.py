@@ -18,10 +18,64 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from jinja2 import Template
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher import markdown
+
+_CONTEXT_STATE = frozenset(
+    {"parent", "vars", "environment", "eval_ctx", "exported_vars", "name", "globals_keys", "blocks"}
+)
+_EVAL_STATE = frozenset({"environment", "autoescape", "volatile"})
+_new = object.__new__
+
+
+class _Compiled:
+    """One compiled template, and the state each render of it starts from.
+
+    Jinja builds every render's ``Context`` (and its ``EvalContext``) from scratch,
+    copying the template's globals into a new set on the way; here a context
+    starts as a copy of one made when the template was compiled, with its own
+    variables, exported names, blocks and evaluation state (what a render
+    changes). Should Jinja's context hold anything else, renders take Jinja's own
+    way (``new_context``) instead.
+    """
+
+    def __init__(self, template: Template) -> None:
+        # Jinja keeps a template's globals in a ChainMap that every context
+        # creation iterates; these environments never change their globals.
+        template.globals = dict(template.globals)
+        self.template = template
+        self.globals = template.globals
+        proto = template.new_context({}, shared=True)
+        self._context: dict[str, Any] | None = None
+        self._eval: dict[str, Any] = {}
+        if (
+            type(proto) is Context
+            and vars(proto).keys() == _CONTEXT_STATE
+            and type(proto.eval_ctx) is EvalContext
+            and vars(proto.eval_ctx).keys() == _EVAL_STATE
+        ):
+            self._context = vars(proto)
+            self._eval = vars(proto.eval_ctx)
+
+    def new_context(self, values: dict[str, Any]) -> Context:
+        """``template.new_context(values, shared=True)``."""
+        if self._context is None:
+            return self.template.new_context(values, shared=True)
+        eval_ctx = _new(EvalContext)
+        eval_ctx.__dict__ = self._eval.copy()
+        state = self._context.copy()
+        state["parent"] = values
+        state["vars"] = {}
+        state["exported_vars"] = set()
+        state["eval_ctx"] = eval_ctx
+        state["blocks"] = {name: [block] for name, block in self.template.blocks.items()}
+        context: Context = _new(Context)
+        context.__dict__ = state
+        return context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +84,7 @@ class Environments:
     text: ImmutableSandboxedEnvironment
     telegram: ImmutableSandboxedEnvironment
     push: ImmutableSandboxedEnvironment
-    compiled: dict[tuple[int, str], Template] = field(default_factory=dict)
+    compiled: dict[tuple[int, str], _Compiled] = field(default_factory=dict)
     """(environment id, loader name) -> the compiled template."""
 
     def render(
@@ -44,25 +98,22 @@ class Environments:
         """Render template ``name`` of ``env`` (one of ours) with ``context``.
 
         What ``Template.render`` does, minus its per-call costs: the environment's
-        template cache is a locked LRU, and every call copies the template's
-        globals (a ``ChainMap``, slow to iterate) into the new context. Both are
-        done once per template here; the context is still a fresh dict per call.
+        template cache is a locked LRU, every call copies the template's globals
+        (a ``ChainMap``, slow to iterate) into the new context, and builds that
+        context from scratch. These are done once per template here
+        (:class:`_Compiled`); the context is still a fresh one per call.
         The output is streamed: past ``limit`` characters rendering stops with
         :class:`OutputTooLong`, before the rest is produced.
         """
         key = (id(env), name)
-        template = self.compiled.get(key)
-        if template is None:
-            template = env.get_template(name)
-            # Jinja keeps a template's globals in a ChainMap that every context
-            # creation iterates; these environments never change their globals.
-            template.globals = dict(template.globals)
-            template = self.compiled.setdefault(key, template)
-        ctx = template.new_context({**template.globals, **context}, shared=True)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.compiled.setdefault(key, _Compiled(env.get_template(name)))
+        ctx = compiled.new_context({**compiled.globals, **context})
         parts: list[str] = []
         size = 0
         try:
-            for part in template.root_render_func(ctx):
+            for part in compiled.template.root_render_func(ctx):
                 size += len(part)
                 if size > limit:
                     raise OutputTooLong(limit)
@@ -88,6 +139,9 @@ _cache: weakref.WeakKeyDictionary[TemplateCatalog, dict[str | None, Environments
     weakref.WeakKeyDictionary()
 )
 _cache_lock = threading.Lock()
+_latest: tuple[TemplateCatalog, str | None, Environments] | None = None
+"""The last answer of :func:`environments`, looked at without the lock (one tuple,
+replaced whole). It keeps that catalog alive, as its renderer does anyway."""
 
 
 def _json_string(value: object) -> str:
@@ -99,6 +153,10 @@ def environments(catalog: TemplateCatalog, platform_base_url: str | None = None)
     """Return the catalog's rendering environments for ``platform_base_url`` (built
     once per catalog and base URL; they cache compiled templates).
     """
+    global _latest
+    latest = _latest  # the common case: the one renderer of this process asks again
+    if latest is not None and latest[0] is catalog and latest[1] == platform_base_url:
+        return latest[2]
     with _cache_lock:
         by_base = _cache.setdefault(catalog, {})
         found = by_base.get(platform_base_url)
@@ -113,4 +171,5 @@ def environments(catalog: TemplateCatalog, platform_base_url: str | None = None)
                 push=catalog.create_environment(finalize=_json_string, platform_base_url=base),
             )
             by_base[platform_base_url] = found
+        _latest = (catalog, platform_base_url, found)
         return found

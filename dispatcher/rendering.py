@@ -167,7 +167,7 @@ def render(
     template, missing variable, a template error or a sandbox violation, output over
     the channel's budget, MarkdownV2 that would not parse, a push payload too large.
     """
-    if not isinstance(vars, Mapping):
+    if type(vars) is not dict and not isinstance(vars, Mapping):
         raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
     if vars_depth_exceeds(vars):
         raise TemplateRenderError(f"{template} ({channel}): {TOO_DEEP}")
@@ -335,8 +335,14 @@ def push_topic(template: str, vars: Mapping[str, Any]) -> str | None:
     if not keys:
         return None
     # alerts about one instrument or ticket share their topic: text keys are remembered
-    memo = (template, *(item for pair in keys for item in pair))
-    textual = all(type(value) is str for _, value in keys)
+    # (only text: 1, 1.0 and True are equal keys of a dict, not equal JSON)
+    memo: tuple[str, ...] = (template,)
+    textual = True
+    for key, value in keys:
+        if type(value) is not str:
+            textual = False
+            break
+        memo += (key, value)
     if textual and (found := _topics.get(memo)) is not None:
         return found
     material = _TOPIC_JSON.encode([template, keys])
