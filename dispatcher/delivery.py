@@ -178,6 +178,9 @@ class Attempt:
     duration_ms: float
 
 
+_build_attempt = value_builder(Attempt)
+
+
 class SendDeadlines:
     """The time limit of the sends one task makes one after another, without a timer each.
 
@@ -262,7 +265,7 @@ async def send(
     except Exception as error:
         log.exception("channel raised id=%d channel=%s", envelope.message_id, envelope.channel)
         outcome = TransientFailure(error_class="internal", error=f"{type(error).__name__}: {error}")
-    return Attempt(outcome=outcome, duration_ms=(time.perf_counter() - started) * 1000)
+    return _build_attempt(outcome, (time.perf_counter() - started) * 1000)  # Attempt(...)
 
 
 async def _send_by(

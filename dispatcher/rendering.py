@@ -51,6 +51,7 @@ from outbox.dispatcher._stored_vars import (
     stored_vars,
     stored_vars_problem,
 )
+from outbox.dispatcher._values import value_builder
 from outbox.dispatcher.channels.base import (
     Rendered,
     RenderedEmail,
@@ -268,8 +269,10 @@ def _render_push(
             f"{template} (push): the payload is {len(body)} bytes; Web Push allows at most"
             f" {PUSH_PAYLOAD_LIMIT} (shorten the variables or the template)"
         )
-    return RenderedPush(payload=payload, body=body, topic=push_topic(template, context))
+    return _build_push(payload=payload, body=body, topic=push_topic(template, context))
 
+
+_build_push = value_builder(RenderedPush)  # RenderedPush(...)
 
 INAPP_ITEM_LIMIT = PUSH_PAYLOAD_LIMIT
 """Bytes of an inbox item's JSON: a notification, not a document (the push budget)."""
