@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any
 
-from jinja2 import Template
+from jinja2 import Template, nodes
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -30,6 +30,17 @@ _CONTEXT_STATE = frozenset(
 )
 _EVAL_STATE = frozenset({"environment", "autoescape", "volatile"})
 _new = object.__new__
+_UNBOUNDED = (
+    nodes.For,
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.Include,
+    nodes.Extends,
+    nodes.Import,
+    nodes.FromImport,
+    nodes.Block,
+)
+"""Nodes after which a template's count of output parts is not fixed by its text."""
 
 
 class _Compiled:
@@ -43,12 +54,15 @@ class _Compiled:
     way (``new_context``) instead.
     """
 
-    def __init__(self, template: Template) -> None:
+    def __init__(self, template: Template, tree: nodes.Template) -> None:
         # Jinja keeps a template's globals in a ChainMap that every context
         # creation iterates; these environments never change their globals.
         template.globals = dict(template.globals)
         self.template = template
         self.globals = template.globals
+        self.bounded = not any(tree.find_all(_UNBOUNDED))
+        """The template yields a bounded number of parts: no loop, and nothing taken
+        from another template (which could loop)."""
         proto = template.new_context({}, shared=True)
         self._context: dict[str, Any] | None = None
         self._eval: dict[str, Any] = {}
@@ -102,14 +116,27 @@ class Environments:
         (a ``ChainMap``, slow to iterate) into the new context, and builds that
         context from scratch. These are done once per template here
         (:class:`_Compiled`); the context is still a fresh one per call.
-        The output is streamed: past ``limit`` characters rendering stops with
-        :class:`OutputTooLong`, before the rest is produced.
+        The output of a template that loops (or takes parts from another) is
+        streamed: past ``limit`` characters rendering stops with
+        :class:`OutputTooLong`, before the rest is produced; one that cannot is
+        joined at once and then measured against ``limit``.
         """
         key = (id(env), name)
         compiled = self.compiled.get(key)
         if compiled is None:
-            compiled = self.compiled.setdefault(key, _Compiled(env.get_template(name)))
+            assert env.loader is not None
+            tree = env.parse(env.loader.get_source(env, name)[0])
+            compiled = self.compiled.setdefault(key, _Compiled(env.get_template(name), tree))
         ctx = compiled.new_context({**compiled.globals, **context})
+        if compiled.bounded:  # a few parts, each as long as a var at most: joined at once
+            try:
+                text = "".join(compiled.template.root_render_func(ctx))
+            except Exception:
+                env.handle_exception()
+                raise
+            if len(text) > limit:
+                raise OutputTooLong(limit)
+            return text
         parts: list[str] = []
         size = 0
         try:

@@ -363,6 +363,11 @@ _topics: dict[tuple[str, ...], str] = {}
 """Topics of recent (template, key texts); cleared when full."""
 
 
+RECENT_RENDERS = 256
+"""Renders a :class:`RenderCache` keeps before it knows they are asked for again:
+the messages of one fan-out are claimed together, well within this many."""
+
+
 class RenderCache:
     """Renders each distinct message once per dispatcher.
 
@@ -370,8 +375,11 @@ class RenderCache:
     for every recipient; rendering is pure, so the result can be shared. The key is
     the channel, the template and ``vars_key`` (the text of the message's jsonb,
     which PostgreSQL writes in one canonical form), plus ``message_id`` and
-    ``lane`` when the template reads them. Failures are not cached. When full, the
-    cache starts over (cheaper than keeping an LRU order on every hit).
+    ``lane`` when the template reads them. Failures are not cached. A render is
+    kept among the last :data:`RECENT_RENDERS` first; asked for again, among
+    ``max_entries`` that were: the renders of messages with vars of their own (most
+    messages) are let go young, which spares the garbage collector. When full, each
+    starts over (cheaper than keeping an LRU order on every hit).
     """
 
     def __init__(
@@ -381,6 +389,9 @@ class RenderCache:
         self.platform_base_url = platform_base_url
         self.max_entries = max_entries
         self._rendered: dict[tuple[object, ...], Rendered] = {}
+        """Renders asked for more than once."""
+        self._recent: dict[tuple[object, ...], Rendered] = {}
+        """The latest renders asked for once: most vars are a single message's."""
         self._context_used: dict[tuple[str, str], frozenset[str]] = {}
         """(channel, template) -> the renderer's names it reads (see the key)."""
         self._offload = asyncio.Semaphore(OFFLOAD_CONCURRENCY)
@@ -430,13 +441,17 @@ class RenderCache:
             lane if "lane" in used else None,
         )
         found = self._rendered.get(key)
+        if found is None and (found := self._recent.pop(key, None)) is not None:
+            if len(self._rendered) >= self.max_entries:  # rendered twice: worth keeping
+                self._rendered.clear()
+            self._rendered[key] = found
         if found is not None:
             self.hits += 1
             return found
         found = self._render(channel, template, vars, message_id, lane, None)
-        if len(self._rendered) >= self.max_entries:
-            self._rendered.clear()
-        self._rendered[key] = found
+        if len(self._recent) >= RECENT_RENDERS:
+            self._recent.clear()
+        self._recent[key] = found
         return found
 
     def _render(
