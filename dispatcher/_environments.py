@@ -14,7 +14,6 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring
 from typing import Any
 
 from jinja2 import Template, nodes
@@ -171,11 +170,6 @@ _latest: tuple[TemplateCatalog, str | None, Environments] | None = None
 replaced whole). It keeps that catalog alive, as its renderer does anyway."""
 
 
-def _json_string(value: object) -> str:
-    """Escape ``value`` for the inside of a JSON string literal (as ``json.dumps``)."""
-    return encode_basestring(str(value))[1:-1]
-
-
 def environments(catalog: TemplateCatalog, platform_base_url: str | None = None) -> Environments:
     """Return the catalog's rendering environments for ``platform_base_url`` (built
     once per catalog and base URL; they cache compiled templates).
@@ -195,7 +189,7 @@ def environments(catalog: TemplateCatalog, platform_base_url: str | None = None)
                 telegram=catalog.create_environment(
                     finalize=markdown.finalize, filters=markdown.FILTERS, platform_base_url=base
                 ),
-                push=catalog.create_environment(finalize=_json_string, platform_base_url=base),
+                push=catalog.create_environment(json_strings=True, platform_base_url=base),
             )
             by_base[platform_base_url] = found
         _latest = (catalog, platform_base_url, found)

@@ -235,7 +235,10 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
             {
                 "ids": _int_array(f.message.lease.id for f in sent),
                 "tokens": "{" + ",".join(_token_text(f.message.lease.token) for f in sent) + "}",
-                "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
+                # to the microsecond: repr() would spell out every digit, at twice the cost
+                "durations": "{"
+                + ",".join(map(_MICROSECONDS, (f.duration_ms for f in sent)))
+                + "}",
                 **common,
             },
         )
@@ -307,6 +310,10 @@ def _failures(items: Sequence[FinishRequeue | FinishDead | FinishHandoff]) -> di
         "errors": [clip_error(f.error) for f in items],
         "durations": [None if f.duration_ms is None else float(f.duration_ms) for f in items],
     }
+
+
+_MICROSECONDS = "{:.3f}".format
+"""A duration in milliseconds as text, to the microsecond."""
 
 
 def _int_array(values: Iterable[int]) -> str:

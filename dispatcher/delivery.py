@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from psycopg import AsyncConnection, AsyncCursor
 
@@ -38,7 +38,6 @@ from outbox.dispatcher.channels.base import (
     WriteInboxItem,
 )
 from outbox.dispatcher.rendering import RenderCache
-from outbox.vocabulary import ChannelName, LaneName
 
 __all__ = [
     "Attempt",
@@ -155,10 +154,10 @@ def address(
     """The envelope of rendered ``content`` to ``recipient`` (what :func:`prepare`
     returns once it has rendered).
     """
-    return _build_envelope(  # Envelope(...)
+    return _build_envelope(  # Envelope(...): lane and channel are the row's, checked there
         message_id=message_id,
-        lane=cast(LaneName, lane),
-        channel=cast(ChannelName, channel),
+        lane=lane,
+        channel=channel,
         user_id=user_id,
         template=template,
         attempt=attempt,

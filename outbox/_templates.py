@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from json.encoder import encode_basestring
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -288,11 +289,14 @@ class TemplateCatalog:
         finalize: Callable[[object], object] | None = None,
         filters: Mapping[str, Callable[..., Any]] | None = None,
         platform_base_url: str | None = None,
+        json_strings: bool = False,
     ) -> ImmutableSandboxedEnvironment:
         """Build a sandboxed, strict environment over this catalog's folders.
 
         Every ``{{ ... }}`` output goes through :func:`format_value`, then through
-        ``finalize`` (a channel's escaping). Whitespace handling is Jinja's default
+        ``finalize`` (a channel's escaping); with ``json_strings``, through the
+        escaping of the inside of a JSON string literal (as ``json.dumps`` writes it;
+        ``finalize`` is then not used). Whitespace handling is Jinja's default
         (no ``trim_blocks``): in Telegram text a line break after ``{% endif %}``
         is kept; use ``{%- ... -%}`` to remove whitespace on purpose.
 
@@ -303,9 +307,17 @@ class TemplateCatalog:
         """
         channel_finalize = finalize
 
-        def finalize_output(value: object) -> object:
-            shown = value if type(value) is str else format_value(value)
-            return channel_finalize(shown) if channel_finalize is not None else shown
+        if json_strings:  # one call per output: a push message has a dozen of them
+
+            def finalize_output(value: object) -> object:
+                shown = value if type(value) is str else str(format_value(value))
+                return encode_basestring(shown)[1:-1]
+
+        else:
+
+            def finalize_output(value: object) -> object:
+                shown = value if type(value) is str else format_value(value)
+                return channel_finalize(shown) if channel_finalize is not None else shown
 
         options: dict[str, Any] = {
             "loader": self._loader,
@@ -373,11 +385,11 @@ class TemplateCatalog:
         required variable absent from ``vars`` (the names the renderer provides
         itself never count). Touches no database.
         """
-        if not isinstance(vars, Mapping):
+        if type(vars) is not dict and not isinstance(vars, Mapping):
             raise InvalidMessage(f"vars must be a mapping, not {type(vars).__name__}")
-        missing = self.variables(channel, template).required - vars.keys()
-        if missing:
-            raise MissingTemplateVariables(channel, template, missing)
+        required = self.variables(channel, template).required
+        if not vars.keys() >= required:
+            raise MissingTemplateVariables(channel, template, required - vars.keys())
 
     def _analyse(self, loader_names: Iterable[str]) -> TemplateVariables:
         required: set[str] = set()
