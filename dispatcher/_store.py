@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg.types.json import set_json_loads
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 from outbox._db import (
@@ -121,7 +122,12 @@ class Store:
     async def claim(self, limit: int, token: uuid.UUID) -> list[tuple[Any, ...]]:
         """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``."""
         async with self._connection("claim") as conn:
-            cursor = await conn.execute(
+            cursor = conn.cursor()
+            # json columns (a user's preferences and push subscriptions) as their text:
+            # decoded only where a message or a recipient record is built from them,
+            # and a user's record is kept while its columns read the same
+            cursor.adapters.register_loader("json", TextLoader)
+            await cursor.execute(
                 QUERIES["claim_batch"],
                 {
                     "batch_size": limit,

@@ -71,3 +71,18 @@ def test_a_users_record_is_kept_while_its_row_is_unchanged_and_decoded_again_aft
     assert moved[0][1] is not None and moved[0][1].email == "b@example.com"
     assert unknown[0][1] is None
     assert [m.id for m, _ in first + again + moved + unknown] == [1, 2, 3, 4, 5]
+
+
+def test_json_columns_read_as_text_decode_to_the_same_values() -> None:
+    """The claim returns a user's preferences and push subscriptions as JSON text."""
+    message_text = (*message_columns(7)[:14], '[["", ["push", "email"]]]')
+    recipient_text = (
+        *recipient_columns()[:11],
+        '[["https://push.example.com/s/1", "p256dh", "auth"]]',
+    )
+    [(message, recipient)] = ClaimDecoder().decode([message_text + recipient_text], TOKEN)
+    [(expected, expected_recipient)] = ClaimDecoder().decode(
+        [message_columns(7) + recipient_columns()], TOKEN
+    )
+    assert message == expected
+    assert recipient == expected_recipient
