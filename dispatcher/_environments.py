@@ -43,14 +43,14 @@ _UNBOUNDED = (
 
 
 class _Compiled:
-    """One compiled template, and the state each render of it starts from.
+    """One compiled template, and what each render of it starts from.
 
-    Jinja builds every render's ``Context`` (and its ``EvalContext``) from scratch,
-    copying the template's globals into a new set on the way; here a context
-    starts as a copy of one made when the template was compiled, with its own
-    variables, exported names, blocks and evaluation state (what a render
-    changes). Should Jinja's context hold anything else, renders take Jinja's own
-    way (``new_context``) instead.
+    Jinja builds every render's ``Context`` (and its ``EvalContext``) through their
+    ``__init__``, copying the template's globals into a new set on the way; here a
+    context is made as one made when the template was compiled, attribute by
+    attribute, with its own variables, exported names, blocks and evaluation state
+    (what a render changes). Should Jinja's context hold anything else, renders
+    take Jinja's own way (``new_context``) instead.
     """
 
     def __init__(self, template: Template, tree: nodes.Template) -> None:
@@ -63,31 +63,33 @@ class _Compiled:
         """The template yields a bounded number of parts: no loop, and nothing taken
         from another template (which could loop)."""
         proto = template.new_context({}, shared=True)
-        self._context: dict[str, Any] | None = None
-        self._eval: dict[str, Any] = {}
+        self._proto: Context | None = None
         if (
             type(proto) is Context
             and vars(proto).keys() == _CONTEXT_STATE
             and type(proto.eval_ctx) is EvalContext
             and vars(proto.eval_ctx).keys() == _EVAL_STATE
         ):
-            self._context = vars(proto)
-            self._eval = vars(proto.eval_ctx)
+            self._proto = proto
 
     def new_context(self, values: dict[str, Any]) -> Context:
         """``template.new_context(values, shared=True)``."""
-        if self._context is None:
+        proto = self._proto
+        if proto is None:
             return self.template.new_context(values, shared=True)
         eval_ctx = _new(EvalContext)
-        eval_ctx.__dict__ = self._eval.copy()
-        state = self._context.copy()
-        state["parent"] = values
-        state["vars"] = {}
-        state["exported_vars"] = set()
-        state["eval_ctx"] = eval_ctx
-        state["blocks"] = {name: [block] for name, block in self.template.blocks.items()}
+        eval_ctx.environment = proto.eval_ctx.environment
+        eval_ctx.autoescape = proto.eval_ctx.autoescape
+        eval_ctx.volatile = False
         context: Context = _new(Context)
-        context.__dict__ = state
+        context.parent = values
+        context.vars = {}
+        context.environment = proto.environment
+        context.eval_ctx = eval_ctx
+        context.exported_vars = set()
+        context.name = proto.name
+        context.globals_keys = proto.globals_keys  # only read by Jinja
+        context.blocks = {name: [block] for name, block in self.template.blocks.items()}
         return context
 
 
