@@ -42,7 +42,7 @@ from typing import Any
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher._acknowledger import Acknowledger
-from outbox.dispatcher._claimed import decode_claim
+from outbox.dispatcher._claimed import ClaimDecoder
 from outbox.dispatcher._finishes import AckBatch, AckResult, FinishSent
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
@@ -123,6 +123,7 @@ class Dispatcher:
             on_flushed=self._flushed,
         )
         self._ready = ReadyQueue()
+        self._decoder = ClaimDecoder()
         limits = settings.rate_limits
         limited: set[str] = {c for c in limits if c != "telegram_chat"}
         if "telegram_chat" in limits:
@@ -255,7 +256,7 @@ class Dispatcher:
         except StoreError as error:
             log.warning("claim failed error=%s", error)
             return None
-        for message, recipient in decode_claim(rows, token):
+        for message, recipient in self._decoder.decode(rows, token):
             self._leases.hold(message.lease)
             self._ready.push(message, recipient)
         if rows and log.isEnabledFor(logging.DEBUG):
@@ -306,8 +307,9 @@ class Dispatcher:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     def _flushed(self, batch: AckBatch, result: AckResult) -> None:
+        finished = result.finished
         self.delivered += sum(
-            1 for f in batch.finishes if type(f) is FinishSent and f.lease.id in result.finished
+            1 for f in batch.finishes if type(f) is FinishSent and f.message.lease.id in finished
         )
         self.observer.acked(batch, result)
         self._wake.set()
