@@ -575,11 +575,13 @@ def test_a_push_shows_our_notification_and_a_click_opens_its_url(browser: Browse
             "body": payload["body"],
             "icon": payload["icon"],
             "badge": payload["badge"],
-            "tag": "",
-            "renotify": False,
+            # the renderer tags a price alert with its topic: a newer one replaces it
+            "tag": payload["data"]["tag"],
+            "renotify": True,
             "data": payload["data"],
         }
     ]
+    assert len(payload["data"]["tag"]) == 32
     assert payload["title"] == "Price alert: EURUSD above 1.0900"
     url = payload["data"]["url"]
     assert url == f"{browser.origin}/dashboard/positions"
