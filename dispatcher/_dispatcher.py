@@ -20,6 +20,14 @@ together (``docs/architecture.md`` draws them):
 On SIGTERM/SIGINT: stop claiming, let in-flight sends finish (up to a grace
 period), write their outcomes, give back any lease still held, exit 0.
 
+The transactional lane has a path of its own (``_urgent_claims``): while anything
+is in flight, a small claim of the transactional lane alone runs every
+``urgent_poll_seconds`` into ``urgent_reserve`` in-flight slots that the regular
+claim never fills. Under a campaign no dispatcher sleeps, so a stop-loss alert's
+commit wakes nobody; without this path it waited for a batch of campaign
+acknowledgements to free room for the next regular claim, and then rode in it
+with a batch of campaign rows (``bench/RESULTS.md``, "flood").
+
 Durability: a claim commits without waiting for the WAL flush (``claim_batch``
 sets ``synchronous_commit`` off): a claim lost in a crash only returns its
 messages to pending, and since the WAL is flushed in order, no acknowledgement
@@ -82,6 +90,12 @@ class DispatcherOptions:
     ack_max: int = 500
     shutdown_grace: float = 10.0
     send_timeout: float | None = None
+    urgent_reserve: int = 25
+    """In-flight slots beyond ``max_in_flight`` that only the urgent claim (the
+    transactional lane, see ``_urgent_claims``) fills, and the most it claims at once;
+    0 turns the urgent claim off."""
+    urgent_poll_seconds: float = 0.01
+    """While anything is in flight, the urgent claim runs this often."""
 
 
 class Dispatcher:
@@ -144,6 +158,8 @@ class Dispatcher:
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)
         self._wakeup: Wakeup | None = None
         self._stopping = asyncio.Event()
+        # set by a claim that leased anything: the urgent claim polls only while busy
+        self._busy = asyncio.Event()
         # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
         # (it may have moved messages to their next channel, due now, which sends no
         # NOTIFY) or stop()
@@ -161,6 +177,7 @@ class Dispatcher:
         self._stopping.set()
         self._capacity.set()
         self._wake.set()
+        self._busy.set()
 
     async def run(self) -> None:
         """Dispatch until stopped (or, with ``until_idle``, until nothing is left)."""
@@ -187,9 +204,24 @@ class Dispatcher:
                 "no OUTBOX_ACK_SECRET or OUTBOX_API_JWT_SECRET: alerts (escalate_after)"
                 " are sent without an acknowledgement link"
             )
+        urgent = (
+            asyncio.create_task(self._urgent_claims(), name="outbox-urgent-claims")
+            if self.options.urgent_reserve > 0
+            else None
+        )
         try:
             await self._claim_loop()
         finally:
+            if urgent is not None:
+                # not cancelled: a claim under way finishes and its leases are held,
+                # so that the shutdown gives them back
+                self.stop()
+                try:
+                    await asyncio.wait_for(urgent, timeout=15.0)
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+                except Exception:  # the shutdown must run whatever ended the task
+                    log.exception("urgent claims failed")
             await self._shutdown(acker, heartbeat, senders)
 
     async def _shutdown(
@@ -244,19 +276,54 @@ class Dispatcher:
             elif await self._idle():
                 return
 
-    async def _claim(self, limit: int) -> int | None:
+    async def _urgent_claims(self) -> None:
+        """Claim the transactional lane on its own, into the reserved slots.
+
+        Runs every ``urgent_poll_seconds`` while anything is in flight, whether or
+        not the regular claim loop is waiting for room: under load nobody sleeps on
+        LISTEN, so no NOTIFY tells us an alert was committed, and the regular claim
+        runs only once a batch of slots is free. The claim is bounded to the
+        transactional priorities, so its index probe stops before the campaign's part
+        of ``message_claim_idx`` (and the dead entries a drain leaves there while
+        vacuum is behind), and its rows reach the senders' heap without a batch of
+        campaign rows to decode first. Idle, it does not poll: a producer's NOTIFY
+        wakes one sleeping dispatcher (``_idle``) and that claim starts the polling.
+        Each claim is fenced by its own lease token like any other.
+        """
+        reserve = self.options.urgent_reserve
+        while not self._stopping.is_set():
+            if not len(self._leases):
+                self._busy.clear()
+                await self._busy.wait()
+                continue
+            await self._sleep(self.options.urgent_poll_seconds)
+            room = self._max_in_flight + reserve - len(self._leases)
+            if self._stopping.is_set() or not len(self._leases) or room <= 0:
+                continue
+            if await self._claim(min(room, reserve), urgent=True) is None:
+                await self._sleep(1.0)  # database unreachable: the claim loop logs it too
+
+    async def _claim(self, limit: int, *, urgent: bool = False) -> int | None:
         """Lease a batch and queue it for the senders; how many, or None (no database)."""
         token = uuid.uuid4()
         try:
-            rows = await self._store.claim(limit, token)
+            rows = await self._store.claim(limit, token, urgent=urgent)
         except StoreError as error:
-            log.warning("claim failed error=%s", error)
+            log.warning("%s failed error=%s", "urgent claim" if urgent else "claim", error)
             return None
         for message, recipient in decode_claim(rows, token):
             self._leases.hold(message.lease)
             self._ready.push(message, recipient)
-        if rows and log.isEnabledFor(logging.DEBUG):
-            log.debug("claimed count=%d ids=%s..%s", len(rows), rows[0][0], rows[-1][0])
+        if rows:
+            self._busy.set()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "claimed count=%d ids=%s..%s urgent=%s",
+                    len(rows),
+                    rows[0][0],
+                    rows[-1][0],
+                    urgent,
+                )
         return len(rows)
 
     async def _idle(self) -> bool:

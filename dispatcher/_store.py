@@ -41,6 +41,7 @@ from outbox.dispatcher._finishes import (
     FinishSent,
 )
 from outbox.dispatcher.delivery import clip_error, write_effect
+from outbox.vocabulary import PRIORITY_RANGES
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -56,6 +57,13 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, *UNAVAILABLE)
 """Everything a round trip can raise: for the few parts that run their own
 statements on a connection of their own (the listener, the limiter's locked
 transactions) and so cannot go through :class:`Store`."""
+
+
+URGENT_PRIORITY_BELOW = PRIORITY_RANGES["transactional"].stop
+"""An urgent claim takes pending messages of a priority below this: the transactional lane."""
+
+ANY_PRIORITY_BELOW = 32768
+"""Above every ``smallint``: the regular claim takes pending messages of any priority."""
 
 
 class StoreError(Exception):
@@ -94,7 +102,9 @@ class Store:
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
-            max_size=4,
+            # claim, urgent claim, acknowledgements and heartbeat can all be under
+            # way at once; one more for the limiter, the breaker and the sleeper row
+            max_size=5,
             open=False,
             kwargs={"autocommit": True, **connect_kwargs(settings)},
             configure=_configure,
@@ -118,13 +128,22 @@ class Store:
 
     # ------------------------------------------------------------------ claims
 
-    async def claim(self, limit: int, token: uuid.UUID) -> list[tuple[Any, ...]]:
-        """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``."""
+    async def claim(
+        self, limit: int, token: uuid.UUID, *, urgent: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``.
+
+        ``urgent``: the transactional lane and due escalations only, no expired
+        leases: a probe of the head of ``message_claim_idx`` that stops before the
+        campaign's part of it (see ``Dispatcher._urgent_claims``).
+        """
         async with self._connection("claim") as conn:
             cursor = await conn.execute(
                 QUERIES["claim_batch"],
                 {
                     "batch_size": limit,
+                    "priority_below": URGENT_PRIORITY_BELOW if urgent else ANY_PRIORITY_BELOW,
+                    "expired_limit": 0 if urgent else limit,
                     "lease_seconds": self.settings.lease_seconds,
                     "dispatcher_id": self.dispatcher_id,
                     "lease_token": str(token),

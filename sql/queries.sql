@@ -162,6 +162,10 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- jsonb's canonical text is also the dispatcher's render cache key. A text over
 -- 262144 bytes (outbox.MAX_VARS_BYTES: a row written past enqueue's check) comes
 -- back NULL: the dispatcher refuses it without receiving, holding or decoding it.
+-- %(priority_below)s bounds the pending part: the dispatcher's urgent claim passes
+-- 100 (the transactional lane) and %(expired_limit)s 0, so that its `due` select
+-- reads only the head of message_claim_idx, before the campaign's part and its dead
+-- entries; the regular claim passes 32768 (every smallint) and the batch size.
 WITH async_commit AS (
     -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
     -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
@@ -174,6 +178,7 @@ WITH async_commit AS (
     -- pending and due, in claim order, through message_claim_idx
     SELECT m.id FROM outbox.message m, paused
      WHERE m.status = 'pending' AND m.next_attempt_at <= now()
+       AND m.priority < %(priority_below)s
        AND m.channel <> ALL (paused.channels)
      ORDER BY m.priority, m.next_attempt_at, m.id
      LIMIT %(batch_size)s
@@ -183,7 +188,7 @@ WITH async_commit AS (
     SELECT m.id FROM outbox.message m
      WHERE m.status = 'sending' AND m.leased_until < now()
      ORDER BY m.leased_until
-     LIMIT %(batch_size)s
+     LIMIT %(expired_limit)s
      FOR UPDATE OF m SKIP LOCKED
 ), escalate AS (
     -- alerts nobody acknowledged in time; the sent finish put the channel they

@@ -27,6 +27,8 @@ def claim(
         QUERIES["claim_batch"],
         {
             "batch_size": n,
+            "priority_below": 32768,
+            "expired_limit": n,
             "lease_seconds": 30,
             "dispatcher_id": who,
             "lease_token": str(token or uuid.uuid4()),
@@ -95,6 +97,8 @@ def test_the_claim_uses_the_partial_index(conn: psycopg.Connection[Any]) -> None
         "EXPLAIN (FORMAT JSON) " + QUERIES["claim_batch"],
         {
             "batch_size": 100,
+            "priority_below": 32768,
+            "expired_limit": 100,
             "lease_seconds": 30,
             "dispatcher_id": "d",
             "lease_token": str(uuid.uuid4()),
