@@ -288,7 +288,8 @@ class Dispatcher:
         vacuum is behind), and its rows reach the senders' heap without a batch of
         campaign rows to decode first. Idle, it does not poll: a producer's NOTIFY
         wakes one sleeping dispatcher (``_idle``) and that claim starts the polling.
-        Each claim is fenced by its own lease token like any other.
+        Each claim is fenced by its own lease token like any other. A cheap question
+        (``urgent_due``) comes first: most polls find nothing.
         """
         reserve = self.options.urgent_reserve
         while not self._stopping.is_set():
@@ -300,8 +301,15 @@ class Dispatcher:
             room = self._max_in_flight + reserve - len(self._leases)
             if self._stopping.is_set() or not len(self._leases) or room <= 0:
                 continue
+            try:
+                # a third of an empty claim's cost, on both sides: ask before claiming
+                if not await self._store.urgent_due():
+                    continue
+            except StoreError:
+                await self._sleep(1.0)  # database unreachable: the claim loop logs it
+                continue
             if await self._claim(min(room, reserve), urgent=True) is None:
-                await self._sleep(1.0)  # database unreachable: the claim loop logs it too
+                await self._sleep(1.0)
 
     async def _claim(self, limit: int, *, urgent: bool = False) -> int | None:
         """Lease a batch and queue it for the senders; how many, or None (no database)."""

@@ -151,6 +151,15 @@ class Store:
             )
             return list(await cursor.fetchall())
 
+    async def urgent_due(self) -> bool:
+        """Whether a transactional message is pending and due (``urgent_due``)."""
+        async with self._connection("urgent due") as conn:
+            cursor = await conn.execute(
+                QUERIES["urgent_due"], {"priority_below": URGENT_PRIORITY_BELOW}
+            )
+            row = await cursor.fetchone()
+        return bool(row and row[0])
+
     async def next_due(self) -> tuple[float | None, bool]:
         """Seconds until the next pending message is due (None: none pending), and
         whether any message is in flight.
