@@ -154,10 +154,7 @@ class Store:
     async def urgent_due(self) -> bool:
         """Whether a transactional message is pending and due (``urgent_due``)."""
         async with self._connection("urgent due") as conn:
-            cursor = await conn.execute(
-                QUERIES["urgent_due"], {"priority_below": URGENT_PRIORITY_BELOW}
-            )
-            row = await cursor.fetchone()
+            row = await (await conn.execute(QUERIES["urgent_due"])).fetchone()
         return bool(row and row[0])
 
     async def next_due(self) -> tuple[float | None, bool]:

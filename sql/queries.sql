@@ -448,12 +448,14 @@ ON CONFLICT (dispatcher_id) DO UPDATE SET since = now()
 DELETE FROM outbox.sleeper WHERE dispatcher_id = %(dispatcher_id)s
 
 -- urgent_due --
--- Is a pending message below %(priority_below)s (the transactional lane) due now?
--- The busy dispatcher's cheap question before its urgent claim: one descent into the
--- head of message_claim_idx, a third of an empty claim's cost in both processes.
+-- Is a pending message of the transactional lane (priorities 0-99) due now? The
+-- busy dispatcher's cheap question before its urgent claim: one descent into the
+-- head of message_claim_idx (3 buffers, 0.06 ms with a million campaign rows behind
+-- it). The bound is a literal, not a parameter: a prepared statement's generic plan
+-- cannot know that `priority < $1` is rare and scanned the whole table (400 ms).
 SELECT EXISTS (
     SELECT 1 FROM outbox.message
-     WHERE status = 'pending' AND priority < %(priority_below)s AND next_attempt_at <= now()
+     WHERE status = 'pending' AND priority < 100 AND next_attempt_at <= now()
 )
 
 -- next_due --

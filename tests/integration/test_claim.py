@@ -214,9 +214,15 @@ def urgent_claim(conn: psycopg.Connection[Any], n: int) -> list[tuple[Any, ...]]
 
 
 def urgent_due(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute(QUERIES["urgent_due"], {"priority_below": URGENT_PRIORITY_BELOW}).fetchone()
+    row = conn.execute(QUERIES["urgent_due"]).fetchone()
     assert row is not None
     return bool(row[0])
+
+
+def test_urgent_due_names_the_transactional_lane_as_a_literal() -> None:
+    """A literal, so that no generic plan of a prepared statement scans the table;
+    it must stay the lane's bound."""
+    assert f"priority < {URGENT_PRIORITY_BELOW} " in QUERIES["urgent_due"]
 
 
 def test_the_urgent_claim_takes_the_transactional_lane_alone(
