@@ -97,6 +97,7 @@ def time_claims(url: str, count: int) -> float:
     timings = []
     params = {
         "batch_size": 100,
+        "priority_from": -32768,
         "priority_below": 32768,
         "expired_limit": 100,
         "lease_seconds": 30,

@@ -21,12 +21,13 @@ On SIGTERM/SIGINT: stop claiming, let in-flight sends finish (up to a grace
 period), write their outcomes, give back any lease still held, exit 0.
 
 The transactional lane has a path of its own (``_urgent_claims``): while anything
-is in flight, a small claim of the transactional lane alone runs every
-``urgent_poll_seconds`` into ``urgent_reserve`` in-flight slots that the regular
-claim never fills. Under a campaign no dispatcher sleeps, so a stop-loss alert's
-commit wakes nobody; without this path it waited for a batch of campaign
-acknowledgements to free room for the next regular claim, and then rode in it
-with a batch of campaign rows (``bench/RESULTS.md``, "flood").
+is in flight, a claim of the transactional lane alone runs every
+``urgent_poll_seconds`` into any free slot and ``urgent_reserve`` more that the
+regular claim never fills, and the regular claim takes the campaign's part only.
+Under a campaign no dispatcher sleeps, so a stop-loss alert's commit wakes nobody;
+without this path it waited for a batch of campaign acknowledgements to free room
+for the next regular claim, and then rode in it with a batch of campaign rows
+whose claim grows slower as the campaign drains (``bench/RESULTS.md``, "flood").
 
 Durability: a claim commits without waiting for the WAL flush (``claim_batch``
 sets ``synchronous_commit`` off): a claim lost in a crash only returns its
@@ -59,7 +60,7 @@ from outbox.dispatcher._outcomes import fall_back_lanes
 from outbox.dispatcher._ready import ReadyQueue
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._senders import Senders
-from outbox.dispatcher._store import Store, StoreError
+from outbox.dispatcher._store import ClaimScope, Store, StoreError
 from outbox.dispatcher._until_idle import UntilIdle
 from outbox.dispatcher._wakeup import Sleeper, Wakeup
 from outbox.dispatcher.channels.base import Channel
@@ -92,8 +93,8 @@ class DispatcherOptions:
     send_timeout: float | None = None
     urgent_reserve: int = 25
     """In-flight slots beyond ``max_in_flight`` that only the urgent claim (the
-    transactional lane, see ``_urgent_claims``) fills, and the most it claims at once;
-    0 turns the urgent claim off."""
+    transactional lane, see ``_urgent_claims``) fills; 0 turns the urgent claim off
+    (the regular claim then takes every lane, as before it existed)."""
     urgent_poll_seconds: float = 0.01
     """While anything is in flight, the urgent claim runs this often."""
 
@@ -206,7 +207,7 @@ class Dispatcher:
             )
         urgent = (
             asyncio.create_task(self._urgent_claims(), name="outbox-urgent-claims")
-            if self.options.urgent_reserve > 0
+            if self._urgent_on
             else None
         )
         try:
@@ -265,7 +266,9 @@ class Dispatcher:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            claimed = await self._claim(min(room, self.options.batch_size))
+            # busy, the urgent claim takes the transactional lane (see _urgent_claims)
+            scope: ClaimScope = "campaign" if self._urgent_on and len(self._leases) else "all"
+            claimed = await self._claim(min(room, self.options.batch_size), scope=scope)
             if claimed is None:  # database unreachable: back off, keep trying
                 await self._sleep(1.0)
             elif claimed:
@@ -282,23 +285,29 @@ class Dispatcher:
         Runs every ``urgent_poll_seconds`` while anything is in flight, whether or
         not the regular claim loop is waiting for room: under load nobody sleeps on
         LISTEN, so no NOTIFY tells us an alert was committed, and the regular claim
-        runs only once a batch of slots is free. The claim is bounded to the
-        transactional priorities, so its index probe stops before the campaign's part
-        of ``message_claim_idx`` (and the dead entries a drain leaves there while
-        vacuum is behind), and its rows reach the senders' heap without a batch of
-        campaign rows to decode first. Idle, it does not poll: a producer's NOTIFY
-        wakes one sleeping dispatcher (``_idle``) and that claim starts the polling.
-        Each claim is fenced by its own lease token like any other. A cheap question
-        (``urgent_due``) comes first: most polls find nothing.
+        runs only once a batch of slots is free. Meanwhile the regular claim takes
+        the campaign's part only: a transactional message claimed with a batch of
+        campaign rows waited for that statement (slower the more a campaign has
+        drained while vacuum is behind) and for its batch to be decoded. This claim
+        is bounded to the transactional priorities, so its index range stops before
+        the campaign's part of ``message_claim_idx``. It may fill any free slot and
+        ``urgent_reserve`` more, and claims again at once while it finds a full
+        batch, so a transactional backlog drains at the regular pace. A cheap
+        question (``urgent_due``) comes first: most polls find nothing. Idle, it
+        does not poll: a producer's NOTIFY wakes one sleeping dispatcher, whose
+        claim (``_idle``) takes every lane and starts the polling. Each claim is
+        fenced by its own lease token like any other.
         """
-        reserve = self.options.urgent_reserve
+        full = False
         while not self._stopping.is_set():
             if not len(self._leases):
                 self._busy.clear()
                 await self._busy.wait()
                 continue
-            await self._sleep(self.options.urgent_poll_seconds)
-            room = self._max_in_flight + reserve - len(self._leases)
+            if not full:
+                await self._sleep(self.options.urgent_poll_seconds)
+            full = False
+            room = self._max_in_flight + self.options.urgent_reserve - len(self._leases)
             if self._stopping.is_set() or not len(self._leases) or room <= 0:
                 continue
             try:
@@ -308,16 +317,23 @@ class Dispatcher:
             except StoreError:
                 await self._sleep(1.0)  # database unreachable: the claim loop logs it
                 continue
-            if await self._claim(min(room, reserve), urgent=True) is None:
+            limit = min(room, self.options.batch_size)
+            claimed = await self._claim(limit, scope="transactional")
+            if claimed is None:
                 await self._sleep(1.0)
+            full = claimed == limit
 
-    async def _claim(self, limit: int, *, urgent: bool = False) -> int | None:
+    @property
+    def _urgent_on(self) -> bool:
+        return self.options.urgent_reserve > 0
+
+    async def _claim(self, limit: int, *, scope: ClaimScope = "all") -> int | None:
         """Lease a batch and queue it for the senders; how many, or None (no database)."""
         token = uuid.uuid4()
         try:
-            rows = await self._store.claim(limit, token, urgent=urgent)
+            rows = await self._store.claim(limit, token, scope=scope)
         except StoreError as error:
-            log.warning("%s failed error=%s", "urgent claim" if urgent else "claim", error)
+            log.warning("claim failed scope=%s error=%s", scope, error)
             return None
         for message, recipient in decode_claim(rows, token):
             self._leases.hold(message.lease)
@@ -326,11 +342,11 @@ class Dispatcher:
             self._busy.set()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "claimed count=%d ids=%s..%s urgent=%s",
+                    "claimed count=%d ids=%s..%s scope=%s",
                     len(rows),
                     rows[0][0],
                     rows[-1][0],
-                    urgent,
+                    scope,
                 )
         return len(rows)
 

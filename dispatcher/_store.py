@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import psycopg_pool
@@ -62,8 +62,15 @@ transactions) and so cannot go through :class:`Store`."""
 URGENT_PRIORITY_BELOW = PRIORITY_RANGES["transactional"].stop
 """An urgent claim takes pending messages of a priority below this: the transactional lane."""
 
-ANY_PRIORITY_BELOW = 32768
-"""Above every ``smallint``: the regular claim takes pending messages of any priority."""
+ClaimScope = Literal["all", "transactional", "campaign"]
+"""Which pending messages a claim takes; see :meth:`Store.claim`."""
+
+_SCOPES: dict[str, tuple[int, int]] = {
+    # priority_from, priority_below: every smallint, or one side of the lanes' border
+    "all": (-32768, 32768),
+    "transactional": (-32768, URGENT_PRIORITY_BELOW),
+    "campaign": (URGENT_PRIORITY_BELOW, 32768),
+}
 
 
 class StoreError(Exception):
@@ -129,21 +136,26 @@ class Store:
     # ------------------------------------------------------------------ claims
 
     async def claim(
-        self, limit: int, token: uuid.UUID, *, urgent: bool = False
+        self, limit: int, token: uuid.UUID, *, scope: ClaimScope = "all"
     ) -> list[tuple[Any, ...]]:
         """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``.
 
-        ``urgent``: the transactional lane and due escalations only, no expired
-        leases: a probe of the head of ``message_claim_idx`` that stops before the
-        campaign's part of it (see ``Dispatcher._urgent_claims``).
+        ``scope``: ``"all"`` pending messages, expired leases and due escalations;
+        ``"transactional"`` (the urgent claim) that lane's pending messages and due
+        escalations, no expired leases: its index range of ``message_claim_idx``
+        ends before the campaign's part; ``"campaign"`` the rest (a busy
+        dispatcher's regular claim, while its urgent claim takes the
+        transactional lane; see ``Dispatcher._urgent_claims``).
         """
+        priority_from, priority_below = _SCOPES[scope]
         async with self._connection("claim") as conn:
             cursor = await conn.execute(
                 QUERIES["claim_batch"],
                 {
                     "batch_size": limit,
-                    "priority_below": URGENT_PRIORITY_BELOW if urgent else ANY_PRIORITY_BELOW,
-                    "expired_limit": 0 if urgent else limit,
+                    "priority_from": priority_from,
+                    "priority_below": priority_below,
+                    "expired_limit": 0 if scope == "transactional" else limit,
                     "lease_seconds": self.settings.lease_seconds,
                     "dispatcher_id": self.dispatcher_id,
                     "lease_token": str(token),

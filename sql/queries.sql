@@ -162,10 +162,11 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- jsonb's canonical text is also the dispatcher's render cache key. A text over
 -- 262144 bytes (outbox.MAX_VARS_BYTES: a row written past enqueue's check) comes
 -- back NULL: the dispatcher refuses it without receiving, holding or decoding it.
--- %(priority_below)s bounds the pending part: the dispatcher's urgent claim passes
--- 100 (the transactional lane) and %(expired_limit)s 0, so that its `due` select
--- reads only the head of message_claim_idx, before the campaign's part and its dead
--- entries; the regular claim passes 32768 (every smallint) and the batch size.
+-- %(priority_from)s <= priority < %(priority_below)s bounds the pending part (an
+-- index range of message_claim_idx): the dispatcher's urgent claim passes the
+-- transactional lane's (below 100) and %(expired_limit)s 0, so that its `due`
+-- select stops before the campaign's part of the index and its dead entries; a busy
+-- dispatcher's regular claim the campaign's (from 100), an idle one's every smallint.
 WITH async_commit AS (
     -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
     -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
@@ -178,7 +179,7 @@ WITH async_commit AS (
     -- pending and due, in claim order, through message_claim_idx
     SELECT m.id FROM outbox.message m, paused
      WHERE m.status = 'pending' AND m.next_attempt_at <= now()
-       AND m.priority < %(priority_below)s
+       AND m.priority >= %(priority_from)s AND m.priority < %(priority_below)s
        AND m.channel <> ALL (paused.channels)
      ORDER BY m.priority, m.next_attempt_at, m.id
      LIMIT %(batch_size)s

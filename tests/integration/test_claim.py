@@ -28,6 +28,7 @@ def claim(
         QUERIES["claim_batch"],
         {
             "batch_size": n,
+            "priority_from": -32768,
             "priority_below": 32768,
             "expired_limit": n,
             "lease_seconds": 30,
@@ -98,6 +99,7 @@ def test_the_claim_uses_the_partial_index(conn: psycopg.Connection[Any]) -> None
         "EXPLAIN (FORMAT JSON) " + QUERIES["claim_batch"],
         {
             "batch_size": 100,
+            "priority_from": -32768,
             "priority_below": 32768,
             "expired_limit": 100,
             "lease_seconds": 30,
@@ -204,6 +206,7 @@ def urgent_claim(conn: psycopg.Connection[Any], n: int) -> list[tuple[Any, ...]]
         QUERIES["claim_batch"],
         {
             "batch_size": n,
+            "priority_from": -32768,
             "priority_below": URGENT_PRIORITY_BELOW,
             "expired_limit": 0,
             "lease_seconds": 30,
@@ -270,6 +273,7 @@ def test_the_urgent_claim_stops_before_the_campaigns_dead_index_entries(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + QUERIES["claim_batch"],
             {
                 "batch_size": 100,
+                "priority_from": -32768,
                 "priority_below": priority_below,
                 "expired_limit": 0,
                 "lease_seconds": 30,

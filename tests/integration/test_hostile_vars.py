@@ -266,6 +266,7 @@ def test_the_claim_withholds_vars_over_256_kib_of_json_text_and_sends_the_rest(
         QUERIES["claim_batch"],
         {
             "batch_size": 10,
+            "priority_from": -32768,
             "priority_below": 32768,
             "expired_limit": 10,
             "lease_seconds": 30,

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from outbox.dispatcher import Dispatcher, DispatcherOptions
+from outbox.dispatcher._store import ClaimScope
 from outbox.dispatcher.channels.base import Envelope, Outcome, Sent
 from tests.integration.test_dispatcher import (
     ALERT,
@@ -116,6 +117,32 @@ async def test_an_alert_is_claimed_and_sent_while_the_campaign_fills_every_slot(
     ]
 
 
+async def test_a_transactional_backlog_drains_while_the_campaign_holds_every_slot(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    """Busy, the regular claim leaves the transactional lane to the urgent claim; that
+    one claims again at once while it finds a full batch, so a backlog of alerts
+    drains through the reserve alone while the campaign holds every regular slot."""
+    seed_users(admin, CAMPAIGN)
+    enqueue_campaign(admin, CAMPAIGN)
+    channel = CampaignGatedChannel()
+    dispatcher = saturated_dispatcher(database_url, channel, reserve=5)
+    async with running(dispatcher):
+        await wait_for(lambda: channel.campaign_sends() == WINDOW)
+        admin.execute(
+            "SELECT outbox.enqueue_many('email', 'price_alert',"
+            " ARRAY(SELECT 'u' || g FROM generate_series(1, 200) g), ARRAY[%s::jsonb],"
+            " 'transactional')",
+            [psycopg.types.json.Jsonb(ALERT)],
+        )
+        await wait_for(lambda: len(channel.sent) == WINDOW + 200, timeout=30.0)
+        assert channel.campaign_sends() == WINDOW  # the gate is still shut
+        channel.gate.set()
+        await wait_for(lambda: rows(admin, "SELECT count(*) FROM outbox.message") == [(0,)])
+    sent = [envelope.message_id for _, envelope in channel.sent]
+    assert len(sent) == len(set(sent)) == CAMPAIGN + 200
+
+
 async def test_without_the_reserve_the_alert_waits_for_campaign_room(
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:
@@ -151,12 +178,12 @@ async def test_an_idle_dispatcher_sleeps_on_listen_and_does_not_poll(
         {"email": channel},
         options=DispatcherOptions(urgent_reserve=25, urgent_poll_seconds=0.01),
     )
-    claims: list[bool] = []
+    claims: list[str] = []
     claim = dispatcher._store.claim
 
-    async def counted(limit: int, token: uuid.UUID, *, urgent: bool = False) -> Any:
-        claims.append(urgent)
-        return await claim(limit, token, urgent=urgent)
+    async def counted(limit: int, token: uuid.UUID, *, scope: ClaimScope = "all") -> Any:
+        claims.append(scope)
+        return await claim(limit, token, scope=scope)
 
     polls: list[float] = []
     urgent_due = dispatcher._store.urgent_due
@@ -170,7 +197,8 @@ async def test_an_idle_dispatcher_sleeps_on_listen_and_does_not_poll(
     async with running(dispatcher):
         await wait_for(lambda: rows(admin, "SELECT count(*) FROM outbox.sleeper") == [(1,)])
         await asyncio.sleep(0.5)
-        assert not polls and True not in claims  # 50 polls would have run by now
+        assert not polls and "transactional" not in claims  # 50 polls would have run by now
+        assert set(claims) == {"all"}  # an idle dispatcher's claims take every lane
         for n in (1, 2, 3):
             committed = time.monotonic()
             message_id = enqueue(admin, f"u{n}")
@@ -178,8 +206,9 @@ async def test_an_idle_dispatcher_sleeps_on_listen_and_does_not_poll(
             assert time.monotonic() - committed < 2.0
             await wait_for(lambda m=message_id: not rows(admin, GONE, m))  # type: ignore[misc]
             await wait_for(lambda: rows(admin, "SELECT count(*) FROM outbox.sleeper") == [(1,)])
-        regular = claims.count(False)
+        await asyncio.sleep(0.3)  # the last acknowledgement's flush ends one more wait
+        regular, polled = claims.count("all"), len(polls)
         await asyncio.sleep(0.5)
         assert len(polls) <= 3 * 2, polls  # a poll or two per message in flight at most
-        assert claims.count(True) <= len(polls)
-        assert claims.count(False) == regular  # and asleep again
+        assert claims.count("transactional") <= len(polls)
+        assert (claims.count("all"), len(polls)) == (regular, polled)  # and asleep again
