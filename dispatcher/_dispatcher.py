@@ -305,7 +305,10 @@ class Dispatcher:
                 await self._busy.wait()
                 continue
             if not full:
-                await self._sleep(self.options.urgent_poll_seconds)
+                # a plain sleep: _sleep's wait_for needs one more turn of a saturated
+                # event loop to wake (cancelling its inner wait), each a few ms here;
+                # stop() is noticed below and by the busy wait
+                await asyncio.sleep(self.options.urgent_poll_seconds)
             full = False
             room = self._max_in_flight + self.options.urgent_reserve - len(self._leases)
             if self._stopping.is_set() or not len(self._leases) or room <= 0:
