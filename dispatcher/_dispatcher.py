@@ -23,7 +23,8 @@ period), write their outcomes, give back any lease still held, exit 0.
 The transactional lane has a path of its own (``_urgent_claims``): while anything
 is in flight, a claim of the transactional lane alone runs every
 ``urgent_poll_seconds`` into any free slot and ``urgent_reserve`` more that the
-regular claim never fills, and the regular claim takes the campaign's part only.
+regular claim never fills, and while it drains a backlog the regular claim takes
+the campaign's part only.
 Under a campaign no dispatcher sleeps, so a stop-loss alert's commit wakes nobody;
 without this path it waited for a batch of campaign acknowledgements to free room
 for the next regular claim, and then rode in it with a batch of campaign rows
@@ -260,15 +261,21 @@ class Dispatcher:
         )
 
     async def _claim_loop(self) -> None:
+        draining = False
         while not self._stopping.is_set():
             room = self._max_in_flight - len(self._leases)
             if room < min(self.options.batch_size, self._max_in_flight // 2):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            # busy, the urgent claim takes the transactional lane (see _urgent_claims)
-            scope: ClaimScope = "campaign" if self._urgent_on and len(self._leases) else "all"
-            claimed = await self._claim(min(room, self.options.batch_size), scope=scope)
+            # draining a backlog (the last claim was a full batch), the urgent claim
+            # takes the transactional lane (see _urgent_claims); otherwise, as after a
+            # NOTIFY woke us, this claim takes every lane: waiting for the next poll
+            # would lengthen the wake-one path
+            limit = min(room, self.options.batch_size)
+            scope: ClaimScope = "campaign" if self._urgent_on and draining else "all"
+            claimed = await self._claim(limit, scope=scope)
+            draining = claimed == limit
             if claimed is None:  # database unreachable: back off, keep trying
                 await self._sleep(1.0)
             elif claimed:
@@ -285,8 +292,9 @@ class Dispatcher:
         Runs every ``urgent_poll_seconds`` while anything is in flight, whether or
         not the regular claim loop is waiting for room: under load nobody sleeps on
         LISTEN, so no NOTIFY tells us an alert was committed, and the regular claim
-        runs only once a batch of slots is free. Meanwhile the regular claim takes
-        the campaign's part only: a transactional message claimed with a batch of
+        runs only once a batch of slots is free. While the regular claim drains a
+        backlog (it found a full batch last time) it takes the campaign's part
+        only: a transactional message claimed with a batch of
         campaign rows waited for that statement (slower the more a campaign has
         drained while vacuum is behind) and for its batch to be decoded. This claim
         is bounded to the transactional priorities, so its index range stops before
