@@ -160,6 +160,8 @@ def address_problem(record: RecipientRecord, channel: str) -> str | None:
         return "the user has no Telegram chat (none stored, or the bot is blocked)"
     if channel == "push" and not addresses.push_subscriptions:
         return "the user has no push subscription"
+    if not addresses.reaches(channel):
+        return f"the user has no usable {channel} address"
     return None
 
 

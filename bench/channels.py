@@ -33,6 +33,7 @@ import psycopg
 
 from bench._common import (
     ROOT,
+    SEED_ADDRESSES,
     Target,
     Workers,
     add_common_arguments,
@@ -161,12 +162,7 @@ class Servers:
 
 def seed_users(url: str, servers: Servers, users: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-            " SELECT 'u' || g, 'u' || g || '@example.com', 1000 + g"
-            "   FROM generate_series(1, %s) g",
-            [users],
-        )
+        conn.execute(SEED_ADDRESSES, {"users": users, "chat_offset": 1000})
         for i in range(1, users + 1):
             subscriber = servers.push.subscribe(application_server_key=servers.keys.public_raw)
             add_push_subscription(conn, f"u{i}", subscriber.info)

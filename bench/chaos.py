@@ -77,6 +77,7 @@ from typing import Any
 
 import psycopg
 
+from bench._common import SEED_ADDRESSES
 from outbox import acknowledge_async, cancel_async, enqueue_async
 from tests.support.pg_cluster import ThrowawayCluster
 
@@ -718,12 +719,7 @@ class ChaosRun:
             )
             # every user is reachable on every channel, so an alert's chain is exactly
             # its channel and its fallback list
-            admin.execute(
-                "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-                " SELECT 'u' || g, 'u' || g || '@example.com', g"
-                "   FROM generate_series(1, %s) g",
-                [USERS],
-            )
+            admin.execute(SEED_ADDRESSES, {"users": USERS, "chat_offset": 0})
             admin.execute(
                 "INSERT INTO outbox.push_subscription (user_id, endpoint, p256dh, auth)"
                 " SELECT 'u' || g, 'https://push.example.com/s/' || g, 'p256dh', 'auth'"

@@ -121,10 +121,10 @@ SELECT message_id
 
 -- recipient_effects --
 -- What the providers' answers changed: bounced addresses, blocked bots, gone browsers.
-SELECT count(*) FILTER (WHERE email_undeliverable_at IS NOT NULL),
-       count(*) FILTER (WHERE telegram_blocked_at IS NOT NULL),
+SELECT count(*) FILTER (WHERE channel = 'email' AND undeliverable_since IS NOT NULL),
+       count(*) FILTER (WHERE channel = 'telegram' AND disabled_since IS NOT NULL),
        (SELECT count(*) FROM outbox.push_subscription)
-  FROM outbox.recipient
+  FROM outbox.recipient_address
 
 -- dead_letter_report --
 -- The operator's first look at the dead-letter queue.

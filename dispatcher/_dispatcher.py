@@ -66,7 +66,6 @@ from outbox.dispatcher._until_idle import UntilIdle
 from outbox.dispatcher._wakeup import Sleeper, Wakeup
 from outbox.dispatcher.channels.base import Channel
 from outbox.dispatcher.rendering import RenderCache
-from outbox.vocabulary import CHANNELS
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -137,7 +136,7 @@ class Dispatcher:
         )
         self._ready = ReadyQueue()
         limits = settings.rate_limits
-        limited: set[str] = {c for c in CHANNELS if c in limits}
+        limited: set[str] = {c for c in limits if c != "telegram_chat"}
         if "telegram_chat" in limits:
             limited.add("telegram")
         self._senders = Senders(

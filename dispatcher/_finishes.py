@@ -41,6 +41,9 @@ class FinishSent(_Finish):
     ack_wait: float | None = None
     next_channel: str | None = None
     next_fallback: tuple[str, ...] = ()
+    provider_id: str | None = None
+    """The provider's id of the message, logged with ``sent``: delivery reports
+    (webhooks) find the message by it."""
 
     @property
     def awaits_ack(self) -> bool:

@@ -4,9 +4,10 @@ Both keep their state in PostgreSQL, so two replicas together send no faster tha
 one would, and all of them see one breaker per channel.
 
 Rate limits
-    A channel-wide limit (``email``, ``telegram``, ``push``: "20 a second") is a
-    *calendar*: a grid of send slots ``(period + jitter) / count`` seconds apart, each
-    taken by at most one send (a row ``slot:<limit>:<n>`` of ``outbox.rate_limit``).
+    A channel-wide limit (``email``, ``telegram``, ``push``, or any other channel's
+    name: "20 a second") is a *calendar*: a grid of send slots
+    ``(period + jitter) / count`` seconds apart, each taken by at most one send (a
+    row ``slot:<limit>:<n>`` of ``outbox.rate_limit``).
     A per-recipient limit (``telegram_chat``: "1 a second to one chat") is a *pace*:
     the earliest moment of the recipient's next send (a row
     ``pace:<limit>:<recipient>``). A send takes the first free slot at or after its
@@ -53,11 +54,9 @@ from outbox._queries import QUERIES
 from outbox._settings import RateLimit
 from outbox.dispatcher._store import DATABASE_ERRORS
 from outbox.dispatcher.channels.base import Envelope, RenderedTelegram
-from outbox.vocabulary import CHANNELS
 
 log = logging.getLogger("outbox.dispatcher")
 
-_CHANNEL_WIDE = CHANNELS
 _FORGET_EVERY = 10.0
 
 
@@ -168,7 +167,8 @@ class RateLimiter:
 
         Never raises for database trouble: the message is deferred by a second.
         """
-        calendar = channel if channel in _CHANNEL_WIDE and channel in self._limits else None
+        # every key but the per-chat pace is a channel's (a plugin's too)
+        calendar = channel if channel in self._limits and channel != "telegram_chat" else None
         paces: list[tuple[str, float]] = []
         if channel == "telegram" and chat_id is not None and "telegram_chat" in self._limits:
             paces.append((f"pace:telegram_chat:{chat_id}", self.interval("telegram_chat")))

@@ -71,10 +71,13 @@ def finish_for(
     """
     effects = outcome.effects
     match outcome:
-        case Sent():
+        case Sent(provider_id=provider_id):
+            provider_id = kept_provider_id(provider_id)
             if message.escalate_after is not None:
-                return _awaiting_ack(message, recipient, duration_ms, effects)
-            return FinishSent(message=message, duration_ms=duration_ms, effects=effects)
+                return _awaiting_ack(message, recipient, duration_ms, effects, provider_id)
+            return FinishSent(
+                message=message, duration_ms=duration_ms, effects=effects, provider_id=provider_id
+            )
         case TransientFailure(error_class=error_class, error=error):
             return failed(
                 message,
@@ -122,6 +125,7 @@ def _awaiting_ack(
     recipient: RecipientRecord,
     duration_ms: float,
     effects: tuple[Effect, ...],
+    provider_id: str | None,
 ) -> FinishSent:
     """A sent alert: it escalates to the next reachable channel of its chain unless
     acknowledged within ``escalate_after``; at the chain's end it just waits.
@@ -135,7 +139,24 @@ def _awaiting_ack(
         ack_wait=message.escalate_after,
         next_channel=follow[0] if follow else None,
         next_fallback=follow[1] if follow else (),
+        provider_id=provider_id,
     )
+
+
+MAX_PROVIDER_ID_LENGTH = 255
+"""The longest provider message id kept (``outbox.record_delivery_report``'s limit)."""
+
+
+def kept_provider_id(provider_id: object) -> str | None:
+    """``Sent.provider_id`` if a delivery report could name it: a non-empty string of at
+    most 255 characters without control characters; else None (a plugin's odd id is
+    not worth a failed acknowledgement).
+    """
+    if not isinstance(provider_id, str) or not 0 < len(provider_id) <= MAX_PROVIDER_ID_LENGTH:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in provider_id):
+        return None
+    return provider_id
 
 
 def _dead(
@@ -185,21 +206,17 @@ def next_reachable(
 ) -> tuple[str, tuple[str, ...]] | None:
     """The next channel of the message's chain on which the user has an address, and
     the chain left after it; None at the chain's end. Channels without an address
-    (no email, a blocked bot, no push subscription) and channels the user's topic
+    (no email, a blocked bot, no push subscription, no usable address on a plugin's
+    channel; inapp reaches everybody) and channels the user's topic
     preference leaves out are passed over.
     """
     if recipient is None:
         return None
     addresses = recipient.addresses()
-    reachable = {
-        "email": addresses.email is not None,
-        "telegram": addresses.telegram_chat_id is not None,
-        "push": bool(addresses.push_subscriptions),
-    }
     current, chain = message.channel, message.fallback
     allowed = message.allowed_channels()
     while (follow := next_channel(current, chain, recipient, allowed=allowed)) is not None:
-        if reachable.get(follow[0], True):  # a plugin channel decides for itself
+        if addresses.reaches(follow[0]):
             return follow
         current, chain = follow
     return None

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from outbox.dispatcher.channels.base import CHANNELS, PushSubscription, Recipient
+from outbox.dispatcher.channels.base import PushSubscription, Recipient
 
 DEFAULT_FALLBACK_ORDER: tuple[str, ...] = ("push", "email", "telegram")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RecipientRecord:
-    """A row of ``outbox.recipient`` with its push subscriptions."""
+    """A row of ``outbox.recipient`` with its addresses and push subscriptions.
+
+    Email and Telegram keep their own fields (with their states); every other
+    channel's usable address is in ``channel_addresses`` (an address the provider
+    refused or the user turned off is left out: the channel cannot reach them).
+    """
 
     user_id: str
     email: str | None = None
@@ -29,36 +34,40 @@ class RecipientRecord:
     email_undeliverable: bool = False
     telegram_blocked: bool = False
     subscriptions: tuple[PushSubscription, ...] = ()
+    channel_addresses: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> RecipientRecord:
         """Build from a row of the ``recipients`` query."""
         (
             user_id,
-            email,
-            chat_id,
             timezone,
             quiet_start,
             quiet_end,
             disabled,
             opt_out,
             order,
-            undeliverable,
-            blocked,
+            addresses,
             subscriptions,
         ) = row
         subs = json.loads(subscriptions) if isinstance(subscriptions, str) else subscriptions
+        rows = json.loads(addresses) if isinstance(addresses, str) else addresses
+        by_channel = {channel: (address, usable) for channel, address, usable in rows or ()}
+        email, email_usable = by_channel.pop("email", (None, True))
+        chat, chat_usable = by_channel.pop("telegram", (None, True))
         return cls(
             user_id=user_id,
             email=email,
-            telegram_chat_id=chat_id,
+            # the column's CHECK keeps it a 64-bit integer in plain decimal
+            telegram_chat_id=None if chat is None else int(chat),
+            email_undeliverable=not email_usable,
+            telegram_blocked=not chat_usable,
+            channel_addresses={c: a for c, (a, usable) in by_channel.items() if usable},
             timezone=timezone or "UTC",
             quiet_hours=(quiet_start, quiet_end) if quiet_start is not None else None,
             disabled_channels=frozenset(disabled or ()),
             campaign_opt_out=bool(opt_out),
             fallback_order=tuple(order) if order else None,
-            email_undeliverable=bool(undeliverable),
-            telegram_blocked=bool(blocked),
             subscriptions=tuple(
                 PushSubscription(endpoint=e, p256dh=p, auth=a) for e, p, a in subs or ()
             ),
@@ -71,6 +80,7 @@ class RecipientRecord:
             email=None if self.email_undeliverable else self.email,
             telegram_chat_id=None if self.telegram_blocked else self.telegram_chat_id,
             push_subscriptions=self.subscriptions,
+            addresses=self.channel_addresses,
         )
 
     def quiet_until(self, now: datetime) -> datetime | None:
@@ -107,7 +117,8 @@ def next_channel(
     """The channel to try after ``current`` and the ones left after it, or None.
 
     An explicit ``fallback`` list on the message wins; otherwise the user's
-    preferred order, else push, email, telegram. Channels the user disabled, and
+    preferred order (any registered channel, plugins' too), else push, email,
+    telegram. Channels the user disabled, and
     with ``allowed`` (the user's topic preference) the ones it leaves out, are
     passed over. After the last channel the list left is empty, which the row
     stores as ``'{}'`` (no more channels), never NULL (the default order).
@@ -116,7 +127,7 @@ def next_channel(
         remaining = [c for c in fallback if c != current]
     else:
         order = (recipient.fallback_order if recipient else None) or DEFAULT_FALLBACK_ORDER
-        remaining = [c for c in order if c != current and c in CHANNELS]
+        remaining = [c for c in order if c != current]
     disabled = recipient.disabled_channels if recipient else frozenset()
     remaining = [c for c in remaining if c not in disabled]
     if allowed is not None:

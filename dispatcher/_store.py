@@ -264,6 +264,7 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
                 "ids": _int_array(f.lease.id for f in sent),
                 "tokens": "{" + ",".join(_token_text(f.lease.token) for f in sent) + "}",
                 "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
+                "provider_ids": [f.provider_id for f in sent],
                 **common,
             },
         )
@@ -280,6 +281,7 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
                 "waits": [float(f.ack_wait or 0.0) for f in alerts],
                 "next_channels": [f.next_channel for f in alerts],
                 "next_fallbacks": [",".join(f.next_fallback) for f in alerts],
+                "provider_ids": [f.provider_id for f in alerts],
                 **common,
             },
         )

@@ -23,9 +23,11 @@ from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher.channels.base import (
     Channel,
     DeletePushSubscription,
+    DisableChannel,
     DisableTelegram,
     Effect,
     Envelope,
+    MarkAddressUndeliverable,
     MarkEmailUndeliverable,
     Outcome,
     RateLimited,
@@ -169,10 +171,21 @@ async def write_effect(
 ) -> None:
     """Apply one recipient side effect in the caller's transaction."""
     match effect:
-        case DisableTelegram():
-            await target.execute(QUERIES["effect_disable_telegram"], {"user_id": user_id})
-        case MarkEmailUndeliverable():
-            await target.execute(QUERIES["effect_email_undeliverable"], {"user_id": user_id})
+        case DisableTelegram() | DisableChannel():
+            channel = "telegram" if isinstance(effect, DisableTelegram) else effect.channel
+            await target.execute(
+                QUERIES["effect_disable_channel"], {"user_id": user_id, "channel": channel}
+            )
+        case MarkEmailUndeliverable() | MarkAddressUndeliverable():
+            channel = "email" if isinstance(effect, MarkEmailUndeliverable) else effect.channel
+            await target.execute(
+                QUERIES["effect_address_undeliverable"],
+                {
+                    "user_id": user_id,
+                    "channel": channel,
+                    "reason": f"{channel} provider refused it",
+                },
+            )
         case UpdateTelegramChat(chat_id=chat_id):
             await target.execute(
                 QUERIES["effect_telegram_chat"], {"user_id": user_id, "chat_id": chat_id}

@@ -16,6 +16,10 @@ Per channel:
 - push: a JSON object (``title``, ``body``, ``icon``, ``badge``, ``data.url``) where
   every variable is escaped for the inside of a JSON string; at most 3993 bytes
   once encoded; its ``Topic`` is derived from the template and key variables.
+- inapp: a JSON object (``title``, ``body``, ``url``) escaped like push.
+- any other channel (a plugin's): plain text from ``<channel>/<name>.txt.j2``,
+  stripped, not empty, at most :data:`TEXT_OUTPUT_LIMIT` characters
+  (:class:`~outbox.dispatcher.channels.base.RenderedText`).
 
 Bounds, so that no message (however it was written) can starve or bloat a
 dispatcher: vars over :data:`~outbox.MAX_VARS_BYTES` as received (the claim does
@@ -56,6 +60,7 @@ from outbox.dispatcher.channels.base import (
     RenderedInApp,
     RenderedPush,
     RenderedTelegram,
+    RenderedText,
 )
 from outbox.dispatcher.html_text import extract_title, html_to_text
 
@@ -156,7 +161,9 @@ def render(
             return _render_telegram(catalog, envs, template, context)
         if channel == "inapp":
             return _render_inapp(catalog, envs, template, context)
-        return _render_push(catalog, envs, template, context)
+        if channel == "push":
+            return _render_push(catalog, envs, template, context)
+        return _render_text(catalog, envs, channel, template, context)
     except TemplateRenderError:
         raise
     except Exception as error:  # rendering is pure: any failure would repeat
@@ -274,6 +281,25 @@ def _render_inapp(
             f"{template} (inapp): the item is {size} bytes; at most {INAPP_ITEM_LIMIT}"
         )
     return RenderedInApp(title=title, body=body, url=url or None)
+
+
+TEXT_OUTPUT_LIMIT = 64 * 1024
+"""Characters of plain text a plugin's channel may get from one template: a
+notification, not a document (the provider refuses far less)."""
+
+
+def _render_text(
+    catalog: TemplateCatalog, envs: Environments, channel: str, template: str, context: Any
+) -> RenderedText:
+    text = envs.render(
+        envs.text,
+        catalog.files(channel, template).main,
+        context,
+        limit=RENDER_OUTPUT_LIMITS.get(channel, TEXT_OUTPUT_LIMIT),
+    ).strip()
+    if not text:
+        raise TemplateRenderError(f"{template} ({channel}): the text is empty")
+    return RenderedText(text=text)
 
 
 def _push_problem(payload: object) -> str | None:

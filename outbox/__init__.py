@@ -20,6 +20,12 @@ __version__ = "0.1.0"
 from outbox._acknowledge import acknowledge, acknowledge_async
 from outbox._campaign import CampaignResult, enqueue_campaign, enqueue_campaign_async
 from outbox._cancel import cancel, cancel_async
+from outbox._channels import (
+    ChannelRecord,
+    list_channels,
+    register_channel,
+    register_channel_async,
+)
 from outbox._enqueue import (
     MAX_VARS_BYTES,
     MAX_VARS_DEPTH,
@@ -54,6 +60,8 @@ from outbox._recipients import (
     list_push_subscriptions_async,
     remove_push_subscription,
     remove_push_subscription_async,
+    set_address,
+    set_address_async,
     upsert_recipient,
     upsert_recipient_async,
 )
@@ -71,6 +79,7 @@ __all__ = [
     "MAX_VARS_DEPTH",
     "AttemptRecord",
     "CampaignResult",
+    "ChannelRecord",
     "ConfigurationError",
     "InboxItem",
     "InvalidMessage",
@@ -94,6 +103,7 @@ __all__ = [
     "enqueue_campaign_async",
     "inbox",
     "inbox_async",
+    "list_channels",
     "list_push_subscriptions",
     "list_push_subscriptions_async",
     "message_status",
@@ -102,8 +112,12 @@ __all__ = [
     "read_all_inbox_items_async",
     "read_inbox_item",
     "read_inbox_item_async",
+    "register_channel",
+    "register_channel_async",
     "remove_push_subscription",
     "remove_push_subscription_async",
+    "set_address",
+    "set_address_async",
     "set_preference",
     "set_preference_async",
     "upsert_recipient",

@@ -19,7 +19,7 @@ from typing import Any
 from outbox._db import fetch_one, fetch_one_async
 from outbox._errors import InvalidMessage
 from outbox._templates import default_catalog
-from outbox.vocabulary import CHANNELS, LANES, PRIORITY_RANGES
+from outbox.vocabulary import CHANNEL_NAME, CHANNELS, LANES, PRIORITY_RANGES
 
 MAX_VARS_BYTES = 256 * 1024
 """Bytes of vars as JSON text (UTF-8) a message may carry; also the dispatcher's
@@ -97,10 +97,30 @@ def check_text(name: str, value: object, *, max_length: int = MAX_ID_LENGTH) -> 
 
 
 def check_channel(channel: object) -> str:
-    """Return ``channel`` if it names a known channel, else raise."""
-    if channel not in CHANNELS:
-        raise InvalidMessage(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
-    return str(channel)
+    """Return ``channel`` if it can be a channel's name, else raise.
+
+    Which channels exist is the database's word (``outbox.channel``, where plugins
+    register theirs): the SQL functions refuse an unknown one.
+    """
+    if not isinstance(channel, str) or not CHANNEL_NAME.match(channel):
+        raise InvalidMessage(
+            f"unknown channel {channel!r}; a channel name is 1-32 characters of a-z, 0-9"
+            f" and _ (built-in: {', '.join(CHANNELS)})"
+        )
+    return channel
+
+
+def check_channel_has_templates(channel: str) -> None:
+    """Refuse a channel that is neither built in nor has a template folder here: it
+    is a typo far more often than a plugin's channel missing its templates (the
+    database refuses channels it does not list either way).
+    """
+    if channel not in CHANNELS and channel not in default_catalog().channels():
+        raise InvalidMessage(
+            f"unknown channel {channel!r}: not a built-in one ({', '.join(CHANNELS)}) and"
+            f" no template folder {channel}/ (a plugin's channel renders"
+            f" {channel}/<template>.txt.j2 from OUTBOX_TEMPLATES_DIR)"
+        )
 
 
 def check_lane(lane: object) -> str:
@@ -304,8 +324,11 @@ def build_message(
     key = None if idempotency_key is None else check_text("idempotency_key", idempotency_key)
     checked_send_at = check_send_at(send_at)
     collapse = None if collapse_key is None else check_text("collapse_key", collapse_key)
+    checked_fallback = check_fallback(fallback, checked_channel)
     if validate_template:
         assert isinstance(vars, Mapping)
+        for name in (checked_channel, *(checked_fallback or ())):
+            check_channel_has_templates(name)
         default_catalog().validate(checked_channel, checked_template, vars)
     return MessageSpec(
         channel=checked_channel,
@@ -316,7 +339,7 @@ def build_message(
         idempotency_key=key,
         send_at=checked_send_at,
         priority=check_priority(checked_lane, priority),
-        fallback=check_fallback(fallback, checked_channel),
+        fallback=checked_fallback,
         dedup_window=check_dedup_window(dedup_window),
         expires_at=check_expires_at(expires_at, checked_send_at),
         collapse_key=collapse,

@@ -1,5 +1,11 @@
 """Recipients: addresses, preferences and push subscriptions.
 
+Addresses are rows of ``outbox.recipient_address``, one per user and channel, with
+what the providers said about them (undeliverable since, disabled since); push
+subscriptions are rows of ``outbox.push_subscription`` (a user has many), and inapp
+needs no address. :func:`upsert_recipient` sets email, Telegram and SMS with the
+rest of a recipient; :func:`set_address` sets any channel's, a plugin's included.
+
 Like enqueue, these run on the caller's connection or session and never begin,
 commit, roll back or flush. They need a role that is a member of
 ``outbox_recipient_writer`` (the service that registers users); ``outbox_producer``
@@ -21,6 +27,9 @@ from outbox._enqueue import check_channel, check_text
 from outbox._errors import InvalidMessage
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+MAX_ADDRESS_LENGTH = 1024
+"""The longest address of any channel (``outbox.recipient_address``)."""
 _BASE64URL = re.compile(r"^[A-Za-z0-9_\-]+={0,2}$")
 INT64 = range(-(2**63), 2**63)
 
@@ -50,6 +59,7 @@ def recipient_params(
     *,
     email: str | None = None,
     telegram_chat_id: int | None = None,
+    phone: str | None = None,
     timezone: str | None = None,
     quiet_hours: tuple[time, time] | None = None,
     disabled_channels: Sequence[str] | None = None,
@@ -67,6 +77,8 @@ def recipient_params(
             raise InvalidMessage("telegram_chat_id must be an integer")
         if telegram_chat_id not in INT64:
             raise InvalidMessage("telegram_chat_id does not fit in 64 bits")
+    if phone is not None:
+        check_phone(phone)
     if timezone is not None:
         try:
             ZoneInfo(check_text("timezone", timezone, max_length=64))
@@ -80,6 +92,7 @@ def recipient_params(
         "user_id": user_id,
         "email": email,
         "telegram_chat_id": telegram_chat_id,
+        "phone": phone,
         "timezone": timezone,
         "set_quiet_hours": quiet_hours is not None,
         "quiet_hours_start": quiet_hours[0] if quiet_hours else None,
@@ -88,6 +101,65 @@ def recipient_params(
         "campaign_opt_out": campaign_opt_out,
         "fallback_order": _channels("fallback_order", fallback_order),
     }
+
+
+def check_phone(phone: object) -> str:
+    """Return ``phone`` if it is an E.164 number (``+``, country code, at most 15
+    digits, no leading 0), else raise :class:`~outbox.InvalidMessage`.
+    """
+    if not isinstance(phone, str) or not _E164.match(phone):
+        raise InvalidMessage(
+            "phone must be an E.164 number: + then 7-15 digits, the first not 0"
+            " (e.g. +4915112345678, no spaces or dashes)"
+        )
+    return phone
+
+
+def address_params(user_id: str, channel: str, address: str | None) -> dict[str, Any]:
+    """Validate a :func:`set_address` call; return the ``set_address`` parameters.
+
+    Email, Telegram and SMS addresses get their own checks (the database repeats
+    them); any other channel's is 1-1024 characters without control characters.
+    """
+    check_text("user_id", user_id)
+    check_channel(channel)
+    if channel in ("push", "inapp"):
+        raise InvalidMessage(
+            f"channel {channel} takes no address: push addresses are subscriptions"
+            " (add_push_subscription), inapp reaches every user"
+        )
+    if address is None:
+        return {"user_id": user_id, "channel": channel, "address": None}
+    check_text("address", address, max_length=MAX_ADDRESS_LENGTH)
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        raise InvalidMessage("address contains a control character")
+    if channel == "email":
+        recipient_params(user_id, email=address)
+    elif channel == "telegram":
+        if not re.fullmatch(r"-?(0|[1-9][0-9]{0,18})", address) or int(address) not in INT64:
+            raise InvalidMessage("a Telegram address is a chat id: a 64-bit integer")
+    elif channel == "sms":
+        check_phone(address)
+    return {"user_id": user_id, "channel": channel, "address": address}
+
+
+def set_address(conn: Any, user_id: str, channel: str, address: str | None) -> None:
+    """Set ``user_id``'s address on ``channel`` (any registered channel, a plugin's
+    too) in the caller's transaction; ``None`` removes it. Creates the recipient if
+    needed.
+
+    A new address clears what the provider said about the old one (undeliverable,
+    disabled); the same address again keeps it. Raises
+    :class:`~outbox.InvalidMessage` for an unknown channel or a malformed address
+    (a Telegram address is the chat id as text, an SMS address an E.164 number).
+    Needs ``outbox_recipient_writer``.
+    """
+    fetch_one(conn, "set_address", address_params(user_id, channel, address))
+
+
+async def set_address_async(conn: Any, user_id: str, channel: str, address: str | None) -> None:
+    """Asynchronous :func:`set_address`."""
+    await fetch_one_async(conn, "set_address", address_params(user_id, channel, address))
 
 
 def subscription_params(user_id: str, subscription_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,6 +187,7 @@ def upsert_recipient(
     *,
     email: str | None = None,
     telegram_chat_id: int | None = None,
+    phone: str | None = None,
     timezone: str | None = None,
     quiet_hours: tuple[time, time] | None = None,
     disabled_channels: Sequence[str] | None = None,
@@ -124,12 +197,16 @@ def upsert_recipient(
     """Create or update a recipient in the caller's transaction.
 
     Only the arguments given (not None) change; a new email address clears an
-    earlier bounce, a new Telegram chat id clears an earlier block.
+    earlier bounce, a Telegram chat id given again clears an earlier block, a new
+    ``phone`` (E.164, e.g. ``"+4915112345678"``: the SMS channel's address) clears an
+    earlier STOP or invalid-number report. Raises :class:`~outbox.InvalidMessage`
+    for a malformed value, before anything is written.
     """
     params = recipient_params(
         user_id,
         email=email,
         telegram_chat_id=telegram_chat_id,
+        phone=phone,
         timezone=timezone,
         quiet_hours=quiet_hours,
         disabled_channels=disabled_channels,
@@ -145,6 +222,7 @@ async def upsert_recipient_async(
     *,
     email: str | None = None,
     telegram_chat_id: int | None = None,
+    phone: str | None = None,
     timezone: str | None = None,
     quiet_hours: tuple[time, time] | None = None,
     disabled_channels: Sequence[str] | None = None,
@@ -156,6 +234,7 @@ async def upsert_recipient_async(
         user_id,
         email=email,
         telegram_chat_id=telegram_chat_id,
+        phone=phone,
         timezone=timezone,
         quiet_hours=quiet_hours,
         disabled_channels=disabled_channels,

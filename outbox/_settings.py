@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from outbox._ack_tokens import sign
 from outbox._errors import ConfigurationError
+from outbox.vocabulary import CHANNEL_NAME
 
 SmtpTls = Literal["none", "starttls", "tls"]
 FallbackOnFailure = Literal["transactional", "all", "off"]
@@ -93,9 +94,10 @@ class RateLimit:
         return self.count / self.per_seconds
 
 
-_RATE = re.compile(r"^\s*([a-z_]+)\s*=\s*(\d+)\s*/\s*(\d*)\s*([smh])\s*$")
+_RATE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*=\s*(\d+)\s*/\s*(\d*)\s*([smh])\s*$")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 RATE_LIMIT_KEYS = ("email", "telegram", "telegram_chat", "push")
+"""The keys outbox knows; any other channel's name (sms, a plugin's) is a key too."""
 DEFAULT_RATE_LIMITS = "email=100/m,telegram=20/s,telegram_chat=1/s"
 
 
@@ -111,9 +113,10 @@ def parse_rate_limits(text: str) -> dict[str, RateLimit]:
                 f"OUTBOX_RATE_LIMITS: cannot read {item!r}; expected e.g. 'telegram=20/s'"
             )
         key, count, multiple, unit = match.groups()
-        if key not in RATE_LIMIT_KEYS:
+        if key not in RATE_LIMIT_KEYS and not CHANNEL_NAME.match(key):
             raise ConfigurationError(
-                f"OUTBOX_RATE_LIMITS: unknown key {key!r}; expected one of {RATE_LIMIT_KEYS}"
+                f"OUTBOX_RATE_LIMITS: unknown key {key!r}; expected a channel's name"
+                f" ({', '.join(RATE_LIMIT_KEYS)}, or a plugin's) or telegram_chat"
             )
         period = float(multiple or 1) * _UNIT_SECONDS[unit]
         limits[key] = RateLimit(count=int(count), per_seconds=period)

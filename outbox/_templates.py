@@ -1,8 +1,9 @@
 """The template catalog: where templates live, what they need, and how they load.
 
 Templates are ``email/<name>.html.j2`` (optional ``email/<name>.txt.j2``),
-``telegram/<name>.md.j2`` and ``push/<name>.json.j2``, built into the package
-``outbox.templates``. A folder with the same layout (``OUTBOX_TEMPLATES_DIR``)
+``telegram/<name>.md.j2``, ``push/<name>.json.j2`` and ``inapp/<name>.json.j2``, built
+into the package ``outbox.templates``; any other channel (sms, a plugin's) has plain
+text, ``<channel>/<name>.txt.j2``. A folder with the same layout (``OUTBOX_TEMPLATES_DIR``)
 overrides them by name: a template it has on a channel comes from it entirely.
 Files named ``_*`` are partials (layouts, macros), looked up in the folder first.
 
@@ -48,10 +49,13 @@ from outbox._errors import (
     UnknownTemplate,
 )
 from outbox._template_analysis import classify, learn_names
-from outbox.vocabulary import CHANNELS
+from outbox.vocabulary import CHANNEL_NAME, CHANNELS
 
 MAIN_SUFFIX = {"email": ".html.j2", "telegram": ".md.j2", "push": ".json.j2", "inapp": ".json.j2"}
 EMAIL_TEXT_SUFFIX = ".txt.j2"
+TEXT_SUFFIX = ".txt.j2"
+"""Every other channel (sms, a plugin's: any folder named like a channel) renders
+plain text from ``<channel>/<name>.txt.j2``."""
 RENDER_CONTEXT = frozenset({"ack_url", "lane", "message_id", "platform_base_url"})
 """Names the renderer provides itself; templates may use them without declaring."""
 
@@ -241,6 +245,11 @@ class TemplateCatalog:
         """Template names, sorted; only those existing for ``channel`` if given."""
         return tuple(sorted({n for c, n in self._files if channel in (None, c)}))
 
+    def channels(self) -> tuple[str, ...]:
+        """The channels some template exists for: built-ins first, then the others."""
+        found = {c for c, _ in self._files}
+        return tuple(c for c in CHANNELS if c in found) + tuple(sorted(found.difference(CHANNELS)))
+
     def has(self, channel: str, template: str) -> bool:
         """Whether ``template`` exists for ``channel``."""
         return (channel, template) in self._files
@@ -268,7 +277,7 @@ class TemplateCatalog:
 
     def info(self, template: str) -> TemplateInfo:
         """Return what :meth:`templates` says about one name; raise UnknownTemplate."""
-        channels = [c for c in CHANNELS if self.has(c, template)]
+        channels = [c for c in self.channels() if self.has(c, template)]
         if not channels:
             raise UnknownTemplate("any", template, self.names())
         variables: dict[str, TemplateVariables] = {c: self.variables(c, template) for c in channels}
@@ -324,16 +333,26 @@ class TemplateCatalog:
         )
 
 
+def _channel_folders(root: Traversable) -> list[str]:
+    """The folders of ``root`` named like a channel: the built-ins in their order,
+    then any other (a plugin's channel) by name.
+    """
+    others = sorted(
+        entry.name
+        for entry in root.iterdir()
+        if entry.is_dir() and CHANNEL_NAME.match(entry.name) and entry.name not in CHANNELS
+    )
+    return [c for c in CHANNELS if root.joinpath(c).is_dir()] + others
+
+
 def _scan(roots: Sequence[tuple[str, Traversable]]) -> dict[tuple[str, str], TemplateFiles]:
     """Map (channel, name) to the files of the first root that has the main file."""
     found: dict[tuple[str, str], TemplateFiles] = {}
     for label, root in reversed(roots):  # later assignments (earlier roots) win
-        for channel in CHANNELS:
+        for channel in _channel_folders(root):
             folder = root.joinpath(channel)
-            if not folder.is_dir():
-                continue
             entries = {entry.name for entry in folder.iterdir() if entry.is_file()}
-            suffix = MAIN_SUFFIX[channel]
+            suffix = MAIN_SUFFIX.get(channel, TEXT_SUFFIX)
             for entry in entries:
                 name = entry.removesuffix(suffix)
                 if not entry.endswith(suffix) or not _NAME.match(name) or name[0] == "_":

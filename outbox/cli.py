@@ -67,6 +67,25 @@ def _cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_channels(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox._channels import list_channels, register_channel
+
+    with connect_migrated(settings) as conn:
+        if args.register:
+            if not args.name:
+                print("outbox: usage: outbox channels register NAME", file=sys.stderr)
+                return 2
+            new = register_channel(conn, args.name)
+            print(f"channel {args.name} " + ("registered" if new else "was registered already"))
+            return 0
+        rows = [
+            (c.name, "built-in" if c.builtin else "plugin", c.created_at)
+            for c in list_channels(conn)
+        ]
+    print(format_table(["channel", "kind", "since"], rows))
+    return 0
+
+
 def read_user_ids(source: str) -> list[str]:
     """User ids from a file (``-``: standard input), one per line.
 
@@ -183,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="user ids, one per line ('-': standard input)",
     )
-    campaign.add_argument("--channel", required=True, choices=CHANNELS)
+    campaign.add_argument(
+        "--channel",
+        required=True,
+        help=f"channel: {', '.join(CHANNELS)} or a registered plugin's (outbox channels)",
+    )
     campaign.add_argument("--template", required=True, help="template name (outbox templates)")
     campaign.add_argument(
         "--vars",
@@ -201,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=1000, help="messages per statement (1000)"
     )
     campaign.set_defaults(handler=_cmd_campaign)
+
+    channels = commands.add_parser("channels", help="list channels, or register a plugin's")
+    channels.add_argument(
+        "register", nargs="?", choices=["register"], help="register NAME (outbox_operator)"
+    )
+    channels.add_argument("name", nargs="?", help="the new channel's name (with register)")
+    channels.set_defaults(handler=_cmd_channels)
 
     stats = commands.add_parser("stats", help="queue depth per lane, channel and status")
     stats.set_defaults(handler=_cmd_stats)

@@ -1,18 +1,25 @@
 """The names every part of outbox shares: channels and lanes.
 
-One place in Python, so that adding a channel or a lane is one edit here plus the
-code that handles it. The SQL schema checks the same names (``outbox.enqueue``,
-the recipient and channel-state constraints: a new name there needs a migration);
-``tests/unit/test_vocabulary.py`` holds the two in step.
+Channels are data: the database's ``outbox.channel`` lists them, the built-in ones
+below and whatever plugins registered (``outbox.register_channel``); enqueue checks a
+name against that table, never against this list. :data:`CHANNELS` names the
+built-ins (the rows ``outbox_0010`` seeds, ``tests/unit/test_vocabulary.py`` holds
+the two in step); nothing may reject a channel for not being in it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 ChannelName = Literal["email", "telegram", "push", "inapp"]
 CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push", "inapp")
-"""Delivery channels, in the default fallback order's spelling (not its order)."""
+"""The built-in delivery channels (plugins may register more). ``outbox_0010`` seeds
+``sms`` in the database already; it joins this list with its channel module."""
+
+CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+"""What a channel name may be (``outbox.channel``'s check): it names a template
+folder, a metric label and a key of ``OUTBOX_RATE_LIMITS``."""
 
 LaneName = Literal["transactional", "campaign"]
 LANES: tuple[LaneName, ...] = ("transactional", "campaign")
@@ -25,4 +32,12 @@ UNMUTABLE_PREFIX = "position_failure_"
 """Topics (template names) that must keep at least one channel: a failed stop-loss,
 take-profit or entry reaches the trader whatever their preferences say."""
 
-__all__ = ["CHANNELS", "LANES", "PRIORITY_RANGES", "UNMUTABLE_PREFIX", "ChannelName", "LaneName"]
+__all__ = [
+    "CHANNELS",
+    "CHANNEL_NAME",
+    "LANES",
+    "PRIORITY_RANGES",
+    "UNMUTABLE_PREFIX",
+    "ChannelName",
+    "LaneName",
+]

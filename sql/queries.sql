@@ -22,33 +22,59 @@ SELECT outbox.enqueue_many(
 )
 
 -- upsert_recipient --
--- Insert or update a recipient; only the columns passed as non-null change.
-INSERT INTO outbox.recipient AS r (
-    user_id, email, telegram_chat_id, timezone, quiet_hours_start, quiet_hours_end,
-    disabled_channels, campaign_opt_out, fallback_order
-) VALUES (
-    %(user_id)s, %(email)s, %(telegram_chat_id)s, coalesce(%(timezone)s, 'UTC'),
-    CAST(%(quiet_hours_start)s AS time), CAST(%(quiet_hours_end)s AS time),
-    coalesce(CAST(%(disabled_channels)s AS text[]), '{}'),
-    coalesce(%(campaign_opt_out)s, false), CAST(%(fallback_order)s AS text[])
+-- Insert or update a recipient and its email, Telegram and SMS addresses; only the
+-- arguments passed as non-null change. A new email or phone clears what the
+-- provider said about the old one (a bounce, a STOP); a Telegram chat id given
+-- again clears the block (the user started the bot again).
+WITH recipient AS (
+    INSERT INTO outbox.recipient AS r (
+        user_id, timezone, quiet_hours_start, quiet_hours_end, disabled_channels,
+        campaign_opt_out, fallback_order
+    ) VALUES (
+        %(user_id)s, coalesce(%(timezone)s, 'UTC'),
+        CAST(%(quiet_hours_start)s AS time), CAST(%(quiet_hours_end)s AS time),
+        coalesce(CAST(%(disabled_channels)s AS text[]), '{}'),
+        coalesce(%(campaign_opt_out)s, false), CAST(%(fallback_order)s AS text[])
+    )
+    ON CONFLICT (user_id) DO UPDATE SET
+        timezone = coalesce(%(timezone)s, r.timezone),
+        quiet_hours_start = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_start
+                                 ELSE r.quiet_hours_start END,
+        quiet_hours_end = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_end
+                               ELSE r.quiet_hours_end END,
+        disabled_channels = coalesce(CAST(%(disabled_channels)s AS text[]), r.disabled_channels),
+        campaign_opt_out = coalesce(%(campaign_opt_out)s, r.campaign_opt_out),
+        fallback_order = coalesce(CAST(%(fallback_order)s AS text[]), r.fallback_order),
+        updated_at = now()
+    RETURNING r.user_id
+), given (channel, address) AS (
+    VALUES ('email', CAST(%(email)s AS text)),
+           ('telegram', CAST(CAST(%(telegram_chat_id)s AS bigint) AS text)),
+           ('sms', CAST(%(phone)s AS text))
 )
-ON CONFLICT (user_id) DO UPDATE SET
-    email = coalesce(excluded.email, r.email),
-    email_undeliverable_at = CASE
-        WHEN excluded.email IS DISTINCT FROM r.email AND %(email)s IS NOT NULL THEN NULL
-        ELSE r.email_undeliverable_at END,
-    telegram_chat_id = coalesce(excluded.telegram_chat_id, r.telegram_chat_id),
-    telegram_blocked_at = CASE
-        WHEN %(telegram_chat_id)s IS NOT NULL THEN NULL ELSE r.telegram_blocked_at END,
-    timezone = coalesce(%(timezone)s, r.timezone),
-    quiet_hours_start = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_start
-                             ELSE r.quiet_hours_start END,
-    quiet_hours_end = CASE WHEN %(set_quiet_hours)s THEN excluded.quiet_hours_end
-                           ELSE r.quiet_hours_end END,
-    disabled_channels = coalesce(CAST(%(disabled_channels)s AS text[]), r.disabled_channels),
-    campaign_opt_out = coalesce(%(campaign_opt_out)s, r.campaign_opt_out),
-    fallback_order = coalesce(CAST(%(fallback_order)s AS text[]), r.fallback_order),
+INSERT INTO outbox.recipient_address AS a (user_id, channel, address)
+SELECT r.user_id, g.channel, g.address FROM recipient r, given g WHERE g.address IS NOT NULL
+ON CONFLICT (user_id, channel) DO UPDATE SET
+    address = excluded.address,
+    undeliverable_since = CASE WHEN a.address = excluded.address
+                               THEN a.undeliverable_since END,
+    undeliverable_reason = CASE WHEN a.address = excluded.address
+                                THEN a.undeliverable_reason END,
+    disabled_since = CASE WHEN a.address = excluded.address AND a.channel <> 'telegram'
+                          THEN a.disabled_since END,
     updated_at = now()
+
+-- set_address --
+-- Set (or with NULL remove) a user's address on any channel.
+SELECT outbox.set_address(%(user_id)s, %(channel)s, %(address)s)
+
+-- register_channel --
+-- Add a channel (a plugin's); true when it is new.
+SELECT outbox.register_channel(%(name)s)
+
+-- channels --
+-- Every channel, built-ins first.
+SELECT name, builtin, created_at FROM outbox.channel ORDER BY NOT builtin, name
 
 -- add_push_subscription --
 -- Store a browser subscription (endpoint unique: a re-subscription moves it).
@@ -245,11 +271,16 @@ SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
 
 -- _recipient_columns --
 -- Fragment: one recipient as the dispatcher reads it (RecipientRecord.from_row),
--- from outbox.recipient r: addresses, preferences, and push subscriptions as JSON.
-r.user_id, r.email, r.telegram_chat_id, r.timezone, r.quiet_hours_start,
-r.quiet_hours_end, r.disabled_channels, r.campaign_opt_out, r.fallback_order,
-r.email_undeliverable_at IS NOT NULL AS email_undeliverable,
-r.telegram_blocked_at IS NOT NULL AS telegram_blocked,
+-- from outbox.recipient r: preferences, addresses and push subscriptions as JSON.
+r.user_id, r.timezone, r.quiet_hours_start, r.quiet_hours_end, r.disabled_channels,
+r.campaign_opt_out, r.fallback_order,
+-- [[channel, address, usable], ...]: usable unless the provider refused the address
+-- or the user turned the channel off there (outbox.recipient_address's primary key)
+coalesce((SELECT json_agg(json_build_array(a.channel, a.address,
+                                           a.undeliverable_since IS NULL
+                                           AND a.disabled_since IS NULL))
+            FROM outbox.recipient_address a WHERE a.user_id = r.user_id), '[]')
+    AS addresses,
 coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
             FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
     AS subscriptions
@@ -274,15 +305,16 @@ RETURNING m.id
 WITH done AS (
     DELETE FROM outbox.message m
      USING unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]),
-                  CAST(%(durations)s AS float8[])) AS d(id, token, duration_ms)
+                  CAST(%(durations)s AS float8[]), CAST(%(provider_ids)s AS text[]))
+           AS d(id, token, duration_ms, provider_id)
      WHERE m.id = d.id AND m.lease_token = d.token
     RETURNING m.id, m.lane, m.channel, m.user_id, m.template, m.attempts, d.duration_ms,
-              m.enqueued_by
+              m.enqueued_by, d.provider_id
 )
 INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
-                            duration_ms, dispatcher_id, enqueued_by)
+                            duration_ms, dispatcher_id, enqueued_by, provider_id)
 SELECT id, lane, channel, user_id, template, attempts + 1, 'sent', duration_ms,
-       %(dispatcher_id)s, enqueued_by
+       %(dispatcher_id)s, enqueued_by, provider_id
   FROM done
 RETURNING message_id
 
@@ -297,14 +329,15 @@ WITH f AS (
         CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS uuid[]), CAST(%(durations)s AS float8[]),
         CAST(%(channels)s AS text[]), CAST(%(attempts)s AS integer[]),
         CAST(%(waits)s AS float8[]), CAST(%(next_channels)s AS text[]),
-        CAST(%(next_fallbacks)s AS text[])
-    ) AS f(id, token, duration_ms, channel, attempt, wait, next_channel, next_fallback)
+        CAST(%(next_fallbacks)s AS text[]), CAST(%(provider_ids)s AS text[])
+    ) AS f(id, token, duration_ms, channel, attempt, wait, next_channel, next_fallback,
+           provider_id)
 ), acknowledged AS (
     DELETE FROM outbox.message m
      USING f
      WHERE m.id = f.id AND m.lease_token = f.token AND m.acknowledged_at IS NOT NULL
     RETURNING m.id, m.lane, m.user_id, m.template, m.enqueued_by, f.channel, f.attempt,
-              f.duration_ms
+              f.duration_ms, f.provider_id
 ), waiting AS (
     UPDATE outbox.message m
        SET status = 'awaiting_ack', sent_at = coalesce(m.sent_at, now()), attempts = 0,
@@ -317,12 +350,12 @@ WITH f AS (
       FROM f
      WHERE m.id = f.id AND m.lease_token = f.token AND m.acknowledged_at IS NULL
     RETURNING m.id, m.lane, m.user_id, m.template, m.enqueued_by, f.channel, f.attempt,
-              f.duration_ms
+              f.duration_ms, f.provider_id
 )
 INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
-                            duration_ms, dispatcher_id, enqueued_by)
+                            duration_ms, dispatcher_id, enqueued_by, provider_id)
 SELECT id, lane, channel, user_id, template, attempt, 'sent', duration_ms,
-       %(dispatcher_id)s, enqueued_by
+       %(dispatcher_id)s, enqueued_by, provider_id
   FROM (SELECT * FROM acknowledged UNION ALL SELECT * FROM waiting) a
 RETURNING message_id
 
@@ -486,20 +519,25 @@ SELECT CAST(extract(epoch FROM min(
 -- What an until-idle run leaves behind: pending messages and when the first is due.
 SELECT count(*), min(next_attempt_at) FROM outbox.message WHERE status = 'pending'
 
--- effect_disable_telegram --
--- The user blocked the bot.
-UPDATE outbox.recipient SET telegram_blocked_at = now(), updated_at = now()
- WHERE user_id = %(user_id)s
+-- effect_disable_channel --
+-- The user turned the channel off at the provider (blocked the bot, answered STOP):
+-- not tried again until a new address is set. The first time is kept.
+UPDATE outbox.recipient_address
+   SET disabled_since = coalesce(disabled_since, now()), updated_at = now()
+ WHERE user_id = %(user_id)s AND channel = %(channel)s
 
--- effect_email_undeliverable --
--- The mail server refused the user's address.
-UPDATE outbox.recipient SET email_undeliverable_at = now(), updated_at = now()
- WHERE user_id = %(user_id)s
+-- effect_address_undeliverable --
+-- The provider refused the user's address on the channel (an SMTP 5xx, an invalid number).
+UPDATE outbox.recipient_address
+   SET undeliverable_since = coalesce(undeliverable_since, now()),
+       undeliverable_reason = coalesce(undeliverable_reason, %(reason)s), updated_at = now()
+ WHERE user_id = %(user_id)s AND channel = %(channel)s
 
 -- effect_telegram_chat --
 -- The chat migrated to a supergroup.
-UPDATE outbox.recipient SET telegram_chat_id = %(chat_id)s, updated_at = now()
- WHERE user_id = %(user_id)s
+UPDATE outbox.recipient_address
+   SET address = CAST(CAST(%(chat_id)s AS bigint) AS text), updated_at = now()
+ WHERE user_id = %(user_id)s AND channel = 'telegram'
 
 -- effect_inbox_item --
 -- Channel inapp delivered: the user's inbox item (one per message), and a word to

@@ -158,9 +158,11 @@ CREATE TABLE outbox.attempt (
     is_test       boolean     NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     enqueued_by   oid,
+    provider_id   text,
     CONSTRAINT attempt_outcome_check CHECK (
         outcome IN ('sent', 'retry', 'dead', 'skipped', 'fallback', 'deferred', 'failed',
-                    'cancelled', 'expired', 'superseded', 'escalated', 'acknowledged')
+                    'cancelled', 'expired', 'superseded', 'escalated', 'acknowledged',
+                    'delivered', 'undelivered')
     )
 );
 COMMENT ON TABLE outbox.attempt IS 'Append-only delivery log, one row per attempt and outcome';
@@ -168,38 +170,110 @@ COMMENT ON COLUMN outbox.attempt.enqueued_by IS
     'The message''s outbox.message.enqueued_by: status stays scoped after the row is gone';
 CREATE INDEX attempt_message_idx ON outbox.attempt (message_id);
 CREATE INDEX attempt_created_idx ON outbox.attempt USING brin (created_at);
+COMMENT ON COLUMN outbox.attempt.provider_id IS
+    'The provider''s id of the message (Sent.provider_id): delivery reports find it by this';
+CREATE INDEX attempt_provider_idx ON outbox.attempt (channel, provider_id)
+    WHERE provider_id IS NOT NULL;
 
 -- ---------------------------------------------------------------------------
 -- Recipients and their addresses and preferences.
 -- ---------------------------------------------------------------------------
+-- Which channels exist: the built-ins, and those plugins registered.
+CREATE TABLE outbox.channel (
+    name       text        PRIMARY KEY,
+    builtin    boolean     NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- a name is a template folder, a metric label and a settings key: keep it plain
+    CONSTRAINT channel_name_check CHECK (name ~ '^[a-z][a-z0-9_]{0,31}$')
+);
+COMMENT ON TABLE outbox.channel IS
+    'The channels messages may go to: the built-ins and those plugins registered (outbox.register_channel)';
+INSERT INTO outbox.channel (name, builtin)
+VALUES ('email', true), ('telegram', true), ('push', true), ('inapp', true), ('sms', true);
+
 CREATE TABLE outbox.recipient (
     user_id                text        PRIMARY KEY,
-    email                  text,
-    telegram_chat_id       bigint,
     timezone               text        NOT NULL DEFAULT 'UTC',
     quiet_hours_start      time,
     quiet_hours_end        time,
     disabled_channels      text[]      NOT NULL DEFAULT '{}',
     campaign_opt_out       boolean     NOT NULL DEFAULT false,
     fallback_order         text[],
-    email_undeliverable_at timestamptz,
-    telegram_blocked_at    timestamptz,
     created_at             timestamptz NOT NULL DEFAULT now(),
     updated_at             timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT recipient_user_id_check CHECK (user_id <> '' AND length(user_id) <= 255),
-    CONSTRAINT recipient_email_check CHECK (
-        email IS NULL OR (email ~ '^[^@\s]+@[^@\s]+$' AND length(email) <= 254)
-    ),
     CONSTRAINT recipient_quiet_hours_pair CHECK (
         (quiet_hours_start IS NULL) = (quiet_hours_end IS NULL)
-    ),
-    CONSTRAINT recipient_disabled_channels_check CHECK (
-        disabled_channels <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[]
-    ),
-    CONSTRAINT recipient_fallback_order_check CHECK (
-        fallback_order IS NULL OR fallback_order <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[]
     )
 );
+COMMENT ON TABLE outbox.recipient IS
+    'A user''s delivery settings; the addresses are in outbox.recipient_address and outbox.push_subscription';
+-- Channel lists in arrays: a trigger checks them against outbox.channel (a CHECK
+-- cannot read a table).
+CREATE FUNCTION outbox._check_recipient_channels() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF array_position(NEW.disabled_channels, NULL) IS NOT NULL
+       OR NOT NEW.disabled_channels <@ ARRAY(SELECT c.name FROM outbox.channel c) THEN
+        RAISE EXCEPTION 'outbox: disabled_channels % names an unknown channel',
+            NEW.disabled_channels USING ERRCODE = '23514';
+    END IF;
+    IF NEW.fallback_order IS NOT NULL AND (array_position(NEW.fallback_order, NULL) IS NOT NULL
+       OR NOT NEW.fallback_order <@ ARRAY(SELECT c.name FROM outbox.channel c)) THEN
+        RAISE EXCEPTION 'outbox: fallback_order % names an unknown channel',
+            NEW.fallback_order USING ERRCODE = '23514';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER recipient_channels_check
+    BEFORE INSERT OR UPDATE OF disabled_channels, fallback_order ON outbox.recipient
+    FOR EACH ROW EXECUTE FUNCTION outbox._check_recipient_channels();
+
+-- ---------------------------------------------------------------------------
+-- Each user's address on each channel, and what the providers said about it.
+-- Push subscriptions stay in outbox.push_subscription (many per user); inapp
+-- needs no address.
+-- ---------------------------------------------------------------------------
+CREATE TABLE outbox.recipient_address (
+    user_id              text        NOT NULL REFERENCES outbox.recipient ON DELETE CASCADE,
+    channel              text        NOT NULL REFERENCES outbox.channel,
+    address              text        NOT NULL,
+    undeliverable_since  timestamptz,
+    undeliverable_reason text,
+    disabled_since       timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, channel),
+    -- an address goes into provider requests and mail headers: no control characters
+    CONSTRAINT recipient_address_text_check CHECK (
+        address <> '' AND length(address) <= 1024 AND address !~ '[[:cntrl:]]'
+    ),
+    CONSTRAINT recipient_address_reason_check CHECK (length(undeliverable_reason) <= 500),
+    CONSTRAINT recipient_address_no_push_inapp CHECK (channel <> 'push' AND channel <> 'inapp'),
+    CONSTRAINT recipient_address_email_check CHECK (
+        channel <> 'email' OR (address ~ '^[^@\s]+@[^@\s]+$' AND length(address) <= 254)
+    ),
+    -- a Telegram chat id: a 64-bit integer in its plain decimal spelling
+    CONSTRAINT recipient_address_telegram_check CHECK (
+        channel <> 'telegram' OR CASE WHEN address ~ '^-?(0|[1-9][0-9]{0,18})$'
+            THEN address::numeric BETWEEN -9223372036854775808 AND 9223372036854775807
+            ELSE false END
+    ),
+    -- E.164
+    CONSTRAINT recipient_address_sms_check CHECK (
+        channel <> 'sms' OR address ~ '^\+[1-9][0-9]{6,14}$'
+    )
+);
+COMMENT ON TABLE outbox.recipient_address IS
+    'A user''s address on one channel; undeliverable_since (the provider refused it) or '
+    'disabled_since (the user turned the channel off there) make the channel unreachable';
+COMMENT ON COLUMN outbox.recipient_address.disabled_since IS
+    'The user blocked the bot (telegram) or answered STOP (sms); cleared by a new address';
+-- Delivery reports name an address (an email bounce), not a user.
+CREATE INDEX recipient_address_lookup_idx ON outbox.recipient_address (channel, lower(address));
 
 CREATE TABLE outbox.preference (
     user_id    text        NOT NULL,
@@ -285,7 +359,7 @@ CREATE TABLE outbox.channel_state (
     paused_until timestamptz,
     last_error   text,
     updated_at   timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT channel_state_channel_check CHECK (channel IN ('email', 'telegram', 'push', 'inapp'))
+    CONSTRAINT channel_state_channel_fkey FOREIGN KEY (channel) REFERENCES outbox.channel
 );
 
 -- ---------------------------------------------------------------------------
@@ -338,9 +412,12 @@ BEGIN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign',
             enqueue.lane USING ERRCODE = '22023';
     END IF;
-    IF enqueue.channel IS NULL OR enqueue.channel NOT IN ('email', 'telegram', 'push', 'inapp') THEN
-        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram, push or inapp',
-            enqueue.channel USING ERRCODE = '22023';
+    -- The channels are rows of outbox.channel (plugins register theirs). Whether it
+    -- is one is asked by the INSERT below, which writes nothing for an unknown one:
+    -- a statement of its own would cost every enqueue an executor start (8 us).
+    IF enqueue.channel IS NULL THEN
+        RAISE EXCEPTION 'outbox: unknown channel NULL; see outbox.channel'
+            USING ERRCODE = '22023';
     END IF;
     IF enqueue.user_id IS NULL OR enqueue.user_id = '' THEN
         RAISE EXCEPTION 'outbox: user_id must be a non-empty string' USING ERRCODE = '22023';
@@ -396,7 +473,7 @@ BEGIN
             USING ERRCODE = '23514';
     END IF;
     IF enqueue.fallback IS NOT NULL
-       AND NOT enqueue.fallback <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[] THEN
+       AND NOT enqueue.fallback <@ ARRAY(SELECT c.name FROM outbox.channel c) THEN
         RAISE EXCEPTION 'outbox: fallback % names an unknown channel', enqueue.fallback
             USING ERRCODE = '23514';
     END IF;
@@ -426,6 +503,11 @@ BEGIN
          WHERE k.key = enqueue.idempotency_key
            AND k.expires_at > now();
         IF FOUND THEN
+            -- a repeat is checked like a first call (only repeats pay this probe)
+            IF NOT EXISTS (SELECT 1 FROM outbox.channel c WHERE c.name = enqueue.channel) THEN
+                RAISE EXCEPTION 'outbox: unknown channel %; see outbox.channel',
+                    left(enqueue.channel, 32) USING ERRCODE = '22023';
+            END IF;
             RETURN v_existing;
         END IF;
     END IF;
@@ -453,11 +535,18 @@ BEGIN
     INSERT INTO outbox.message (lane, priority, channel, user_id, template, vars,
                                 fallback, next_attempt_at, idempotency_key,
                                 expires_at, collapse_key, escalate_after)
-    VALUES (enqueue.lane, v_priority, enqueue.channel, enqueue.user_id, enqueue.template,
-            coalesce(enqueue.vars, '{}'::jsonb), enqueue.fallback,
-            greatest(coalesce(enqueue.send_at, now()), now()), enqueue.idempotency_key,
-            enqueue.expires_at, enqueue.collapse_key, enqueue.escalate_after)
+    SELECT enqueue.lane, v_priority, c.name, enqueue.user_id, enqueue.template,
+           coalesce(enqueue.vars, '{}'::jsonb), enqueue.fallback,
+           greatest(coalesce(enqueue.send_at, now()), now()), enqueue.idempotency_key,
+           enqueue.expires_at, enqueue.collapse_key, enqueue.escalate_after
+      FROM outbox.channel c
+     WHERE c.name = enqueue.channel
     RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        -- raising undoes what this call did (a collapse's withdrawals included)
+        RAISE EXCEPTION 'outbox: unknown channel %; see outbox.channel', left(enqueue.channel, 32)
+            USING ERRCODE = '22023';
+    END IF;
 
     IF enqueue.idempotency_key IS NOT NULL THEN
         -- A concurrent transaction may have taken the key since the look-up above;
@@ -520,9 +609,10 @@ BEGIN
         RAISE EXCEPTION 'outbox: unknown lane %; expected transactional or campaign', lane
             USING ERRCODE = '22023';
     END IF;
-    IF channel IS NULL OR channel NOT IN ('email', 'telegram', 'push', 'inapp') THEN
-        RAISE EXCEPTION 'outbox: unknown channel %; expected email, telegram, push or inapp', channel
-            USING ERRCODE = '22023';
+    IF enqueue_many.channel IS NULL
+       OR NOT EXISTS (SELECT 1 FROM outbox.channel c WHERE c.name = enqueue_many.channel) THEN
+        RAISE EXCEPTION 'outbox: unknown channel %; see outbox.channel',
+            left(enqueue_many.channel, 32) USING ERRCODE = '22023';
     END IF;
     IF cardinality(vars_list) NOT IN (1, cardinality(user_ids)) THEN
         RAISE EXCEPTION 'outbox: vars_list must hold 1 or % objects, not %',
@@ -921,8 +1011,14 @@ BEGIN
         RETURN;
     END IF;
     IF array_position(set_preference.channels, NULL) IS NOT NULL
-       OR NOT set_preference.channels <@ ARRAY['email', 'telegram', 'push', 'inapp']::text[] THEN
-        RAISE EXCEPTION 'outbox: channels % names an unknown channel', set_preference.channels
+       OR NOT set_preference.channels <@ ARRAY(SELECT c.name FROM outbox.channel c) THEN
+        -- name the first one the caller got wrong (the API shows this to users)
+        RAISE EXCEPTION 'outbox: unknown channel % in channels %',
+            quote_nullable((SELECT left(u.name, 32) FROM unnest(set_preference.channels) u(name)
+                             WHERE u.name IS NULL OR NOT EXISTS (
+                                 SELECT 1 FROM outbox.channel c WHERE c.name = u.name)
+                             LIMIT 1)),
+            left(set_preference.channels::text, 200)
             USING ERRCODE = '22023';
     END IF;
     -- A failed stop-loss, take-profit or entry must reach the trader somewhere.
@@ -1008,6 +1104,203 @@ COMMENT ON FUNCTION outbox.remove_push_subscription(text, text) IS
     'Remove one browser subscription of the user; false when the endpoint is not theirs or unknown';
 
 -- ---------------------------------------------------------------------------
+-- Channels, addresses and delivery reports: the functions.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION outbox.register_channel(name text) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- A plugin's channel (OUTBOX_CHANNEL_PLUGINS) exists once it is a row here: then
+-- producers may enqueue to it and users may have an address on it. Idempotent.
+BEGIN
+    IF register_channel.name IS NULL OR register_channel.name !~ '^[a-z][a-z0-9_]{0,31}$' THEN
+        RAISE EXCEPTION 'outbox: a channel name is 1-32 characters of a-z, 0-9 and _, starting with a letter'
+            USING ERRCODE = '22023';
+    END IF;
+    -- the key of Telegram's per-chat rate limit in OUTBOX_RATE_LIMITS
+    IF register_channel.name = 'telegram_chat' THEN
+        RAISE EXCEPTION 'outbox: telegram_chat is a reserved name' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO outbox.channel (name) VALUES (register_channel.name)
+    ON CONFLICT ON CONSTRAINT channel_pkey DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION outbox.register_channel(text) IS
+    'Add a channel (a plugin''s); true when it is new, false when it existed';
+
+CREATE FUNCTION outbox.set_address(p_user_id text, p_channel text, p_address text) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- A user's address on any channel; NULL removes it. A new address clears what the
+-- provider said about the old one; the same address again keeps it (a bounce or a
+-- STOP on that very address still holds). Addresses are not quoted in errors.
+BEGIN
+    IF p_user_id IS NULL OR p_user_id = '' OR length(p_user_id) > 255 THEN
+        RAISE EXCEPTION 'outbox: user_id must be 1-255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF p_channel IS NULL OR length(p_channel) > 32
+       OR NOT EXISTS (SELECT 1 FROM outbox.channel c WHERE c.name = p_channel) THEN
+        RAISE EXCEPTION 'outbox: unknown channel %', left(p_channel, 32) USING ERRCODE = '22023';
+    END IF;
+    IF p_channel = 'push' OR p_channel = 'inapp' THEN
+        RAISE EXCEPTION 'outbox: channel % takes no address (push: add_push_subscription; inapp reaches every user)',
+            p_channel USING ERRCODE = '22023';
+    END IF;
+    IF p_address IS NULL THEN
+        DELETE FROM outbox.recipient_address a
+         WHERE a.user_id = p_user_id AND a.channel = p_channel;
+        RETURN;
+    END IF;
+    IF p_address = '' OR length(p_address) > 1024 OR p_address ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'outbox: an address must be 1-1024 characters without control characters'
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_channel = 'email'
+       AND (p_address !~ '^[^@\s]+@[^@\s]+$' OR length(p_address) > 254) THEN
+        RAISE EXCEPTION 'outbox: the email address is not an address' USING ERRCODE = '22023';
+    END IF;
+    IF p_channel = 'telegram' AND NOT (CASE WHEN p_address ~ '^-?(0|[1-9][0-9]{0,18})$'
+           THEN p_address::numeric BETWEEN -9223372036854775808 AND 9223372036854775807
+           ELSE false END) THEN
+        RAISE EXCEPTION 'outbox: a Telegram chat id is a 64-bit integer' USING ERRCODE = '22023';
+    END IF;
+    IF p_channel = 'sms' AND p_address !~ '^\+[1-9][0-9]{6,14}$' THEN
+        RAISE EXCEPTION 'outbox: a phone number must be E.164: + and 7-15 digits, no leading 0'
+            USING ERRCODE = '22023';
+    END IF;
+    -- no conflict target: the owner may insert recipients but read none of them
+    INSERT INTO outbox.recipient AS r (user_id) VALUES (p_user_id) ON CONFLICT DO NOTHING;
+    INSERT INTO outbox.recipient_address AS a (user_id, channel, address)
+    VALUES (p_user_id, p_channel, p_address)
+    ON CONFLICT ON CONSTRAINT recipient_address_pkey DO UPDATE
+        SET address = excluded.address,
+            undeliverable_since = CASE WHEN a.address = excluded.address
+                                       THEN a.undeliverable_since END,
+            undeliverable_reason = CASE WHEN a.address = excluded.address
+                                        THEN a.undeliverable_reason END,
+            disabled_since = CASE WHEN a.address = excluded.address THEN a.disabled_since END,
+            updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION outbox.set_address(text, text, text) IS
+    'Set (or with NULL remove) a user''s address on a channel; creates the recipient';
+
+CREATE FUNCTION outbox.record_delivery_report(
+    p_channel text,
+    p_provider_id text,
+    p_delivered boolean,
+    p_error_code text,
+    p_permanent boolean
+) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- A provider's later word on a message it accepted (an SMS status callback): one
+-- attempt row 'delivered' or 'undelivered' for the message whose 'sent' attempt
+-- carries p_provider_id. Providers retry their callbacks: the same report again
+-- writes nothing. A permanent failure marks the user's address undeliverable.
+-- Returns the message id; NULL when no message was sent with that id.
+DECLARE
+    v_sent    record;
+    v_outcome text := CASE WHEN p_delivered THEN 'delivered' ELSE 'undelivered' END;
+BEGIN
+    IF p_channel IS NULL OR length(p_channel) > 32
+       OR NOT EXISTS (SELECT 1 FROM outbox.channel c WHERE c.name = p_channel) THEN
+        RAISE EXCEPTION 'outbox: unknown channel %', left(p_channel, 32) USING ERRCODE = '22023';
+    END IF;
+    IF p_provider_id IS NULL OR p_provider_id = '' OR length(p_provider_id) > 255
+       OR p_provider_id ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'outbox: provider_id must be 1-255 characters without control characters'
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_delivered IS NULL THEN
+        RAISE EXCEPTION 'outbox: delivered must be true or false' USING ERRCODE = '22023';
+    END IF;
+    IF p_error_code IS NOT NULL AND p_error_code !~ '^[A-Za-z0-9_.:-]{1,64}$' THEN
+        RAISE EXCEPTION 'outbox: error_code must be 1-64 characters of A-Z, a-z, 0-9 and _.:-'
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT a.message_id, a.lane, a.user_id, a.template, a.attempt, a.is_test, a.enqueued_by
+      INTO v_sent
+      FROM outbox.attempt a
+     WHERE a.channel = p_channel AND a.provider_id = p_provider_id AND a.outcome = 'sent'
+     ORDER BY a.id DESC
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- two deliveries of the same callback at once: the second waits, then sees the first
+    PERFORM pg_advisory_xact_lock(hashtext('outbox.record_delivery_report'),
+                                  hashtext(p_channel || ' ' || p_provider_id));
+    IF EXISTS (SELECT 1 FROM outbox.attempt a
+                WHERE a.channel = p_channel AND a.provider_id = p_provider_id
+                  AND a.outcome = v_outcome) THEN
+        RETURN v_sent.message_id;
+    END IF;
+    INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt, outcome,
+                                error_class, error, provider_id, is_test, enqueued_by)
+    VALUES (v_sent.message_id, v_sent.lane, p_channel, v_sent.user_id, v_sent.template,
+            v_sent.attempt, v_outcome,
+            CASE WHEN p_delivered THEN NULL
+                 WHEN p_permanent THEN 'undeliverable' ELSE 'undelivered' END,
+            CASE WHEN p_error_code IS NOT NULL THEN 'provider error ' || p_error_code END,
+            p_provider_id, v_sent.is_test, v_sent.enqueued_by);
+    IF NOT p_delivered AND coalesce(p_permanent, false) THEN
+        UPDATE outbox.recipient_address a
+           SET undeliverable_since = now(),
+               undeliverable_reason = 'provider error ' || coalesce(p_error_code, 'unknown'),
+               updated_at = now()
+         WHERE a.user_id = v_sent.user_id AND a.channel = p_channel
+           AND a.undeliverable_since IS NULL;
+    END IF;
+    RETURN v_sent.message_id;
+END
+$$;
+COMMENT ON FUNCTION outbox.record_delivery_report(text, text, boolean, text, boolean) IS
+    'Log a provider''s delivery report (delivered or undelivered) for the message it names; idempotent';
+
+CREATE FUNCTION outbox.mark_address_undeliverable(p_channel text, p_address text, p_reason text)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- A provider reports an address dead after it accepted a message (a hard bounce,
+-- a complaint): every user with that address on that channel stops being sent
+-- there. Addresses compare case-insensitively (mail providers report them as
+-- they like). Returns how many users it marked; a repeated report marks none.
+DECLARE
+    v_count integer;
+BEGIN
+    IF p_channel IS NULL OR length(p_channel) > 32
+       OR NOT EXISTS (SELECT 1 FROM outbox.channel c WHERE c.name = p_channel) THEN
+        RAISE EXCEPTION 'outbox: unknown channel %', left(p_channel, 32) USING ERRCODE = '22023';
+    END IF;
+    IF p_address IS NULL OR p_address = '' OR length(p_address) > 1024 THEN
+        RAISE EXCEPTION 'outbox: an address must be 1-1024 characters' USING ERRCODE = '22023';
+    END IF;
+    IF length(p_reason) > 500 THEN
+        RAISE EXCEPTION 'outbox: reason must be at most 500 characters' USING ERRCODE = '22023';
+    END IF;
+    UPDATE outbox.recipient_address a
+       SET undeliverable_since = now(),
+           undeliverable_reason = regexp_replace(p_reason, '[[:cntrl:]]', ' ', 'g'),
+           updated_at = now()
+     WHERE a.channel = p_channel AND lower(a.address) = lower(p_address)
+       AND a.undeliverable_since IS NULL;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION outbox.mark_address_undeliverable(text, text, text) IS
+    'Mark every user''s address on a channel undeliverable (bounce webhooks); returns the count marked';
+
+-- ---------------------------------------------------------------------------
 -- Privileges. Functions are executable by PUBLIC by default; take that back.
 -- ---------------------------------------------------------------------------
 REVOKE ALL ON SCHEMA outbox FROM PUBLIC;
@@ -1045,8 +1338,7 @@ GRANT SELECT ON outbox.sleeper TO outbox_owner;
 -- Operators (on call): the dead letters, the delivery history, which recipients the
 -- providers refused (not their addresses), and redrive, purge and retention.
 GRANT SELECT ON outbox.dead_letter, outbox.queue_stats, outbox.attempt TO outbox_operator;
-GRANT SELECT (user_id, email_undeliverable_at, telegram_blocked_at, updated_at)
-    ON outbox.recipient TO outbox_operator;
+GRANT SELECT (user_id, updated_at) ON outbox.recipient TO outbox_operator;
 GRANT EXECUTE ON FUNCTION
     outbox.retry_dead(bigint[]), outbox.purge_dead(interval), outbox.prune_history(interval)
     TO outbox_operator;
@@ -1116,3 +1408,36 @@ ALTER FUNCTION outbox.read_all_inbox_items(text) OWNER TO outbox_owner;
 GRANT SELECT ON outbox.unacknowledged_alert TO outbox_operator, outbox_inspector, outbox_dispatcher;
 -- The API (outbox_dispatcher) writes a user's own preferences (PUT /api/v1/preferences).
 GRANT EXECUTE ON FUNCTION outbox.set_preference(text, text, text[], text) TO outbox_dispatcher;
+
+-- Channels as data (outbox_0010).
+-- set_address creates the recipient it addresses (INSERT ... ON CONFLICT DO NOTHING:
+-- the owner still reads no recipient's settings)
+GRANT INSERT ON outbox.recipient TO outbox_owner;
+-- everybody who checks a channel name reads the list
+GRANT SELECT ON outbox.channel TO outbox_dispatcher, outbox_operator, outbox_inspector,
+    outbox_recipient_writer;
+GRANT SELECT, INSERT ON outbox.channel TO outbox_owner;
+-- addresses: the service that registers users writes them, the dispatcher reads them
+-- and records what providers say; operators see which ones were refused, not the
+-- addresses themselves
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.recipient_address TO outbox_recipient_writer;
+GRANT SELECT, UPDATE ON outbox.recipient_address TO outbox_dispatcher;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.recipient_address TO outbox_owner;
+GRANT SELECT (user_id, channel, undeliverable_since, undeliverable_reason, disabled_since,
+              updated_at)
+    ON outbox.recipient_address TO outbox_operator;
+GRANT EXECUTE ON FUNCTION outbox.register_channel(text) TO outbox_operator;
+GRANT EXECUTE ON FUNCTION outbox.set_address(text, text, text) TO outbox_recipient_writer;
+-- the API's webhooks run as outbox_dispatcher
+GRANT EXECUTE ON FUNCTION
+    outbox.record_delivery_report(text, text, boolean, text, boolean),
+    outbox.mark_address_undeliverable(text, text, text)
+    TO outbox_dispatcher;
+GRANT CREATE ON SCHEMA outbox TO outbox_owner;
+ALTER FUNCTION outbox._check_recipient_channels() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.register_channel(text) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.set_address(text, text, text) OWNER TO outbox_owner;
+ALTER FUNCTION outbox.record_delivery_report(text, text, boolean, text, boolean)
+    OWNER TO outbox_owner;
+ALTER FUNCTION outbox.mark_address_undeliverable(text, text, text) OWNER TO outbox_owner;
+REVOKE CREATE ON SCHEMA outbox FROM outbox_owner;

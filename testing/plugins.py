@@ -10,9 +10,14 @@ telegram=outbox.testing.plugins:telegram_channel,push=outbox.testing.plugins:pus
 Each one is the production channel with one loopback-only difference: TLS trusts the
 throwaway CA of :mod:`outbox.testing.tls` (and nothing else), and push accepts
 ``http://`` endpoints on hosts listed exactly in ``OUTBOX_PUSH_ALLOWED_HOSTS``.
+
+``chat=outbox.testing.plugins:chat_channel`` adds a channel outbox does not ship
+(:mod:`outbox.testing.chat`, the example of docs/channels.md), trusting the same CA.
 """
 
 from __future__ import annotations
+
+import os
 
 import httpx
 
@@ -20,6 +25,7 @@ from outbox._settings import Settings
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
+from outbox.testing.chat import ChatChannel
 from outbox.testing.tls import client_context
 
 
@@ -40,3 +46,10 @@ def push_channel(settings: Settings) -> PushChannel:
         transport=httpx.AsyncHTTPTransport(verify=client_context()),
         allow_insecure_http=True,
     )
+
+
+def chat_channel(settings: Settings) -> ChatChannel:
+    """The example plugin channel ``chat`` (its own settings come from the
+    environment: ``OUTBOX_CHAT_URL``, ``OUTBOX_CHAT_TOKEN``), trusting the loopback CA.
+    """
+    return ChatChannel(os.environ, transport=httpx.AsyncHTTPTransport(verify=client_context()))

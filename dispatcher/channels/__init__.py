@@ -1,9 +1,12 @@
 """Delivery channels: email (SMTP), Telegram (Bot API), Web Push and the in-app inbox.
 
 :func:`build_channels` builds the configured ones. A deployment can replace a
-channel with its own implementation of :class:`~outbox.dispatcher.channels.base.Channel`
-through ``OUTBOX_CHANNEL_PLUGINS="email=package.module:factory"``, where
-``factory(settings)`` returns the channel (docs/channels.md).
+channel with its own implementation of :class:`~outbox.dispatcher.channels.base.Channel`,
+or add one with a new name, through ``OUTBOX_CHANNEL_PLUGINS="slack=package.module:factory"``,
+where ``factory(settings)`` returns the channel. A new name must also be registered
+in the database (``outbox channels register slack``, or SQL
+``outbox.register_channel('slack')``) before producers can enqueue to it
+(docs/channels.md, "Writing a channel plugin").
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from collections.abc import Mapping
 from outbox._errors import ConfigurationError
 from outbox._settings import Settings
 from outbox.dispatcher.channels.base import CHANNELS, Channel
+from outbox.vocabulary import CHANNEL_NAME
 
 
 def _plugins(text: str) -> dict[str, str]:
     plugins: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, target = item.partition("=")
-        if name not in CHANNELS or ":" not in target:
+        if not CHANNEL_NAME.match(name) or ":" not in target:
             raise ConfigurationError(
                 f"OUTBOX_CHANNEL_PLUGINS: cannot read {item!r}; expected "
-                "'email=package.module:factory' with a channel of email, telegram, push"
-                " or inapp"
+                "'name=package.module:factory' where name is a channel (a built-in one"
+                f" of {', '.join(CHANNELS)} to replace it, or a new one: 1-32 characters"
+                " of a-z, 0-9 and _)"
             )
         plugins[name] = target
     return plugins

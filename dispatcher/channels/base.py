@@ -71,7 +71,17 @@ class RenderedInApp:
     url: str | None = None
 
 
-Rendered = RenderedEmail | RenderedTelegram | RenderedPush | RenderedInApp
+@dataclass(frozen=True, kw_only=True)
+class RenderedText:
+    """Plain text from ``<channel>/<name>.txt.j2``: what a plugin's channel receives
+    (rendered in the same sandbox as every template, nothing escaped: the channel
+    escapes for its provider).
+    """
+
+    text: str
+
+
+Rendered = RenderedEmail | RenderedTelegram | RenderedPush | RenderedInApp | RenderedText
 
 
 # --- recipients ---------------------------------------------------------------
@@ -97,6 +107,22 @@ class Recipient:
     # Every other channel's address (sms: an E.164 phone, a plugin's own kind), by
     # channel name, from ``outbox.recipient_address``.
     addresses: Mapping[str, str] = field(default_factory=dict)
+
+    def reaches(self, channel: str) -> bool:
+        """Whether the user has a usable address on ``channel``: one the provider has
+        not refused and the user has not turned off (those never get here). inapp
+        reaches every user; push needs a subscription.
+        """
+        match channel:
+            case "email":
+                return self.email is not None
+            case "telegram":
+                return self.telegram_chat_id is not None
+            case "push":
+                return bool(self.push_subscriptions)
+            case "inapp":
+                return True
+        return channel in self.addresses
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,12 +161,16 @@ async def wait_for_slot(envelope: Envelope, request: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DisableTelegram:
-    """The user blocked the bot (or the bot cannot write to them)."""
+    """The user blocked the bot (or the bot cannot write to them); the same as
+    ``DisableChannel(channel="telegram")``.
+    """
 
 
 @dataclass(frozen=True, kw_only=True)
 class MarkEmailUndeliverable:
-    """The mail server answered 5xx for the user's address."""
+    """The mail server answered 5xx for the user's address; the same as
+    ``MarkAddressUndeliverable(channel="email")``.
+    """
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,10 +105,12 @@ def environment(smtp: SmtpServer, telegram: TelegramServer, api_url: str = "") -
 
 
 def trader(admin: psycopg.Connection[Any], user: str = "u1", chat: int = 1001) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id, fallback_order)"
-        " VALUES (%s, %s, %s, '{email,telegram}')",
-        [user, f"{user}@example.com", chat],
+    outbox.upsert_recipient(
+        admin,
+        user,
+        email=f"{user}@example.com",
+        telegram_chat_id=chat,
+        fallback_order=["email", "telegram"],
     )
 
 

@@ -67,9 +67,7 @@ def smtp(smtp_server_factory: Callable[..., SmtpServer]) -> SmtpServer:
 def test_an_email_alert_arrives_as_multipart_alternative_from_an_allowed_sender(
     admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, smtp: SmtpServer
 ) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'trader@example.com')"
-    )
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'trader@example.com')")
     message_id = enqueue(admin, "u1", "position_failure_entry", ENTRY)
     spawn_dispatcher(
         **dispatcher_environment(
@@ -115,8 +113,9 @@ def test_a_451_recipient_is_retried_and_a_550_alert_reaches_telegram_at_once(
     vapid_keys: VapidKeys,
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id) VALUES"
-        " ('flaky', 'flaky@example.com', 2002), ('gone', 'gone@example.com', 3003)"
+        "SELECT outbox.set_address(u, c, a) FROM (VALUES"
+        " ('flaky', 'email', 'flaky@example.com'), ('flaky', 'telegram', '2002'),"
+        " ('gone', 'email', 'gone@example.com'), ('gone', 'telegram', '3003')) v(u, c, a)"
     )
     smtp.respond("flaky@example.com", "451 4.3.0 Mailbox busy, try again later", times=1)
     smtp.respond("gone@example.com", "550 5.1.1 No such user here")
@@ -152,8 +151,8 @@ def test_a_451_recipient_is_retried_and_a_550_alert_reaches_telegram_at_once(
     assert (
         count(
             admin,
-            "SELECT count(*) FROM outbox.recipient WHERE user_id = 'gone'"
-            " AND email_undeliverable_at IS NOT NULL",
+            "SELECT count(*) FROM outbox.recipient_address WHERE user_id = 'gone'"
+            " AND channel = 'email' AND undeliverable_since IS NOT NULL",
         )
         == 1
     )
@@ -181,8 +180,8 @@ def test_a_campaign_message_that_bounces_dies_where_it_fails(
     vapid_keys: VapidKeys,
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " VALUES ('reader', 'reader@example.com', 4004)"
+        "SELECT outbox.set_address('reader', 'email', 'reader@example.com'),"
+        " outbox.set_address('reader', 'telegram', '4004')"
     )
     smtp.respond("reader@example.com", "550 5.1.1 No such user here")
     row = admin.execute(
@@ -207,8 +206,8 @@ def test_a_60_second_smtp_outage_loses_nothing_and_kills_nothing(
     admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, smtp_server: SmtpServer
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email)"
-        " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, 50) g"
+        "SELECT outbox.set_address('u' || g, 'email', 'u' || g || '@example.com')"
+        " FROM generate_series(1, 50) g"
     )
     env = dispatcher_environment(smtp=smtp_server, sender=SENDER)
     replicas = [spawn_dispatcher("--concurrency", "8", **env) for _ in range(2)]

@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from outbox.testing.environment import dispatcher_environment
 from outbox.testing.telegram import TelegramServer
 from tests.acceptance.conftest import Spawn, wait_until
+from tests.support.recipients import seed_recipients
 
 CHATS = 20
 PER_CHAT = 10
@@ -48,11 +49,7 @@ def sent(admin: psycopg.Connection[Any]) -> int:
 def test_two_replicas_together_keep_to_the_bot_and_the_chat_limits(
     admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, telegram_server: TelegramServer
 ) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, telegram_chat_id)"
-        " SELECT 'u' || g, g FROM generate_series(1, %s::int) g",
-        [CHATS],
-    )
+    seed_recipients(admin, CHATS, channels=("telegram",))
     for _ in range(PER_CHAT):
         admin.execute(
             "SELECT outbox.enqueue_many('telegram', 'price_alert',"

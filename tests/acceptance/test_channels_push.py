@@ -89,7 +89,7 @@ def test_a_410_deletes_the_subscription_and_the_alert_arrives_by_email(
     push = push_server_factory(tls=True)
     browser = push.subscribe(application_server_key=vapid_keys.public_raw)
     push.expire(browser)
-    admin.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@example.com')")
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'u1@example.com')")
     add_push_subscription(admin, "u1", browser.info)
     enqueue(admin, "u1")
     spawn_dispatcher(**dispatcher_environment(vapid=vapid_keys, smtp=smtp_server))
@@ -116,9 +116,7 @@ def test_an_endpoint_on_a_host_that_is_not_allowed_receives_no_request(
     push = push_server_factory(tls=True)  # https://127.0.0.1:port, allowed
     elsewhere = push_server_factory(tls=True, host="localhost")  # a host not on the list
     admin.execute("INSERT INTO outbox.recipient (user_id) VALUES ('only_elsewhere'), ('both')")
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email) VALUES ('has_email', 'he@example.com')"
-    )
+    admin.execute("SELECT outbox.set_address('has_email', 'email', 'he@example.com')")
     add_push_subscription(admin, "only_elsewhere", elsewhere.subscribe().info)
     add_push_subscription(admin, "has_email", elsewhere.subscribe().info)
     add_push_subscription(admin, "both", elsewhere.subscribe().info)

@@ -66,7 +66,7 @@ def test_escaped_markdown_v2_arrives_intact(
         "error_reason": "margin < 5% (code #42) ~ try `again`! {a=b} |c| > d. \\o/",
         "approval_id": "apr_42 (v2)`x",
     }
-    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', 42)")
+    admin.execute("SELECT outbox.set_address('u1', 'telegram', '42')")
     enqueue(admin, "u1", "position_failure_entry", nasty)
     dispatch(spawn_dispatcher, telegram_server)
 
@@ -91,7 +91,7 @@ def test_escaped_markdown_v2_arrives_intact(
 def test_a_429_with_retry_after_2_delays_the_message_without_counting_an_attempt(
     admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, telegram_server: TelegramServer
 ) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', 42)")
+    admin.execute("SELECT outbox.set_address('u1', 'telegram', '42')")
     telegram_server.rate_limit(42, retry_after=2, times=1)
     message_id = enqueue(admin, "u1")
     dispatch(spawn_dispatcher, telegram_server)
@@ -120,8 +120,8 @@ def test_a_403_disables_telegram_for_the_user_and_the_alert_falls_back_to_email(
     vapid_keys: VapidKeys,
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " VALUES ('u1', 'u1@example.com', 42)"
+        "SELECT outbox.set_address('u1', 'email', 'u1@example.com'),"
+        " outbox.set_address('u1', 'telegram', '42')"
     )
     telegram_server.block(42)
     enqueue(admin, "u1")
@@ -137,9 +137,10 @@ def test_a_403_disables_telegram_for_the_user_and_the_alert_falls_back_to_email(
         ("email", "sent", None, 1),
     ]
     blocked = admin.execute(
-        "SELECT telegram_blocked_at IS NOT NULL, telegram_chat_id FROM outbox.recipient"
+        "SELECT disabled_since IS NOT NULL, address FROM outbox.recipient_address"
+        " WHERE channel = 'telegram'"
     ).fetchone()
-    assert blocked == (True, 42)
+    assert blocked == (True, "42")
 
     enqueue(admin, "u1")  # the next one does not knock on a blocked chat again
     smtp_server.wait_for_messages(2, timeout=30)
@@ -151,7 +152,7 @@ def test_a_403_disables_telegram_for_the_user_and_the_alert_falls_back_to_email(
 def test_a_group_that_migrated_to_a_supergroup_gets_the_message_and_its_new_id_is_stored(
     admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, telegram_server: TelegramServer
 ) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', -100)")
+    admin.execute("SELECT outbox.set_address('u1', 'telegram', '-100')")
     telegram_server.migrate(-100, to=-1001)
     enqueue(admin, "u1")
     dispatch(spawn_dispatcher, telegram_server)
@@ -163,7 +164,10 @@ def test_a_group_that_migrated_to_a_supergroup_gets_the_message_and_its_new_id_i
     wait_until(lambda: history(admin, "u1") == [("telegram", "sent", None, 1)], 10, "the ack")
     wait_until(
         lambda: (
-            admin.execute("SELECT telegram_chat_id FROM outbox.recipient").fetchone() == (-1001,)
+            admin.execute(
+                "SELECT address FROM outbox.recipient_address WHERE channel = 'telegram'"
+            ).fetchone()
+            == ("-1001",)
         ),
         10,
         "the new chat id to be stored",
@@ -182,8 +186,8 @@ def test_five_500s_on_telegram_hand_the_alert_to_email(
     vapid_keys: VapidKeys,
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " VALUES ('u5', 'u5@example.com', 55)"
+        "SELECT outbox.set_address('u5', 'email', 'u5@example.com'),"
+        " outbox.set_address('u5', 'telegram', '55')"
     )
     telegram_server.fail(55, 500, times=None)  # the Bot API keeps failing for this chat
     alert_id = enqueue(admin, "u5", "position_failure_sl", SL_ALERT)

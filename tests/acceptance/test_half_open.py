@@ -71,8 +71,8 @@ def test_a_dispatcher_notices_a_silent_database_connection_reconnects_and_delive
     tmp_path: Any,
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email)"
-        " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, 100) g"
+        "SELECT outbox.set_address('u' || g, 'email', 'u' || g || '@example.com')"
+        " FROM generate_series(1, 100) g"
     )
     process = spawn_dispatcher(
         OUTBOX_DATABASE_URL=through(proxy, database_url),

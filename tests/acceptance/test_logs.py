@@ -13,6 +13,7 @@ import psycopg
 
 from tests.acceptance.conftest import OUTBOX, ROOT, Spawn, wait_until
 from tests.support.file_recorder import FileRecorder
+from tests.support.recipients import seed_recipients
 
 ALERT = {
     "instrument": "EURUSD",
@@ -23,11 +24,7 @@ ALERT = {
 
 
 def enqueue(admin: psycopg.Connection[Any], count: int) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email)"
-        " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, %s) g",
-        [count],
-    )
+    seed_recipients(admin, count, channels=("email",))
     admin.execute(
         "SELECT outbox.enqueue_many('email', 'price_alert',"
         " ARRAY(SELECT 'u' || g FROM generate_series(1, %s) g), ARRAY[%s::jsonb])",

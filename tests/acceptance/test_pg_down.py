@@ -27,6 +27,7 @@ import pytest
 from tests.acceptance.conftest import ROOT, Spawn, wait_until
 from tests.support.file_recorder import FileRecorder
 from tests.support.pg_cluster import ThrowawayCluster, free_port
+from tests.support.recipients import seed_recipients
 
 OUTAGE = 30.0
 MESSAGES = 3000
@@ -91,11 +92,7 @@ def test_postgres_down_for_30_seconds_loses_nothing_and_health_says_503_meanwhil
 ) -> None:
     url = cluster.url("outbox")
     with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(
-            "INSERT INTO outbox.recipient (user_id, email)"
-            " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, %s) g",
-            [MESSAGES],
-        )
+        seed_recipients(admin, MESSAGES, channels=("email",))
         admin.execute(
             "SELECT outbox.enqueue_many('email', 'price_alert',"
             " ARRAY(SELECT 'u' || g FROM generate_series(1, %s) g), ARRAY[%s::jsonb],"

@@ -29,6 +29,7 @@ from tests.acceptance.conftest import Spawn, wait_until
 from tests.support.binaries import require_binary
 from tests.support.file_recorder import FileRecorder
 from tests.support.pgbouncer import PgBouncer
+from tests.support.recipients import seed_recipients
 
 ALERT = {
     "instrument": "EURUSD",
@@ -102,10 +103,7 @@ def run_producers(url: str) -> None:
 
 
 def seed(admin: psycopg.Connection[Any]) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email)"
-        " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, 50) g"
-    )
+    seed_recipients(admin, 50, channels=("email",))
 
 
 def dispatcher_clients(bouncer: PgBouncer, database_url: str) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.acceptance.conftest import Spawn, wait_until
 from tests.support.file_recorder import FileRecorder
+from tests.support.recipients import seed_recipients
 
 ALERT = (
     '{"instrument": "EURUSD", "trigger_price": "1.085", "current_price": "1.086",'
@@ -20,11 +21,7 @@ ALERT = (
 
 
 def seed(admin: psycopg.Connection[Any], users: int) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " SELECT 'u' || g, 'u' || g || '@example.com', g FROM generate_series(1, %s::int) g",
-        [users],
-    )
+    seed_recipients(admin, users)
 
 
 def enqueue_many(admin: psycopg.Connection[Any], first: int, last: int, lane: str) -> None:

@@ -263,6 +263,7 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
             "outbox.channel_state",
             "outbox.dead_letter",
             "outbox.recipient",
+            "outbox.recipient_address",
         )
         for row in admin.execute(f"SELECT row_to_json(t)::text FROM {table} t")
     ]

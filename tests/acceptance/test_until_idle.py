@@ -30,7 +30,7 @@ def enqueue(admin: psycopg.Connection[Any], user: str, send_in: str | None) -> i
 def recipients(admin: psycopg.Connection[Any], *users: str) -> None:
     for user in users:
         admin.execute(
-            "INSERT INTO outbox.recipient (user_id, email) VALUES (%s, %s)",
+            "SELECT outbox.set_address(%s, 'email', %s)",
             [user, f"{user}@example.com"],
         )
 

@@ -87,10 +87,10 @@ def settings(loopback_settings: Settings, database_url: str) -> Settings:
 @pytest.fixture
 def users(admin: psycopg.Connection[Any]) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id) VALUES"
-        " ('u1', 'trader@example.com', 4242), ('bounce', 'bounce@example.com', NULL),"
-        " ('quiet', NULL, NULL)"
+        "SELECT outbox.set_address(u, c, a) FROM (VALUES ('u1', 'email', 'trader@example.com'),"
+        " ('u1', 'telegram', '4242'), ('bounce', 'email', 'bounce@example.com')) v(u, c, a)"
     )
+    admin.execute("INSERT INTO outbox.recipient (user_id) VALUES ('quiet')")
 
 
 @asynccontextmanager
@@ -192,7 +192,8 @@ async def test_a_refusing_provider_answers_502_with_its_error_and_logs_a_failed_
     assert (message_id, user, outcome, is_test) == (answer["message_id"], "bounce", "failed", True)
     # the provider's verdict is applied to the recipient, as the dispatcher would
     assert admin.execute(
-        "SELECT email_undeliverable_at IS NOT NULL FROM outbox.recipient WHERE user_id = 'bounce'"
+        "SELECT undeliverable_since IS NOT NULL FROM outbox.recipient_address"
+        " WHERE user_id = 'bounce' AND channel = 'email'"
     ).fetchone() == (True,)
     assert SMTP_PASSWORD not in response.text and SECRET not in response.text
 
@@ -286,7 +287,10 @@ async def test_an_undeliverable_email_address_counts_as_no_address(
     client: AsyncTestClient[Litestar],
     admin: psycopg.Connection[Any],
 ) -> None:
-    admin.execute("UPDATE outbox.recipient SET email_undeliverable_at = now() WHERE user_id = 'u1'")
+    admin.execute(
+        "UPDATE outbox.recipient_address SET undeliverable_since = now()"
+        " WHERE user_id = 'u1' AND channel = 'email'"
+    )
 
     response = await client.post(URL, json=body(), headers=bearer())
 

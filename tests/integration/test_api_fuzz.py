@@ -37,8 +37,8 @@ def owner_token() -> str:
 @pytest.fixture
 def api_schema(database_url: str, admin: psycopg.Connection[Any]) -> Iterator[Any]:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " VALUES ('u1', 'u1@example.com', 42)"
+        "SELECT outbox.set_address('u1', 'email', 'u1@example.com'),"
+        " outbox.set_address('u1', 'telegram', '42')"
     )
     app = create_app(
         Settings(database_url=database_url, api_jwt_secret=Secret(SECRET)),

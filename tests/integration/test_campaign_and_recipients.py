@@ -103,17 +103,24 @@ def test_upsert_recipient_inserts_then_changes_only_given_fields(
         "u1",
         email="trader@example.com",
         telegram_chat_id=123456789,
+        phone="+4915112345678",
         timezone="Europe/Berlin",
         quiet_hours=(time(22), time(7)),
     )
     outbox.upsert_recipient(conn, "u1", disabled_channels=["push"], campaign_opt_out=True)
+    addresses = conn.execute(
+        "SELECT channel, address FROM outbox.recipient_address WHERE user_id = 'u1' ORDER BY 1"
+    ).fetchall()
+    assert addresses == [
+        ("email", "trader@example.com"),
+        ("sms", "+4915112345678"),
+        ("telegram", "123456789"),
+    ]
     row = conn.execute(
-        "SELECT email, telegram_chat_id, timezone, quiet_hours_start, quiet_hours_end,"
+        "SELECT timezone, quiet_hours_start, quiet_hours_end,"
         " disabled_channels, campaign_opt_out FROM outbox.recipient WHERE user_id = 'u1'"
     ).fetchone()
     assert row == (
-        "trader@example.com",
-        123456789,
         "Europe/Berlin",
         time(22),
         time(7),
@@ -128,6 +135,10 @@ def test_upsert_recipient_inserts_then_changes_only_given_fields(
         ({"email": "not-an-address"}, "not an address"),
         ({"email": "a@b.com\r\nBcc: evil@x.com"}, "not an address"),
         ({"telegram_chat_id": 2**64}, "64 bits"),
+        ({"phone": "+49 151 1234567"}, "E.164"),
+        ({"phone": "004915112345678"}, "E.164"),
+        ({"phone": "+0123456789"}, "E.164"),
+        ({"phone": "+1234567890123456"}, "E.164"),
         ({"timezone": "Mars/Olympus"}, "unknown timezone"),
         ({"disabled_channels": ["fax"]}, "unknown channel"),
     ],

@@ -57,10 +57,8 @@ def history(admin: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 async def test_a_user_reachable_nowhere_ends_dead_after_each_channel_was_tried_once(
     database_url: str, admin: psycopg.Connection[Any], vapid_keys: VapidKeys
 ) -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, email_undeliverable_at)"
-        " VALUES ('u1', 'gone@example.com', now())"
-    )
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'gone@example.com')")
+    admin.execute("UPDATE outbox.recipient_address SET undeliverable_since = now()")
     admin.execute("SELECT outbox.enqueue('telegram', 'price_alert', 'u1', %s)", [Jsonb(ALERT)])
     await dispatch_until_idle(database_url, vapid_keys)
     assert history(admin) == [

@@ -138,6 +138,7 @@ def test_a_finish_with_a_stale_lease_token_updates_zero_rows(
         "ids": [message_id],
         "tokens": [uuid.uuid4()],
         "durations": [1.0],
+        "provider_ids": ["SMabc"],
         "dispatcher_id": "late",
     }
     assert conn.execute(QUERIES["finish_sent"], params).fetchall() == []
@@ -148,8 +149,8 @@ def test_a_finish_with_a_stale_lease_token_updates_zero_rows(
     assert conn.execute(QUERIES["finish_sent"], params).fetchall() == [(message_id,)]
     assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (0,)
     assert conn.execute(
-        "SELECT outcome, attempt, dispatcher_id FROM outbox.attempt"
-    ).fetchall() == [("sent", 1, "late")]
+        "SELECT outcome, attempt, dispatcher_id, provider_id FROM outbox.attempt"
+    ).fetchall() == [("sent", 1, "late", "SMabc")]
 
 
 def test_an_expired_lease_is_claimed_again_with_a_new_token(

@@ -27,6 +27,7 @@ from outbox.dispatcher.channels.base import (
     Unreachable,
 )
 from tests.support.channels import RecordingChannel
+from tests.support.recipients import seed_recipients, set_addresses
 
 ALERT = {
     "instrument": "EURUSD",
@@ -42,11 +43,7 @@ def settings_for(url: str, **changes: Any) -> Settings:
 
 
 def seed_users(admin: psycopg.Connection[Any], n: int, prefix: str = "u") -> None:
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " SELECT %s || g, 'user' || g || '@example.com', g FROM generate_series(1, %s) g",
-        [prefix, n],
-    )
+    seed_recipients(admin, n, prefix=prefix, email_prefix="user")
 
 
 def enqueue(
@@ -241,12 +238,20 @@ async def test_preferences_skip_opted_out_and_disabled_and_defer_quiet_campaigns
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id, campaign_opt_out,"
+        "INSERT INTO outbox.recipient (user_id, campaign_opt_out,"
         " disabled_channels, quiet_hours_start, quiet_hours_end) VALUES"
-        " ('optout', 'a@x.io', 1, true, '{}', NULL, NULL),"
-        " ('noemail', 'b@x.io', 2, false, '{email}', NULL, NULL),"
-        " ('sleepy', 'c@x.io', 3, false, '{}', localtime - interval '1 hour',"
+        " ('optout', true, '{}', NULL, NULL),"
+        " ('noemail', false, '{email}', NULL, NULL),"
+        " ('sleepy', false, '{}', localtime - interval '1 hour',"
         "   localtime + interval '1 hour')"
+    )
+    set_addresses(
+        admin,
+        {
+            "optout": {"email": "a@x.io", "telegram": 1},
+            "noemail": {"email": "b@x.io", "telegram": 2},
+            "sleepy": {"email": "c@x.io", "telegram": 3},
+        },
     )
     admin.execute("SET TIME ZONE 'UTC'")
     enqueue(admin, "optout", lane="campaign")

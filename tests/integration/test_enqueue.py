@@ -496,3 +496,34 @@ def test_cancel_status_acknowledge_and_preferences_on_every_connection_kind(
             for i in (pending, waiting)
         }
     assert states == {pending: "cancelled", waiting: "acknowledged"}
+
+
+def test_set_address_and_upsert_recipient_with_a_phone_on_every_connection_kind(
+    database_url: str, kind: tuple[Runner, bool]
+) -> None:
+    """One SQL text, six connection kinds, the caller's transaction (rolled back: no
+    row; committed: the rows)."""
+    run, is_async = kind
+
+    def body(conn: Any) -> Any:
+        if is_async:
+
+            async def both() -> None:
+                await outbox.upsert_recipient_async(conn, "u1", phone="+4915112345678")
+                await outbox.set_address_async(conn, "u1", "email", "u1@example.com")
+
+            return both()
+        outbox.upsert_recipient(conn, "u1", phone="+4915112345678")
+        outbox.set_address(conn, "u1", "email", "u1@example.com")
+        return None
+
+    def stored() -> list[tuple[Any, ...]]:
+        with psycopg.connect(database_url, autocommit=True) as c:
+            return c.execute(
+                "SELECT user_id, channel, address FROM outbox.recipient_address ORDER BY 2"
+            ).fetchall()
+
+    run(database_url, body, False)
+    assert stored() == []
+    run(database_url, body, True)
+    assert stored() == [("u1", "email", "u1@example.com"), ("u1", "sms", "+4915112345678")]

@@ -16,7 +16,7 @@ from outbox.dispatcher.channels.base import DisableTelegram
 async def test_a_finish_whose_lease_was_lost_writes_neither_its_row_nor_its_effects(
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', 5)")
+    admin.execute("SELECT outbox.set_address('u1', 'telegram', '5')")
     [(message_id,)] = admin.execute(
         "SELECT outbox.enqueue('telegram', 'price_alert', 'u1', '{}')"
     ).fetchall()
@@ -48,12 +48,16 @@ async def test_a_finish_whose_lease_was_lost_writes_neither_its_row_nor_its_effe
         )
         await conn.commit()
     assert result.lost == {message_id} and not result.finished
-    assert admin.execute("SELECT telegram_blocked_at FROM outbox.recipient").fetchone() == (None,)
+    assert admin.execute("SELECT disabled_since FROM outbox.recipient_address").fetchone() == (
+        None,
+    )
     assert admin.execute("SELECT count(*) FROM outbox.attempt").fetchone() == (0,)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         result = await _write_finishes(conn.cursor(), AckBatch(finishes=[finish(holder)]), "d")
         await conn.commit()
     assert result.finished == {message_id}
-    blocked = admin.execute("SELECT telegram_blocked_at IS NOT NULL FROM outbox.recipient")
+    blocked = admin.execute(
+        "SELECT disabled_since IS NOT NULL FROM outbox.recipient_address WHERE channel = 'telegram'"
+    )
     assert blocked.fetchone() == (True,)

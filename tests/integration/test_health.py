@@ -160,7 +160,7 @@ def test_a_dispatcher_on_an_unmigrated_database_logs_once_waits_and_starts_after
         )
         assert migrated.returncode == 0, migrated.stderr
         with psycopg.connect(empty_database_url, autocommit=True) as conn:
-            conn.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@x.org')")
+            conn.execute("SELECT outbox.set_address('u1', 'email', 'u1@x.org')")
             conn.execute(
                 "SELECT outbox.enqueue('email', 'price_alert', 'u1', %s::jsonb)",
                 ['{"instrument":"X","trigger_price":"1","current_price":"1","condition":"above"}'],

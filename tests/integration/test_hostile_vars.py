@@ -118,8 +118,9 @@ async def test_hostile_vars_die_as_template_errors_while_leases_renew_and_memory
     database_url: str, admin: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, telegram_chat_id)"
-        " SELECT 'u' || g, 'u' || g || '@example.com', g FROM generate_series(1, 4) g"
+        "SELECT outbox.set_address('u' || g, a.channel,"
+        " CASE a.channel WHEN 'email' THEN 'u' || g || '@example.com' ELSE g::text END)"
+        " FROM generate_series(1, 4) g, unnest(ARRAY['email', 'telegram']) a(channel)"
     )
     normal = [
         int(row[0])

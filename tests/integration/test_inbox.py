@@ -26,9 +26,7 @@ from tests.support.channels import RecordingChannel
 
 
 def _needs_address(envelope: Envelope) -> Outcome:
-    recipient = envelope.recipient
-    address = {"email": recipient.email, "telegram": recipient.telegram_chat_id}
-    if address.get(envelope.channel) is None:
+    if not envelope.recipient.reaches(envelope.channel):
         return Unreachable(error_class="no_address", error=f"no {envelope.channel} address")
     return Sent()
 

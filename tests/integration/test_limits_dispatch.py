@@ -63,7 +63,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None
 async def test_each_part_of_a_split_telegram_message_waits_for_its_own_turn_in_the_chat(
     database_url: str, admin: psycopg.Connection[Any], telegram_server: TelegramServer
 ) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', 77)")
+    admin.execute("SELECT outbox.set_address('u1', 'telegram', '77')")
     long_id = enqueue(admin, "u1", "telegram", error_reason=LONG_REASON)
     short_id = enqueue(admin, "u1", "telegram")
     settings = Settings(
@@ -99,7 +99,7 @@ async def test_each_part_of_a_split_telegram_message_waits_for_its_own_turn_in_t
 async def test_a_breaker_tripped_by_another_replica_is_closed_by_this_ones_delivery(
     database_url: str, admin: psycopg.Connection[Any]
 ) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@example.com')")
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'u1@example.com')")
     admin.execute(
         "INSERT INTO outbox.channel_state (channel, failures, paused_until, last_error)"
         " VALUES ('email', 3, now() + interval '1 second', 'connection refused')"

@@ -65,7 +65,7 @@ async def drain(
 
 @pytest.fixture
 def user(admin: psycopg.Connection[Any]) -> None:
-    admin.execute("INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', 'u1@example.com')")
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'u1@example.com')")
 
 
 async def test_a_rolled_back_enqueue_is_never_counted_and_a_committed_one_counts_once_delivered(

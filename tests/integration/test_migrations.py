@@ -264,3 +264,87 @@ def test_downgrading_outbox_0009_restores_outbox_0008_exactly(
     before, after = catalog(empty_database_url), catalog(second_empty_database_url)
     for name in CATALOG_QUERIES:
         assert before[name] == after[name], f"{name} differ"
+
+
+def test_downgrading_outbox_0010_restores_outbox_0009_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0009")
+    upgrade(second_empty_database_url, "outbox_0010")
+    downgrade(second_empty_database_url, "outbox_0009")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
+RECIPIENTS_0009 = """
+INSERT INTO outbox.recipient (user_id, email, telegram_chat_id, email_undeliverable_at,
+                              telegram_blocked_at, disabled_channels, fallback_order, timezone)
+VALUES ('both', 'both@example.com', 42, NULL, NULL, '{}', '{telegram,email}', 'Europe/Berlin'),
+       ('bounced', 'gone@example.com', NULL, '2026-01-02 03:04:05+00', NULL, '{push}', NULL, 'UTC'),
+       ('blocked', NULL, -1001234567890, NULL, '2026-02-03 04:05:06+00', '{}', NULL, 'UTC'),
+       ('bounced_and_blocked', 'x@example.org', 9223372036854775807,
+        '2026-03-01 00:00:00+00', '2026-03-02 00:00:00+00', '{inapp}', '{email}', 'UTC'),
+       ('none', NULL, NULL, NULL, NULL, '{}', NULL, 'UTC')
+"""
+
+RECIPIENT_COLUMNS_0009 = """
+SELECT user_id, email, telegram_chat_id, email_undeliverable_at, telegram_blocked_at,
+       disabled_channels, fallback_order, timezone, created_at, updated_at
+  FROM outbox.recipient ORDER BY user_id
+"""
+
+
+def test_outbox_0010_moves_every_address_and_state_and_its_downgrade_brings_them_back(
+    empty_database_url: str,
+) -> None:
+    upgrade(empty_database_url, "outbox_0009")
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(RECIPIENTS_0009)
+        before = conn.execute(RECIPIENT_COLUMNS_0009).fetchall()
+    upgrade(empty_database_url, "outbox_0010")
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        addresses = conn.execute(
+            "SELECT user_id, channel, address, undeliverable_since, disabled_since"
+            " FROM outbox.recipient_address ORDER BY user_id, channel"
+        ).fetchall()
+        rest = conn.execute(
+            "SELECT user_id, disabled_channels, fallback_order, timezone FROM outbox.recipient"
+            " ORDER BY user_id"
+        ).fetchall()
+        # an sms address and a plugin channel, which outbox_0009 cannot hold
+        conn.execute("SELECT outbox.register_channel('slack')")
+        conn.execute("SELECT outbox.set_address('both', 'sms', '+4915112345678')")
+        conn.execute("SELECT outbox.set_address('both', 'slack', 'U123')")
+        conn.execute("UPDATE outbox.recipient SET disabled_channels = '{slack,sms,push}'")
+        conn.execute("SELECT outbox.enqueue('slack', 'price_alert', 'both', '{}')")
+    when = {row[0]: (row[3], row[4]) for row in before}
+    assert addresses == [
+        ("blocked", "telegram", "-1001234567890", None, when["blocked"][1]),
+        ("both", "email", "both@example.com", None, None),
+        ("both", "telegram", "42", None, None),
+        ("bounced", "email", "gone@example.com", when["bounced"][0], None),
+        ("bounced_and_blocked", "email", "x@example.org", when["bounced_and_blocked"][0], None),
+        (
+            "bounced_and_blocked",
+            "telegram",
+            "9223372036854775807",
+            None,
+            when["bounced_and_blocked"][1],
+        ),
+    ]
+    assert rest == [
+        ("blocked", [], None, "UTC"),
+        ("both", [], ["telegram", "email"], "Europe/Berlin"),
+        ("bounced", ["push"], None, "UTC"),
+        ("bounced_and_blocked", ["inapp"], ["email"], "UTC"),
+        ("none", [], None, "UTC"),
+    ]
+    downgrade(empty_database_url, "outbox_0009")
+    with psycopg.connect(empty_database_url) as conn:
+        after = conn.execute(RECIPIENT_COLUMNS_0009).fetchall()
+        messages = conn.execute("SELECT count(*) FROM outbox.message").fetchone()
+    # every column as before, but the channels outbox_0009 does not know are gone
+    assert [row[:5] + row[6:] for row in after] == [row[:5] + row[6:] for row in before]
+    assert [row[5] for row in after] == [["push"], ["push"], ["push"], ["push"], ["push"]]
+    assert messages == (0,)

@@ -138,12 +138,37 @@ def test_a_poison_recipient_is_refused_with_a_clear_error(
             errors.InvalidParameterValue,
         ),
         (
-            "INSERT INTO outbox.recipient (user_id, telegram_chat_id) VALUES ('u1', %s)",
+            "SELECT outbox.set_address('u1', 'telegram', %s)",
             [str(2**64)],
-            errors.NumericValueOutOfRange,
+            errors.InvalidParameterValue,
         ),
         (
-            "INSERT INTO outbox.recipient (user_id, email) VALUES ('u1', %s)",
+            "SELECT outbox.set_address('u1', 'email', %s)",
+            ["a@example.com\r\nBcc: b@example.com"],
+            errors.InvalidParameterValue,
+        ),
+        (
+            "SELECT outbox.set_address('u1', 'sms', %s)",
+            ["+49 151 1234567"],
+            errors.InvalidParameterValue,
+        ),
+        (
+            "SELECT outbox.set_address('u1', 'fax', '+4915112345678')",
+            [],
+            errors.InvalidParameterValue,
+        ),
+        # a raw write past set_address meets the table's own checks
+        (
+            "WITH r AS (INSERT INTO outbox.recipient (user_id) VALUES ('u1'))"
+            " INSERT INTO outbox.recipient_address (user_id, channel, address)"
+            " VALUES ('u1', 'telegram', %s)",
+            ["0042"],
+            errors.CheckViolation,
+        ),
+        (
+            "WITH r AS (INSERT INTO outbox.recipient (user_id) VALUES ('u1'))"
+            " INSERT INTO outbox.recipient_address (user_id, channel, address)"
+            " VALUES ('u1', 'email', %s)",
             ["a@example.com\r\nBcc: b@example.com"],
             errors.CheckViolation,
         ),
@@ -155,6 +180,10 @@ def test_a_poison_recipient_is_refused_with_a_clear_error(
         "unknown-channel",
         "chat-id-2^64",
         "CRLF-email",
+        "spaced-phone",
+        "unknown-channel-address",
+        "raw-zero-padded-chat",
+        "raw-CRLF-email",
     ],
 )
 def test_the_database_refuses_poison_from_producers_in_any_language(

@@ -76,9 +76,10 @@ def test_the_python_snippets_write_what_they_say(
         "SELECT topic, instrument, channels FROM outbox.preference ORDER BY 2"
     ).fetchall() == [("price_alert", "", ["push", "telegram"]), ("price_alert", "XAUUSD", [])]
     assert admin.execute(
-        "SELECT r.email, r.telegram_chat_id, count(s.id) FROM outbox.recipient r"
-        " JOIN outbox.push_subscription s USING (user_id) WHERE user_id = 'u42' GROUP BY 1, 2"
-    ).fetchall() == [("trader42@example.com", 123456789, 1)]
+        "SELECT (SELECT array_agg(a.address ORDER BY a.channel) FROM outbox.recipient_address a"
+        "         WHERE a.user_id = r.user_id), count(s.id) FROM outbox.recipient r"
+        " JOIN outbox.push_subscription s USING (user_id) WHERE user_id = 'u42' GROUP BY 1"
+    ).fetchall() == [(["trader42@example.com", "123456789"], 1)]
 
 
 def test_the_sql_snippets_run_against_a_migrated_database(

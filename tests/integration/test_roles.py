@@ -36,7 +36,10 @@ def test_producer_can_enqueue(conn: psycopg.Connection) -> None:
         "INSERT INTO outbox.message (lane, priority, channel, user_id, template)"
         " VALUES ('transactional', 0, 'email', 'u', 't')",
         "SELECT * FROM outbox.recipient",
-        "UPDATE outbox.recipient SET email = 'attacker@example.com'",
+        "SELECT * FROM outbox.recipient_address",
+        "UPDATE outbox.recipient_address SET address = 'attacker@example.com'",
+        "SELECT outbox.set_address('u1', 'email', 'attacker@example.com')",
+        "SELECT outbox.register_channel('evil')",
         "SELECT * FROM outbox.push_subscription",
         "SELECT * FROM outbox.attempt",
         "SELECT * FROM outbox.dead_letter",
@@ -103,10 +106,13 @@ OPERATOR_CANNOT = [
     "SELECT * FROM outbox.message",
     "UPDATE outbox.message SET status = 'pending'",
     "DELETE FROM outbox.message",
-    "SELECT email FROM outbox.recipient",
-    "SELECT telegram_chat_id FROM outbox.recipient",
+    "SELECT address FROM outbox.recipient_address",
+    "SELECT * FROM outbox.recipient_address",
     "SELECT * FROM outbox.recipient",
-    "UPDATE outbox.recipient SET email = 'attacker@example.com'",
+    "UPDATE outbox.recipient_address SET address = 'attacker@example.com'",
+    "SELECT outbox.set_address('u1', 'email', 'attacker@example.com')",
+    "SELECT outbox.mark_address_undeliverable('email', 'a@example.com', NULL)",
+    "SELECT outbox.record_delivery_report('sms', 'SM1', false, '30003', true)",
     "SELECT * FROM outbox.push_subscription",
     "SELECT * FROM outbox.idempotency_key",
     "INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,"
@@ -158,10 +164,8 @@ def _dead_letters(admin: psycopg.Connection, count: int) -> list[int]:
         " outcome, error_class) SELECT id, lane, channel, user_id, template, 5, 'dead',"
         " error_class FROM outbox.message"
     )
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email, email_undeliverable_at)"
-        " VALUES ('user-0', 'secret@example.com', now())"
-    )
+    admin.execute("SELECT outbox.set_address('user-0', 'email', 'secret@example.com')")
+    admin.execute("UPDATE outbox.recipient_address SET undeliverable_since = now()")
     return ids
 
 
@@ -176,7 +180,7 @@ def test_the_readme_cookbook_runs_as_an_operator_login(
     with psycopg.connect(login("outbox_operator"), autocommit=True) as oncall:
         oncall.execute(sql.group(1))
         refused = oncall.execute(
-            "SELECT user_id FROM outbox.recipient WHERE email_undeliverable_at IS NOT NULL"
+            "SELECT user_id FROM outbox.recipient_address WHERE undeliverable_since IS NOT NULL"
         ).fetchall()
         assert refused == [("user-0",)]
         for statement in (
@@ -271,6 +275,7 @@ def test_the_recipient_writer_upserts_recipients_and_nothing_else(
     with psycopg.connect(login("outbox_recipient_writer")) as service:
         outbox.upsert_recipient(service, "u42", email="u42@example.com", telegram_chat_id=42)
         outbox.upsert_recipient(service, "u42", email="new@example.com")
+        outbox.set_address(service, "u42", "sms", "+4915112345678")
         subscription = {
             "endpoint": "https://fcm.googleapis.com/fcm/send/abc",
             "keys": {"p256dh": "BNcR", "auth": "tBHI"},
@@ -284,13 +289,15 @@ def test_the_recipient_writer_upserts_recipients_and_nothing_else(
             "DELETE FROM outbox.recipient",
             "DELETE FROM outbox.push_subscription",
             "SELECT outbox.retry_dead()",
+            "SELECT outbox.register_channel('evil')",
+            "SELECT outbox.record_delivery_report('sms', 'SM1', true, NULL, false)",
         ):
             with pytest.raises(errors.InsufficientPrivilege):
                 service.execute(statement)
             service.rollback()
-    assert admin.execute("SELECT email, telegram_chat_id FROM outbox.recipient").fetchall() == [
-        ("new@example.com", 42)
-    ]
+    assert admin.execute(
+        "SELECT channel, address FROM outbox.recipient_address ORDER BY 1"
+    ).fetchall() == [("email", "new@example.com"), ("sms", "+4915112345678"), ("telegram", "42")]
 
 
 def test_the_functions_belong_to_a_nologin_owner_that_reads_no_addresses(

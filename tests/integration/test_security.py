@@ -92,8 +92,14 @@ def test_a_producer_login_enqueues_through_the_python_api_and_nothing_else(
             "UPDATE outbox.message SET vars = '{}' WHERE id = %(theirs)s",
             "DELETE FROM outbox.message WHERE id = %(theirs)s",
             "SELECT * FROM outbox.recipient",
-            "UPDATE outbox.recipient SET email = 'attacker@example.com'",
-            "INSERT INTO outbox.recipient (user_id, email) VALUES ('x', 'attacker@example.com')",
+            "UPDATE outbox.recipient SET timezone = 'UTC'",
+            "INSERT INTO outbox.recipient (user_id) VALUES ('x')",
+            "SELECT * FROM outbox.recipient_address",
+            "UPDATE outbox.recipient_address SET address = 'attacker@example.com'",
+            "SELECT outbox.set_address('victim', 'email', 'attacker@example.com')",
+            "SELECT outbox.register_channel('evil')",
+            "SELECT outbox.mark_address_undeliverable('email', 'victim@example.com', NULL)",
+            "SELECT outbox.record_delivery_report('sms', 'SM1', false, '30003', true)",
             "SELECT * FROM outbox.push_subscription",
             "INSERT INTO outbox.push_subscription (user_id, endpoint, p256dh, auth)"
             " VALUES ('victim', 'https://evil.example/', 'a', 'b')",
@@ -133,9 +139,9 @@ def test_a_producer_login_enqueues_through_the_python_api_and_nothing_else(
         "SELECT id, user_id, status, vars->>'instrument' FROM outbox.message ORDER BY id"
     ).fetchall()
     assert rows == [(theirs, "victim", "dead", "EURUSD"), (mine, "me", "pending", "EURUSD")]
-    assert admin.execute("SELECT email FROM outbox.recipient").fetchall() == [
-        ("victim@example.com",)
-    ]
+    assert admin.execute(
+        "SELECT address, undeliverable_since FROM outbox.recipient_address"
+    ).fetchall() == [("victim@example.com", None)]
 
 
 def test_the_producer_functions_cannot_be_hijacked_through_the_search_path(

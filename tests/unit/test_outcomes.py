@@ -293,3 +293,42 @@ def test_a_sent_alert_waits_for_its_acknowledgement(changes, recipient, wait, fo
     assert finish.awaits_ack is (wait is not None)
     assert finish.next_channel == follow
     assert finish.next_fallback == rest
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "kept"),
+    [
+        ("SM" + "a" * 32, "SM" + "a" * 32),
+        (None, None),
+        ("", None),
+        ("x" * 256, None),
+        ("x" * 255, "x" * 255),
+        ("SM1\r\nX-Injected: 1", None),
+        (42, None),
+    ],
+)
+def test_the_providers_message_id_is_kept_with_sent_when_a_report_could_name_it(
+    provider_id, kept
+) -> None:
+    finish = finish_for(message(), USER, Sent(provider_id=provider_id), 1.0, policy=POLICY)
+    assert isinstance(finish, FinishSent) and finish.provider_id == kept
+    alert = replace(message(), escalate_after=60.0)
+    finish = finish_for(alert, USER, Sent(provider_id=provider_id), 1.0, policy=POLICY)
+    assert isinstance(finish, FinishSent) and finish.awaits_ack and finish.provider_id == kept
+
+
+def test_a_permanent_failure_falls_back_to_a_plugin_channel_only_with_an_address() -> None:
+    """Reachability is generic: a usable address row for the channel."""
+    failure = PermanentFailure(error_class="smtp_5xx", error="550")
+    bounced = message(channel="email", fallback=("chat", "telegram"))
+    with_handle = replace(USER, channel_addresses={"chat": "@u1"})
+    finish = finish_for(
+        bounced, with_handle, failure, 1.0, policy=POLICY, fall_back_lanes={"transactional"}
+    )
+    assert isinstance(finish, FinishHandoff)
+    assert (finish.next_channel, finish.next_fallback) == ("chat", ("telegram",))
+    finish = finish_for(
+        bounced, USER, failure, 1.0, policy=POLICY, fall_back_lanes={"transactional"}
+    )
+    assert isinstance(finish, FinishHandoff)
+    assert (finish.next_channel, finish.next_fallback) == ("telegram", ())

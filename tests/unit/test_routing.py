@@ -65,3 +65,44 @@ def test_a_chain_ends_after_its_last_channel() -> None:
     follow = next_channel("push", ["email"], None)
     assert follow == ("email", ())
     assert next_channel("email", follow[1], None) is None
+
+
+def test_a_claimed_row_spreads_its_addresses_over_the_record() -> None:
+    """The claim's ``addresses`` column: [[channel, address, usable], ...]."""
+    row = (
+        "u",
+        "UTC",
+        None,
+        None,
+        ["sms"],
+        False,
+        ["chat", "email"],
+        '[["email", "a@b.c", false], ["telegram", "-1001", true],'
+        ' ["chat", "@u", true], ["sms", "+4915112345678", false]]',
+        [["https://push.example/1", "p", "a"]],
+    )
+    user = RecipientRecord.from_row(row)
+    assert (user.email, user.email_undeliverable) == ("a@b.c", True)
+    assert (user.telegram_chat_id, user.telegram_blocked) == (-1001, False)
+    # only usable addresses of the other channels; the refused sms number is left out
+    assert user.channel_addresses == {"chat": "@u"}
+    assert user.fallback_order == ("chat", "email")
+    addresses = user.addresses()
+    assert addresses.addresses == {"chat": "@u"}
+    assert [
+        c
+        for c in ("email", "telegram", "push", "inapp", "sms", "chat", "slack")
+        if addresses.reaches(c)
+    ] == ["telegram", "push", "inapp", "chat"]
+
+
+def test_a_user_without_address_rows_is_reached_only_in_app() -> None:
+    user = RecipientRecord.from_row(("u", None, None, None, [], False, None, "[]", "[]"))
+    assert [
+        c for c in ("email", "telegram", "push", "inapp", "chat") if user.addresses().reaches(c)
+    ] == ["inapp"]
+
+
+def test_a_plugin_channel_in_the_users_order_is_a_link_of_the_chain() -> None:
+    user = RecipientRecord(user_id="u", fallback_order=("chat", "email"))
+    assert next_channel("push", None, user) == ("chat", ("email",))

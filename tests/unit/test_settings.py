@@ -24,7 +24,7 @@ REFUSED = [
     ("OUTBOX_SMTP_TLS", "ssl"),
     ("OUTBOX_SMTP_TLS", "STARTTLS please"),
     ("OUTBOX_RATE_LIMITS", "email=100"),
-    ("OUTBOX_RATE_LIMITS", "sms=1/s"),
+    ("OUTBOX_RATE_LIMITS", "Fax=1/s"),
     ("OUTBOX_RATE_LIMITS", "email=100/fortnight"),
     ("OUTBOX_RETRY_DELAYS", "1,two,4"),
     ("OUTBOX_RETRY_DELAYS", "-1"),
@@ -250,3 +250,14 @@ def test_no_secret_or_key_shows_in_the_settings_repr() -> None:
         base64.urlsafe_b64encode(key).decode(),
     ):
         assert leak not in shown
+
+
+def test_any_channels_name_is_a_rate_limit_key() -> None:
+    """A plugin's channel (and sms) is limited like the built-ins."""
+    from outbox._settings import parse_rate_limits
+
+    limits = parse_rate_limits("chat=10/s,sms=1/s,email=100/m,telegram_chat=1/s")
+    assert sorted(limits) == ["chat", "email", "sms", "telegram_chat"]
+    assert limits["chat"].count == 10 and limits["chat"].per_seconds == 1.0
+    with pytest.raises(ConfigurationError):
+        parse_rate_limits("Chat=10/s")

@@ -247,11 +247,23 @@ def test_files_that_are_not_templates_are_ignored(tmp_path: Path) -> None:
         {
             "email/README.md": "notes",
             "email/Bad-Name.html.j2": "<title>x</title>",
-            "sms/hello.txt.j2": "hi",
+            "Not-A-Channel/hello.txt.j2": "hi",
             "telegram/ok.md.j2": "ok",
+            "telegram/notes.txt.j2": "not telegram's suffix",
         },
     )
     assert TemplateCatalog(extra, builtin=False).names() == ("ok",)
+
+
+def test_a_folder_named_like_a_channel_holds_a_plugin_channels_text_templates(
+    tmp_path: Path,
+) -> None:
+    extra = write(tmp_path, {"slack/price_alert.txt.j2": "{{ instrument }} at {{ price }}"})
+    catalog = TemplateCatalog(extra)
+    assert catalog.has("slack", "price_alert")
+    assert catalog.channels()[-1] == "slack"  # after the built-ins
+    assert catalog.info("price_alert").channels[-1] == "slack"
+    assert catalog.variables("slack", "price_alert").required == {"instrument", "price"}
 
 
 def test_the_extra_folder_must_exist(tmp_path: Path) -> None:

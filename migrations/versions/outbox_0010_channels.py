@@ -1,0 +1,23 @@
+"""Channels are data: outbox.channel, outbox.recipient_address, delivery reports.
+
+Revision ID: outbox_0010
+Revises: outbox_0009
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+from outbox._migrate import run_sql_file
+
+revision = "outbox_0010"
+down_revision = "outbox_0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_file(__file__, "upgrade")
+
+
+def downgrade() -> None:
+    run_sql_file(__file__, "downgrade")
