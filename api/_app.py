@@ -2,7 +2,10 @@
 
 Routes: ``POST /api/v1/messaging/test`` (owner test sends, see ``_testsend``),
 ``GET /api/v1/messages/{id}`` (a message's status, ``_message_status``),
-``GET /ack/{token}`` (acknowledgement links, no login, ``_ack_link``), ``GET /static/<name>``
+``GET /ack/{token}`` (acknowledgement links, no login, ``_ack_link``), the providers'
+signed webhooks ``POST /api/v1/webhooks/sms`` (Twilio status callbacks,
+``_sms_status_callback``) and ``POST /api/v1/webhooks/email/mailgun`` (bounces and
+complaints, ``_email_bounce_webhook``), ``GET /static/<name>``
 (the browser client, no login, ``_static``), ``GET /health``,
 ``GET /metrics`` (Prometheus text), the OpenAPI document at ``/schema/openapi.json``
 and its docs page at ``/schema``.
@@ -41,6 +44,7 @@ from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.api._ack_link import acknowledge_by_link
 from outbox.api._auth import FailedAuthLimit, jwt_auth, rate_limit
+from outbox.api._email_bounce_webhook import TokenMemory, mailgun_email_event
 from outbox.api._inbox import list_inbox, read_all, read_item, unread_count
 from outbox.api._inbox_fanout import InboxFanout
 from outbox.api._inbox_stream import DEFAULT_HEARTBEAT, inbox_stream
@@ -48,6 +52,7 @@ from outbox.api._message_status import read_message_status
 from outbox.api._metrics import ApiMetrics
 from outbox.api._preferences import get_preferences, put_preferences
 from outbox.api._push_subscriptions import subscribe, unsubscribe, vapid_public_key
+from outbox.api._sms_status_callback import sms_status_callback
 from outbox.api._static import static_files_handler
 from outbox.api._testsend import DB_ERRORS, ApiContext, send_test_message
 from outbox.dispatcher.channels.base import Channel
@@ -244,6 +249,8 @@ def create_app(
             vapid_public_key,
             subscribe,
             unsubscribe,
+            sms_status_callback,
+            mailgun_email_event,
             health,
             livez,
             metrics,
@@ -276,6 +283,7 @@ def create_app(
     # set on the built app: Litestar(state=...) would deep-copy the limiter
     app.state["ack_link_failures"] = ack_link_failures
     app.state["inbox_stream_heartbeat"] = stream_heartbeat
+    app.state["mailgun_tokens"] = TokenMemory()
     return app
 
 
@@ -300,7 +308,11 @@ def _lifespan(
         app.state["outbox"] = ApiContext(
             settings=settings,
             catalog=templates,
-            renderer=RenderCache(templates, platform_base_url=settings.platform_base_url),
+            renderer=RenderCache(
+                templates,
+                platform_base_url=settings.platform_base_url,
+                sms_max_segments=settings.sms_max_segments,
+            ),
             channels=channels if channels is not None else owned,
             pool=pool,
         )

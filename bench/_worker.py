@@ -20,10 +20,14 @@ _cpu_at_go = 0.0
 
 
 def _cpu() -> float:
+    """CPU seconds of this process and of its children that have ended (a worker that
+    supervises processes of its own is counted whole once it has reaped them).
+    """
     import resource
 
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _ready() -> None:

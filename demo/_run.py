@@ -4,9 +4,10 @@
    its data in ``<dir>/pgdata``; otherwise a scratch database ``outbox_demo`` on the
    configured server. Either way the database is created fresh and migrated.
 2. Sinks on loopback (``_sinks``), throwaway VAPID keys and a throwaway CA.
-3. Two ``outbox dispatch`` replicas as subprocesses, configured only through
+3. ``outbox api`` (its own public URL: Twilio's status callbacks come to it), then
+   two ``outbox dispatch`` replicas as subprocesses, configured only through
    ``OUTBOX_*`` variables, as in production.
-4. ``outbox api``, then the campaign (one transaction), then the trading simulation
+4. The campaign (one transaction), then the trading simulation
    (``_scenario``), while the replicas deliver; a progress bar shows the queue draining.
    Then the in-app inbox (``_inbox``): a trader's stream prints an alert as it lands.
 5. The summary (``_summary``), then clean-up; with ``--keep`` the database, the
@@ -42,20 +43,24 @@ from outbox.demo import _inbox, _scenario, _summary
 from outbox.demo._channels import CA_FILE_VARIABLE
 from outbox.demo._database import DATABASE, demo_database, relative
 from outbox.demo._processes import Processes, child_environment, outbox_command
-from outbox.demo._sinks import MailSink, PushSink, TelegramSink, free_port
+from outbox.demo._sinks import MailSink, PushSink, SmsSink, TelegramSink, free_port
 from outbox.testing.push import VapidKeys
 from outbox.testing.tls import make_certificate
 
 REPLICAS = 2
 BOT_TOKEN = "123456789:DEMO-only-token_not-a-real-bot"  # noqa: S105 - a loopback stand-in
+TWILIO_ACCOUNT = "AC" + "de" * 16
+TWILIO_TOKEN = "demo-only-twilio-auth-token"  # noqa: S105 - a loopback stand-in
+SMS_SENDER = "+15005550006"
 SENDER = f"alerts@{_scenario.MAIL_DOMAIN}"
-DEMO_RATE_LIMITS = "email=60000/m,telegram=1000/s,telegram_chat=100/s,push=1000/s"
+DEMO_RATE_LIMITS = "email=60000/m,telegram=1000/s,telegram_chat=100/s,push=1000/s,sms=1000/s"
 """Generous on purpose, so the demo finishes in seconds (the summary says so)."""
 PRODUCTION_RATE_LIMITS = "email=100/m,telegram=20/s,telegram_chat=1/s"
 OUTPUTS = (
     "mail",
     "telegram.jsonl",
     "push.jsonl",
+    "sms.jsonl",
     "tls",
     "dispatcher-1.log",
     "dispatcher-2.log",
@@ -130,13 +135,19 @@ def run_demo(options: DemoOptions) -> int:
             clock.say(f"database {DATABASE} migrated (alembic upgrade heads)")
             sinks: list[Any] = []
             stack.callback(_stop_sinks, sinks)
-            env, mail, telegram, push = _start_sinks(directory, sinks, options.users)
+            env, mail, telegram, push, sms = _start_sinks(directory, sinks, options.users)
             clock.say(
                 f"sinks on loopback: SMTP 127.0.0.1:{mail.port}, Telegram Bot API "
-                f"{telegram.url}, Web Push {push.url}"
+                f"{telegram.url}, Web Push {push.url}, Twilio {sms.url}"
             )
             children = Processes()
             stack.callback(children.stop)
+            # the API first: the replicas ask Twilio to report deliveries to it
+            api, secret = _start_api(options, {**env, "OUTBOX_DATABASE_URL": url}, children)
+            clock.say(
+                f"outbox api started on {api} (users' inbox, owner routes, metrics,"
+                " Twilio's status callbacks)"
+            )
             for number in range(1, REPLICAS + 1):
                 children.start(
                     f"dispatcher-{number}",
@@ -145,12 +156,11 @@ def run_demo(options: DemoOptions) -> int:
                         **env,
                         "OUTBOX_DATABASE_URL": url,
                         "OUTBOX_DISPATCHER_ID": f"replica-{number}",
+                        "OUTBOX_API_PUBLIC_URL": api,
                     },
                     directory / f"dispatcher-{number}.log",
                 )
             clock.say(f"{REPLICAS} dispatcher replicas started (`outbox dispatch`, subprocesses)")
-            api, secret = _start_api(options, {**env, "OUTBOX_DATABASE_URL": url}, children)
-            clock.say(f"outbox api started on {api} (users' inbox, owner routes, metrics)")
             report, status = _simulate_and_deliver(options, clock, url, push, children)
             if status == 0:
                 status = _show_inbox(url, api, secret, clock)
@@ -162,7 +172,7 @@ def run_demo(options: DemoOptions) -> int:
                 directory=directory,
                 report=report,
                 rate_limits=(DEMO_RATE_LIMITS, PRODUCTION_RATE_LIMITS),
-                sinks=(mail, telegram, push),
+                sinks=(mail, telegram, push, sms),
                 elapsed=clock.elapsed,
             )
             if options.keep and status == 0:
@@ -170,7 +180,7 @@ def run_demo(options: DemoOptions) -> int:
         if not options.keep:
             print(
                 "\nCleaned up: replicas and sinks stopped, the demo database dropped. Mails and "
-                f"the Telegram and push records stay in {relative(directory)}/.",
+                f"the Telegram, push and SMS records stay in {relative(directory)}/.",
                 flush=True,
             )
         return status
@@ -187,8 +197,8 @@ def run_demo(options: DemoOptions) -> int:
 
 def _start_sinks(
     directory: Path, sinks: list[Any], users: int
-) -> tuple[dict[str, str], MailSink, TelegramSink, PushSink]:
-    """Start the three sinks; return the dispatchers' environment and the sinks."""
+) -> tuple[dict[str, str], MailSink, TelegramSink, PushSink, SmsSink]:
+    """Start the four sinks; return the dispatchers' environment and the sinks."""
     vapid = VapidKeys.generate()
     certificate = make_certificate(directory / "tls")
     bounces = [_scenario.email_of(u) for u in _scenario.campaign_bounces(users)]
@@ -211,6 +221,14 @@ def _start_sinks(
         vapid_public_key=vapid.public_raw,
     ).start()
     sinks.append(push)
+    sms = SmsSink(
+        directory / "sms.jsonl",
+        certificate=certificate,
+        account_sid=TWILIO_ACCOUNT,
+        auth_token=TWILIO_TOKEN,
+        unsubscribed=[_scenario.phone_of(_scenario.SMS_STOPPED)],
+    ).start()
+    sinks.append(sms)
     env = child_environment(
         {
             "OUTBOX_SMTP_HOST": "127.0.0.1",
@@ -223,12 +241,18 @@ def _start_sinks(
             "OUTBOX_VAPID_PUBLIC_KEY": vapid.public_raw,
             "OUTBOX_VAPID_SUBJECT": f"mailto:ops@{_scenario.MAIL_DOMAIN}",
             "OUTBOX_PUSH_ALLOWED_HOSTS": "127.0.0.1",
-            "OUTBOX_CHANNEL_PLUGINS": "push=outbox.demo._channels:push_channel",
+            "OUTBOX_SMS_API_URL": sms.url,
+            "OUTBOX_SMS_ACCOUNT_SID": TWILIO_ACCOUNT,
+            "OUTBOX_SMS_AUTH_TOKEN": TWILIO_TOKEN,
+            "OUTBOX_SMS_FROM": SMS_SENDER,
+            "OUTBOX_CHANNEL_PLUGINS": (
+                "push=outbox.demo._channels:push_channel,sms=outbox.demo._channels:sms_channel"
+            ),
             CA_FILE_VARIABLE: str(certificate.ca_file),
             "OUTBOX_RATE_LIMITS": DEMO_RATE_LIMITS,
         }
     )
-    return env, mail, telegram, push
+    return env, mail, telegram, push, sms
 
 
 def _stop_sinks(sinks: list[Any]) -> None:
@@ -351,13 +375,14 @@ def _start_api(
         raise ApiDidNotStart(f"port {port} is in use; run again with --api-port (0: any free port)")
     secret = secrets.token_urlsafe(32)
     log = options.directory / "api.log"
+    api = f"http://127.0.0.1:{port}"
     children.start(
         "api",
         outbox_command("api", "--port", str(port)),
-        {**env, "OUTBOX_API_JWT_SECRET": secret},
+        # its own address: Twilio's signed status callbacks are verified against it
+        {**env, "OUTBOX_API_JWT_SECRET": secret, "OUTBOX_API_PUBLIC_URL": api},
         log,
     )
-    api = f"http://127.0.0.1:{port}"
     if not _wait_for_health(api, children):
         raise ApiDidNotStart(f"outbox api did not answer on {api}/health; see {relative(log)}")
     return api, secret

@@ -11,6 +11,8 @@ Everything is seeded, so every run tells the same story:
   the alert falls back to another channel), their push subscription is gone (410:
   falls back to email), their mailbox is busy once (451: retried), the Bot API
   fails once for them (500: retried), or their only address bounces (dead letter).
+  Two take their alerts by SMS: one receives them, the other replied STOP (Twilio
+  21610: SMS disabled for them, the alert falls back to email).
 * One transaction writes an alert and is then rolled back on purpose: the alert
   never exists, and no sink ever sees it.
 """
@@ -42,9 +44,13 @@ MAILBOX_BUSY = "trader-0002"
 BOT_API_HICCUP = "trader-0009"
 ALERT_BOUNCE = "trader-0021"
 ROLLED_BACK = "trader-0013"
+SMS_TRADER = "trader-0004"
+"""Alerts by SMS (the Twilio stand-in)."""
+SMS_STOPPED = "trader-0008"
+"""Alerts by SMS, but they replied STOP: 21610, SMS disabled for them, next channel."""
 NO_PUSH = ("trader-0011",)
 """Telegram blocked and no browser subscribed: the alert falls back twice."""
-SPECIAL = (*TELEGRAM_BLOCKED, *PUSH_GONE, MAILBOX_BUSY, BOT_API_HICCUP)
+SPECIAL = (*TELEGRAM_BLOCKED, *PUSH_GONE, MAILBOX_BUSY, BOT_API_HICCUP, SMS_TRADER, SMS_STOPPED)
 """Traders whose stop-loss close always fails, so their story is always told."""
 
 CAMPAIGN_VARS = {
@@ -93,6 +99,11 @@ def chat_of(user: str) -> int:
     return CHAT_BASE + int(user.rsplit("-", 1)[1])
 
 
+def phone_of(user: str) -> str:
+    """The user's mobile number (E.164, from a range reserved for drama)."""
+    return f"+447700900{int(user.rsplit('-', 1)[1]):03d}"
+
+
 def campaign_bounces(users: int) -> list[str]:
     """Users whose mailbox does not exist (every 250th)."""
     return [user_id(n) for n in range(CAMPAIGN_BOUNCE_EVERY, users + 1, CAMPAIGN_BOUNCE_EVERY)]
@@ -106,6 +117,8 @@ def alert_channel(user: str) -> str:
         return "push"
     if user in (MAILBOX_BUSY, ALERT_BOUNCE):
         return "email"
+    if user in (SMS_TRADER, SMS_STOPPED):
+        return "sms"
     return ("push", "telegram", "email")[int(user.rsplit("-", 1)[1]) % 3]
 
 
@@ -145,6 +158,7 @@ def add_recipients(
             user,
             email=email_of(user),
             telegram_chat_id=chat_of(user) if trader and user != ALERT_BOUNCE else None,
+            phone=phone_of(user) if user in (SMS_TRADER, SMS_STOPPED) else None,
             timezone="Europe/London",
             # the one trader with nothing but a bouncing mailbox gets no campaigns
             campaign_opt_out=user == ALERT_BOUNCE,

@@ -11,6 +11,11 @@ Here each one also keeps what it accepts where a person can look at it:
   parses MarkdownV2 as Telegram does) appends to ``telegram.jsonl``; chats in
   ``blocked`` get ``403 Forbidden: bot was blocked by the user``, chats in ``flaky``
   a ``500`` that many times first.
+* :class:`SmsSink` (:class:`~outbox.testing.twilio.TwilioServer` on ``https``)
+  checks basic auth and the form like Twilio and appends every accepted SMS to
+  ``sms.jsonl``; numbers in ``unsubscribed`` get ``400`` code ``21610`` (the user
+  replied STOP). It posts Twilio's signed status callbacks (``sent``, ``delivered``)
+  to the ``StatusCallback`` the dispatcher asked for: the demo's ``outbox api``.
 * :class:`PushSink` (:class:`~outbox.testing.push.PushServer` on ``https``) checks
   the VAPID token, decrypts the ``aes128gcm`` body with the keys of the browser it
   made and appends the notification to ``push.jsonl``; subscriptions marked gone
@@ -35,6 +40,7 @@ from outbox.testing.push import PushServer, ReceivedPush
 from outbox.testing.smtp import ReceivedMail, SmtpServer
 from outbox.testing.telegram import TelegramMessage, TelegramServer
 from outbox.testing.tls import LoopbackCertificate
+from outbox.testing.twilio import TwilioMessage, TwilioServer
 
 HOST = "127.0.0.1"
 
@@ -59,7 +65,7 @@ class JsonLines:
 class _RecordingSink:
     """A loopback server that appends what it accepts to a JSON-lines file."""
 
-    _server: TelegramServer | PushServer
+    _server: TelegramServer | PushServer | TwilioServer
     _records: JsonLines
 
     @property
@@ -194,6 +200,46 @@ class PushSink(_RecordingSink):
                 "ttl": push.ttl,
                 "notification": push.json(),
             }
+        )
+
+
+class SmsSink(_RecordingSink):
+    """Twilio's Messages API on ``https``, answered like Twilio."""
+
+    _server: TwilioServer
+
+    def __init__(
+        self,
+        record_file: Path,
+        *,
+        certificate: LoopbackCertificate,
+        account_sid: str,
+        auth_token: str,
+        unsubscribed: Iterable[str] = (),
+    ) -> None:
+        self._records = JsonLines(record_file)
+        self._server = TwilioServer(
+            account_sid=account_sid,
+            auth_token=auth_token,
+            tls=True,
+            certificate=certificate,
+            on_message=self._write,
+        )
+        for number in unsubscribed:
+            self._server.unsubscribed(number)
+
+    @property
+    def reports(self) -> dict[str, int]:
+        """Status callbacks the API accepted (204), per status: what Twilio reported."""
+        counted: dict[str, int] = {}
+        for callback in self._server.callbacks:
+            if callback.status == 204:
+                counted[callback.message_status] = counted.get(callback.message_status, 0) + 1
+        return counted
+
+    def _write(self, message: TwilioMessage) -> None:
+        self._records.append(
+            {"sid": message.sid, "to": message.to, "from": message.sender, "body": message.body}
         )
 
 

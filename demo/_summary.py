@@ -29,6 +29,7 @@ MEANING = {
     "push_gone": "410 Gone: subscription deleted, next channel",
     "no_address": "no address on this channel (any more): next channel",
     "opted_out": "campaign opt-out: skipped",
+    "sms_unsubscribed": "Twilio 21610 (replied STOP): SMS disabled for the user, next channel",
 }
 
 
@@ -41,7 +42,7 @@ def _count(value: int) -> str:
 
 
 def _mentions(directory: Path, mail_ids: Sequence[int], needle: str) -> int:
-    """How many delivered mails, Telegram messages and pushes mention ``needle``."""
+    """How many delivered mails, Telegram messages, pushes and SMS mention ``needle``."""
     found = 0
     parser = BytesParser(policy=policy.default)
     for message_id in mail_ids:
@@ -53,7 +54,7 @@ def _mentions(directory: Path, mail_ids: Sequence[int], needle: str) -> int:
         body = mail.get_body(("plain", "html"))
         text = body.get_content() if body is not None else ""
         found += needle in text or needle in str(mail["Subject"])
-    for name in ("telegram.jsonl", "push.jsonl"):
+    for name in ("telegram.jsonl", "push.jsonl", "sms.jsonl"):
         path = directory / name
         if path.exists():
             # MarkdownV2 escapes '-' as '\-'; drop the escapes before looking
@@ -67,7 +68,7 @@ def print_summary(
     directory: Path,
     report: _scenario.TradingReport,
     rate_limits: tuple[str, str],
-    sinks: tuple[Any, Any, Any],
+    sinks: tuple[Any, Any, Any, Any],
     elapsed: float,
 ) -> None:
     """Print the closing summary to standard output."""
@@ -79,7 +80,7 @@ def print_summary(
         effects = conn.execute(q["recipient_effects"]).fetchone()
         dead = conn.execute(q["dead_letter_report"]).fetchall()
         alert_mails = [int(row[0]) for row in conn.execute(q["alert_mails"]).fetchall()]
-    mail, telegram, push = sinks
+    mail, telegram, push, sms = sinks
     per_channel: dict[str, int] = {}
     for _lane, channel, count in by_lane:
         per_channel[channel] = per_channel.get(channel, 0) + int(count)
@@ -98,7 +99,8 @@ def print_summary(
     out.append(f"  by replica: {replicas}")
     out.append(
         f"  the sinks received: {_count(mail.count)} mails, {_count(telegram.count)} Telegram "
-        f"messages, {_count(push.count)} push notifications (delivered per channel: "
+        f"messages, {_count(push.count)} push notifications, {_count(sms.count)} SMS"
+        " (delivered per channel: "
         + ", ".join(f"{c} {_count(n)}" for c, n in sorted(per_channel.items()))
         + ")"
     )
@@ -161,6 +163,15 @@ def print_summary(
     first_push = _first_push_title(directory / "push.jsonl")
     if first_push:
         out.append(f"            e.g. {first_push}")
+    out.append(
+        f"  sms       {relative(directory / 'sms.jsonl')}  "
+        f"({_count(sms.count)} texts, as Twilio accepted them)"
+    )
+    delivered = sms.reports.get("delivered", 0)
+    out.append(
+        f"            Twilio's signed callbacks reported {_count(delivered)} delivered"
+        " (outbox.attempt: outcome 'delivered', through POST /api/v1/webhooks/sms)"
+    )
     out.append("")
     demo_limits, production_limits = rate_limits
     out.append(
@@ -266,8 +277,8 @@ def print_kept(
         f"  inbox        curl -sN {api}/api/v1/inbox/stream -H 'Authorization: Bearer "
         f"{user_token}'",
         "               (trader-0007's live inbox; enqueue on channel 'inapp' to trader-0007)",
-        f"  sinks        new mails appear in {relative(directory / 'mail')}/, Telegram and push "
-        f"in {relative(directory)}/*.jsonl",
+        f"  sinks        new mails appear in {relative(directory / 'mail')}/, Telegram, push "
+        f"and SMS in {relative(directory)}/*.jsonl",
         f"  CLI          OUTBOX_DATABASE_URL='{url}' outbox stats",
     ]
     print("\n".join(lines), flush=True)

@@ -10,7 +10,7 @@ DROP SCHEMA IF EXISTS trading CASCADE;
 CREATE SCHEMA trading;
 CREATE TABLE trading.account (
     user_id       text PRIMARY KEY,
-    alert_channel text NOT NULL CHECK (alert_channel IN ('email', 'telegram', 'push'))
+    alert_channel text NOT NULL CHECK (alert_channel IN ('email', 'telegram', 'push', 'sms'))
 );
 CREATE TABLE trading.position (
     id            integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -78,7 +78,7 @@ class Acknowledger:
             if not self._batch.finishes:
                 return
             batch, self._batch = self._batch, AckBatch()
-            self._leases.acknowledging(finish.lease.id for finish in batch.finishes)
+            self._leases.acknowledging(finish.message.lease.id for finish in batch.finishes)
             try:
                 result = await self._write(batch)
             except BaseException:
@@ -86,7 +86,7 @@ class Acknowledger:
                 # ours and must stay in the book (the shutdown releases them)
                 self._leases.acknowledging(())
                 raise
-            self._leases.acknowledged(finish.lease for finish in batch.finishes)
+            self._leases.acknowledged(finish.message.lease for finish in batch.finishes)
         if result.lost:
             log.warning("lease lost before ack ids=%s", sorted(result.lost)[:20])
         self._on_flushed(batch, result)

@@ -11,9 +11,13 @@ from typing import Any
 
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher._stored_vars import stored_vars
+from outbox.dispatcher._values import value_builder
 
 MESSAGE_COLUMNS = 15
 """``claim_batch`` returns the message in its first columns, then its recipient."""
+
+KNOWN_RECIPIENTS = 10_000
+"""Users whose recipient record a :class:`ClaimDecoder` keeps (cleared when full)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,27 +100,68 @@ class Claimed:
         ) = row
         if isinstance(preferences, str):
             preferences = json.loads(preferences)
-        return cls(
-            id=id_,
-            lane=lane,
-            priority=priority,
-            channel=channel,
-            user_id=user_id,
-            template=template,
-            vars=stored_vars(vars_text),
-            fallback=tuple(fallback) if fallback is not None else None,
-            attempts=attempts,
-            lease=Lease(id=id_, token=token),
-            vars_key=vars_text,
-            expires_at=expires_at,
-            escalate_after=escalate_after,
-            acknowledged=acknowledged,
-            sent_before=sent_before,
-            escalated=escalated,
-            preferences=tuple((scope, frozenset(channels)) for scope, channels in preferences)
+        return _build_claimed(  # Claimed(...), by field order
+            id_,
+            lane,
+            priority,
+            channel,
+            user_id,
+            template,
+            stored_vars(vars_text),
+            tuple(fallback) if fallback is not None else None,
+            attempts,
+            _build_lease(id_, token),
+            vars_text,
+            expires_at,
+            escalate_after,
+            acknowledged,
+            sent_before,
+            escalated,
+            tuple((scope, frozenset(channels)) for scope, channels in preferences)
             if preferences
             else (),
         )
+
+
+_build_claimed = value_builder(Claimed)
+_build_lease = value_builder(Lease)
+
+
+class ClaimDecoder:
+    """Turns the rows of claims into messages with their recipients.
+
+    A user's recipient record is decoded once and kept while the columns it was
+    decoded from come back unchanged (compared in full on every row, so a change
+    of address or preference is seen by the next claim), for at most
+    :data:`KNOWN_RECIPIENTS` users.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[Sequence[Any], RecipientRecord]] = {}
+
+    def decode(
+        self, rows: Sequence[Sequence[Any]], token: uuid.UUID
+    ) -> list[tuple[Claimed, RecipientRecord | None]]:
+        """The messages of one claim with their recipients (None: no
+        ``outbox.recipient`` row).
+        """
+        decoded: list[tuple[Claimed, RecipientRecord | None]] = []
+        known = self._known
+        for row in rows:
+            message = Claimed.from_row(row[:MESSAGE_COLUMNS], token)
+            recipient = None
+            if row[MESSAGE_COLUMNS] is not None:
+                columns = row[MESSAGE_COLUMNS:]
+                found = known.get(message.user_id)
+                if found is not None and found[0] == columns:
+                    recipient = found[1]
+                else:
+                    recipient = RecipientRecord.from_row(columns)
+                    if len(known) >= KNOWN_RECIPIENTS:
+                        known.clear()
+                    known[message.user_id] = (columns, recipient)
+            decoded.append((message, recipient))
+        return decoded
 
 
 def decode_claim(
@@ -125,15 +170,4 @@ def decode_claim(
     """The messages of one claim with their recipients (None: no ``outbox.recipient``
     row). Several messages of one user share one decoded record.
     """
-    decoded: list[tuple[Claimed, RecipientRecord | None]] = []
-    recipients: dict[str, RecipientRecord] = {}
-    for row in rows:
-        message = Claimed.from_row(row[:MESSAGE_COLUMNS], token)
-        recipient = None
-        if row[MESSAGE_COLUMNS] is not None:
-            recipient = recipients.get(message.user_id)
-            if recipient is None:
-                recipient = RecipientRecord.from_row(row[MESSAGE_COLUMNS:])
-                recipients[message.user_id] = recipient
-        decoded.append((message, recipient))
-    return decoded
+    return ClaimDecoder().decode(rows, token)

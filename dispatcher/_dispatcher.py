@@ -52,7 +52,7 @@ from typing import Any
 from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher._acknowledger import Acknowledger
-from outbox.dispatcher._claimed import decode_claim
+from outbox.dispatcher._claimed import ClaimDecoder
 from outbox.dispatcher._finishes import AckBatch, AckResult, FinishSent
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
@@ -118,7 +118,11 @@ class Dispatcher:
         self.options = options = options or DispatcherOptions()
         self.catalog = catalog or TemplateCatalog(settings.templates_dir)
         self.policy = policy or RetryPolicy.from_settings(settings)
-        self.renderer = RenderCache(self.catalog, platform_base_url=settings.platform_base_url)
+        self.renderer = RenderCache(
+            self.catalog,
+            platform_base_url=settings.platform_base_url,
+            sms_max_segments=settings.sms_max_segments,
+        )
         self.id = dispatcher_id or settings.dispatcher_id or default_dispatcher_id()
         self.observer: Observer = observer if observer is not None else NoObserver()
         self.delivered = 0
@@ -135,6 +139,7 @@ class Dispatcher:
             on_flushed=self._flushed,
         )
         self._ready = ReadyQueue()
+        self._decoder = ClaimDecoder()
         limits = settings.rate_limits
         limited: set[str] = {c for c in limits if c != "telegram_chat"}
         if "telegram_chat" in limits:
@@ -345,7 +350,7 @@ class Dispatcher:
         except StoreError as error:
             log.warning("claim failed scope=%s error=%s", scope, error)
             return None
-        for message, recipient in decode_claim(rows, token):
+        for message, recipient in self._decoder.decode(rows, token):
             self._leases.hold(message.lease)
             self._ready.push(message, recipient)
         if rows:
@@ -404,8 +409,9 @@ class Dispatcher:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     def _flushed(self, batch: AckBatch, result: AckResult) -> None:
+        finished = result.finished
         self.delivered += sum(
-            1 for f in batch.finishes if type(f) is FinishSent and f.lease.id in result.finished
+            1 for f in batch.finishes if type(f) is FinishSent and f.message.lease.id in finished
         )
         self.observer.acked(batch, result)
         self._wake.set()

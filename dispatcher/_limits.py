@@ -316,12 +316,17 @@ class CircuitBreaker:
             return self._base
         return max(float(row[0]), 0.0) if row and row[0] is not None else self._base
 
+    def settled(self, channel: str) -> bool:
+        """True when a delivery on ``channel`` has nothing to record now: this replica
+        saw no outage there and asked the database less than ``recheck_seconds`` ago.
+        """
+        return channel not in self._open and time.monotonic() < self._next_check.get(channel, 0.0)
+
     async def success(self, channel: str) -> None:
         """Record a delivery: close the channel's breaker, if one is open and its pause over."""
-        now = time.monotonic()
-        if channel not in self._open and now < self._next_check.get(channel, 0.0):
+        if self.settled(channel):
             return
-        self._next_check[channel] = now + self._recheck
+        self._next_check[channel] = time.monotonic() + self._recheck
         try:
             async with self._pool.connection(timeout=10) as conn:
                 row = await (

@@ -39,6 +39,7 @@ from outbox.dispatcher._finishes import (
 )
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._routing import RecipientRecord, next_channel
+from outbox.dispatcher._values import value_builder
 from outbox.dispatcher.channels.base import (
     ChannelOutage,
     Effect,
@@ -50,6 +51,8 @@ from outbox.dispatcher.channels.base import (
     Unreachable,
 )
 from outbox.vocabulary import LANES
+
+_build_sent = value_builder(FinishSent)  # FinishSent(...), one per delivery
 
 
 def finish_for(
@@ -75,7 +78,7 @@ def finish_for(
             provider_id = kept_provider_id(provider_id)
             if message.escalate_after is not None:
                 return _awaiting_ack(message, recipient, duration_ms, effects, provider_id)
-            return FinishSent(
+            return _build_sent(
                 message=message, duration_ms=duration_ms, effects=effects, provider_id=provider_id
             )
         case TransientFailure(error_class=error_class, error=error):

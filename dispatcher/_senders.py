@@ -12,6 +12,7 @@ holds no sender (and no other channel) back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -32,10 +33,55 @@ from outbox.dispatcher._presend import presend
 from outbox.dispatcher._ready import ReadyQueue
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._routing import RecipientRecord
-from outbox.dispatcher.channels.base import Channel, ChannelOutage, Outcome, Sent
+from outbox.dispatcher.channels.base import Channel, ChannelOutage, Outcome, Recipient, Sent
 from outbox.dispatcher.rendering import RenderCache
 
 log = logging.getLogger("outbox.dispatcher")
+
+ADDRESS_BOOK_SIZE = 4096
+"""Recipients whose addresses a replica keeps at hand (cleared when full)."""
+
+
+class SendSlots:
+    """At most ``size`` sends at once, for the senders and the sends waiting for a
+    rate-limit slot together.
+
+    What an ``asyncio.Semaphore`` does, with a test that costs no coroutine when a
+    slot is free (almost always: the senders are as many as the slots).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody is waiting for one."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot (after :meth:`take_now` said no); first come, first served."""
+        if self.take_now():
+            return
+        handed = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed)
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.give()  # handed over just as we were cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the first sender still waiting, else to the pool."""
+        while self._waiting:
+            handed = self._waiting.popleft()
+            if not handed.done():  # a cancelled waiter's future is done
+                handed.set_result(None)
+                return
+        self._free += 1
 
 
 class Senders:
@@ -73,13 +119,14 @@ class Senders:
         """Lanes whose messages go to their next channel when they die on one."""
         self._ack_url = ack_url
         """Signs an alert's acknowledgement link (None: no key configured, no link)."""
-        self._sem = asyncio.Semaphore(concurrency)
+        self._slots = SendSlots(concurrency)
         self._stopping = False
         self._sending = 0
         self.waiting: set[asyncio.Task[None]] = set()
         """Sends waiting for a rate-limit slot, each in a task of its own."""
         self._limited = limited
         """Channels with a cluster-wide rate limit (their sends may wait for a slot)."""
+        self._address_book: dict[int, tuple[RecipientRecord, Recipient]] = {}
 
     async def stop(self, grace: float) -> None:
         """Take nothing new; give sends under way up to ``grace`` seconds to finish."""
@@ -104,31 +151,40 @@ class Senders:
         task so that it holds no sender (and no other channel) back.
         """
         done = 0
-        while not self._stopping:
-            entry = self._ready.pop()
-            if entry is None:
-                await self._ready.wait()
-                continue
-            message, recipient = entry
-            if not self._leases.holds(message.lease):
-                continue  # another dispatcher has it now, or our own later claim of it
-            if message.channel in self._limited:
-                task = asyncio.create_task(self._deliver(message, recipient))
-                self.waiting.add(task)
-                task.add_done_callback(self.waiting.discard)
-                continue
-            self._sending += 1
-            try:
-                await self._deliver(message, recipient)
-            finally:
-                self._sending -= 1
-            done += 1
-            if done % 32 == 0:  # sends that never suspend must not starve claims and acks
-                await asyncio.sleep(0)
-
-    async def _deliver(self, message: Claimed, recipient: RecipientRecord | None) -> None:
+        deadlines = delivery.SendDeadlines()
         try:
-            finish = await self._attempt(message, recipient)
+            while not self._stopping:
+                entry = self._ready.pop()
+                if entry is None:
+                    await self._ready.wait()
+                    continue
+                message, recipient = entry
+                if not self._leases.holds(message.lease):
+                    continue  # another dispatcher has it now, or our own later claim of it
+                if message.channel in self._limited:
+                    task = asyncio.create_task(self._deliver(message, recipient))
+                    self.waiting.add(task)
+                    task.add_done_callback(self.waiting.discard)
+                    continue
+                self._sending += 1
+                try:
+                    await self._deliver(message, recipient, deadlines)
+                finally:
+                    self._sending -= 1
+                done += 1
+                if done % 32 == 0:  # sends that never suspend must not starve claims and acks
+                    await asyncio.sleep(0)
+        finally:
+            deadlines.close()
+
+    async def _deliver(
+        self,
+        message: Claimed,
+        recipient: RecipientRecord | None,
+        deadlines: delivery.SendDeadlines | None = None,
+    ) -> None:
+        try:
+            finish = await self._attempt(message, recipient, deadlines)
         except Exception as error:  # a bug must not lose the message or stop the loop
             log.exception("unexpected error id=%d", message.id)
             error_text = f"{type(error).__name__}: {error}"
@@ -143,46 +199,96 @@ class Senders:
             )
         self._acker.add(finish)
 
-    async def _attempt(self, message: Claimed, recipient: RecipientRecord | None) -> Finish:
+    async def _attempt(
+        self,
+        message: Claimed,
+        recipient: RecipientRecord | None,
+        deadlines: delivery.SendDeadlines | None,
+    ) -> Finish:
         held_back = presend(message, recipient, now=datetime.now(UTC), configured=self.channels)
         if held_back is not None:
             return held_back
         assert recipient is not None  # presend finishes an unknown recipient
+        channel = message.channel
         try:
-            envelope = await delivery.prepare(
-                self.renderer,
-                message_id=message.id,
-                lane=message.lane,
-                channel=message.channel,
-                user_id=message.user_id,
-                template=message.template,
-                vars=message.vars,
-                vars_key=message.vars_key,
-                attempt=message.attempts + 1,
-                recipient=recipient,
-                ack_url=self._alert_link(message),
-            )
+            if message.vars is not None:  # decoded (short) vars render inline: no await
+                content = self.renderer.render(
+                    channel,
+                    message.template,
+                    message.vars,
+                    vars_key=message.vars_key,
+                    message_id=message.id,
+                    lane=message.lane,
+                    ack_url=self._alert_link(message),
+                )
+            else:
+                content = await self.renderer.render_async(
+                    channel,
+                    message.template,
+                    None,
+                    vars_key=message.vars_key,
+                    message_id=message.id,
+                    lane=message.lane,
+                    ack_url=self._alert_link(message),
+                )
         except (TemplateRenderError, OutboxError) as error:
             return unrenderable(message, str(error))
-        reservation = await self._limiter.acquire_for(envelope)
-        if not reservation.granted:
-            return rate_limit_wait(message, reservation.wait)
-        if reservation.slots:
-            envelope = replace(envelope, send_slots=reservation.slots)
-        timeout = self._send_timeout + reservation.spread
-        async with self._sem:
-            attempt = await delivery.send(self.channels[message.channel], envelope, timeout=timeout)
-        self.observer.sent(message, attempt.outcome, attempt.duration_ms)
-        pause = await self._update_breaker(message.channel, attempt.outcome)
+        envelope = delivery.address(
+            content,
+            message_id=message.id,
+            lane=message.lane,
+            channel=channel,
+            user_id=message.user_id,
+            template=message.template,
+            attempt=message.attempts + 1,
+            recipient=self._addresses(recipient),
+        )
+        timeout = self._send_timeout
+        if channel in self._limited:  # no limit, no reservation (and no round trip)
+            reservation = await self._limiter.acquire_for(envelope)
+            if not reservation.granted:
+                return rate_limit_wait(message, reservation.wait)
+            if reservation.slots:
+                envelope = replace(envelope, send_slots=reservation.slots)
+            timeout += reservation.spread
+        if not self._slots.take_now():
+            await self._slots.take()
+        try:
+            attempt = await delivery.send(
+                self.channels[channel], envelope, timeout=timeout, deadlines=deadlines
+            )
+        finally:
+            self._slots.give()
+        outcome = attempt.outcome
+        self.observer.sent(message, outcome, attempt.duration_ms)
+        if type(outcome) is Sent and self._breaker.settled(channel):
+            pause = 0.0  # nothing for the breaker to record: no await
+        else:
+            pause = await self._update_breaker(channel, outcome)
         return finish_for(
             message,
             recipient,
-            attempt.outcome,
+            outcome,
             attempt.duration_ms,
             policy=self.policy,
             outage_pause=pause,
             fall_back_lanes=self._fall_back_lanes,
         )
+
+    def _addresses(self, recipient: RecipientRecord) -> Recipient:
+        """``recipient.addresses()``, made once per record: a claim shares one record
+        among a user's messages, and the claim decoder keeps a user's record while
+        the row it was read from is unchanged.
+        """
+        found = self._address_book.get(id(recipient))
+        if found is not None and found[0] is recipient:
+            return found[1]
+        addresses = recipient.addresses()
+        if len(self._address_book) >= ADDRESS_BOOK_SIZE:
+            self._address_book.clear()
+        # the record is kept with its addresses, so its id cannot be reused meanwhile
+        self._address_book[id(recipient)] = (recipient, addresses)
+        return addresses
 
     def _alert_link(self, message: Claimed) -> str | None:
         if message.escalate_after is None or self._ack_url is None:

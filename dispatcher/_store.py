@@ -21,6 +21,7 @@ from typing import Any, Literal
 import psycopg
 import psycopg_pool
 from psycopg.types.json import set_json_loads
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 from outbox._db import (
@@ -149,7 +150,12 @@ class Store:
         """
         priority_from, priority_below = _SCOPES[scope]
         async with self._connection("claim") as conn:
-            cursor = await conn.execute(
+            cursor = conn.cursor()
+            # json columns (a user's preferences and push subscriptions) as their text:
+            # decoded only where a message or a recipient record is built from them,
+            # and a user's record is kept while its columns read the same
+            cursor.adapters.register_loader("json", TextLoader)
+            await cursor.execute(
                 QUERIES["claim_batch"],
                 {
                     "batch_size": limit,
@@ -249,11 +255,20 @@ class Store:
 
 
 async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckResult:
-    sent = [f for f in batch.finishes if isinstance(f, FinishSent) and not f.awaits_ack]
-    alerts = [f for f in batch.finishes if isinstance(f, FinishSent) and f.awaits_ack]
-    requeue = [f for f in batch.finishes if isinstance(f, FinishRequeue)]
-    dead = [f for f in batch.finishes if isinstance(f, FinishDead)]
-    handoff = [f for f in batch.finishes if isinstance(f, FinishHandoff)]
+    sent: list[FinishSent] = []
+    alerts: list[FinishSent] = []
+    requeue: list[FinishRequeue] = []
+    dead: list[FinishDead] = []
+    handoff: list[FinishHandoff] = []
+    for f in batch.finishes:  # one pass: a batch holds hundreds of finishes
+        if isinstance(f, FinishSent):
+            (sent if f.ack_wait is None else alerts).append(f)
+        elif isinstance(f, FinishRequeue):
+            requeue.append(f)
+        elif isinstance(f, FinishDead):
+            dead.append(f)
+        else:
+            handoff.append(f)
     finished: set[int] = set()
     fallback_ids: list[int] = []
     common = {"dispatcher_id": dispatcher_id}
@@ -261,9 +276,12 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
         await cur.execute(
             QUERIES["finish_sent"],
             {
-                "ids": _int_array(f.lease.id for f in sent),
-                "tokens": "{" + ",".join(_token_text(f.lease.token) for f in sent) + "}",
-                "durations": "{" + ",".join(repr(float(f.duration_ms)) for f in sent) + "}",
+                "ids": _int_array(f.message.lease.id for f in sent),
+                "tokens": "{" + ",".join(_token_text(f.message.lease.token) for f in sent) + "}",
+                # to the microsecond: repr() would spell out every digit, at twice the cost
+                "durations": "{"
+                + ",".join(map(_MICROSECONDS, (f.duration_ms for f in sent)))
+                + "}",
                 "provider_ids": [f.provider_id for f in sent],
                 **common,
             },
@@ -316,11 +334,11 @@ async def _write_finishes(cur: Any, batch: AckBatch, dispatcher_id: str) -> AckR
         finished.update(row[0] for row in rows)
         fallback_ids = [row[0] for row in rows if row[1]]
     for finish in batch.finishes:
-        if finish.lease.id not in finished:
-            continue  # the lease was lost: the replica that holds it now reports
+        if not finish.effects or finish.message.lease.id not in finished:
+            continue  # none, or the lease was lost: the replica that holds it now reports
         for effect in finish.effects:
             await write_effect(cur, finish.message.user_id, effect)
-    all_ids = {f.lease.id for f in batch.finishes}
+    all_ids = {f.message.lease.id for f in batch.finishes}
     return AckResult(
         finished=frozenset(finished & all_ids),
         lost=frozenset(all_ids - finished),
@@ -337,6 +355,10 @@ def _failures(items: Sequence[FinishRequeue | FinishDead | FinishHandoff]) -> di
         "errors": [clip_error(f.error) for f in items],
         "durations": [None if f.duration_ms is None else float(f.duration_ms) for f in items],
     }
+
+
+_MICROSECONDS = "{:.3f}".format
+"""A duration in milliseconds as text, to the microsecond."""
 
 
 def _int_array(values: Iterable[int]) -> str:

@@ -14,12 +14,13 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from psycopg import AsyncConnection, AsyncCursor
 
 from outbox._queries import QUERIES
 from outbox.dispatcher._routing import RecipientRecord
+from outbox.dispatcher._values import value_builder
 from outbox.dispatcher.channels.base import (
     Channel,
     DeletePushSubscription,
@@ -31,17 +32,20 @@ from outbox.dispatcher.channels.base import (
     MarkEmailUndeliverable,
     Outcome,
     RateLimited,
+    Recipient,
+    Rendered,
     Sent,
     TransientFailure,
     UpdateTelegramChat,
     WriteInboxItem,
 )
 from outbox.dispatcher.rendering import RenderCache
-from outbox.vocabulary import ChannelName, LaneName
 
 __all__ = [
     "Attempt",
     "RecipientRecord",
+    "SendDeadlines",
+    "address",
     "clip_error",
     "failure_of",
     "load_recipient",
@@ -126,16 +130,45 @@ async def prepare(
             lane=lane,
             ack_url=ack_url,
         )
-    return Envelope(
+    return address(
+        content,
         message_id=message_id,
-        lane=cast(LaneName, lane),
-        channel=cast(ChannelName, channel),
+        lane=lane,
+        channel=channel,
         user_id=user_id,
         template=template,
         attempt=attempt,
         recipient=recipient.addresses(),
+    )
+
+
+def address(
+    content: Rendered,
+    *,
+    message_id: int,
+    lane: str,
+    channel: str,
+    user_id: str,
+    template: str,
+    attempt: int,
+    recipient: Recipient,
+) -> Envelope:
+    """The envelope of rendered ``content`` to ``recipient`` (what :func:`prepare`
+    returns once it has rendered).
+    """
+    return _build_envelope(  # Envelope(...): lane and channel are the row's, checked there
+        message_id=message_id,
+        lane=lane,
+        channel=channel,
+        user_id=user_id,
+        template=template,
+        attempt=attempt,
+        recipient=recipient,
         content=content,
     )
+
+
+_build_envelope = value_builder(Envelope)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,24 +179,114 @@ class Attempt:
     duration_ms: float
 
 
-async def send(channel: Channel, envelope: Envelope, *, timeout: float) -> Attempt:
+_build_attempt = value_builder(Attempt)
+
+
+class SendDeadlines:
+    """The time limit of the sends one task makes one after another, without a timer each.
+
+    ``asyncio.timeout`` schedules and cancels a timer on the event loop for every
+    send, which costs more than a send to a fast provider. A task that sends
+    message after message (a sender) keeps one of these instead: a send only
+    notes its deadline; one timer per task checks it when it fires, and re-arms
+    itself for the deadline of the send under way, if that is still ahead. A send
+    that outlives its deadline is cancelled, as ``asyncio.timeout`` would. Made
+    in the task that sends, and used by it alone.
+    """
+
+    def __init__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("SendDeadlines() belongs to the task that makes the sends")
+        self.task: asyncio.Task[Any] = task
+        """The task whose sends these are (the one that made this object)."""
+        self._deadline = 0.0
+        self._sending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.expired = False
+        """The send under way was cancelled for its deadline."""
+
+    def start(self, timeout: float) -> None:
+        """A send of at most ``timeout`` seconds starts now, in :attr:`task`."""
+        self._deadline = time.monotonic() + timeout
+        self._sending = True
+        self.expired = False
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._check)
+        elif self._timer.when() > self._deadline:  # a shorter timeout than the timer's
+            self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._check)
+
+    def stop(self) -> None:
+        """The send has ended (answered, failed or cancelled)."""
+        self._sending = False
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._sending:
+            return  # the next send arms a timer again
+        if time.monotonic() >= self._deadline:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._check)
+
+    def close(self) -> None:
+        """No more sends: drop the timer."""
+        self._sending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def send(
+    channel: Channel,
+    envelope: Envelope,
+    *,
+    timeout: float,
+    deadlines: SendDeadlines | None = None,
+) -> Attempt:
     """``channel.send(envelope)`` within ``timeout`` seconds; never raises.
 
     A channel is not supposed to raise; one that does (a bug, an unexpected
     library error) gives a ``TransientFailure`` of class ``internal`` naming the
-    exception, and one that does not answer in time a ``timeout``.
+    exception, and one that does not answer in time a ``timeout``. A task that
+    sends many messages in turn passes its :class:`SendDeadlines` to time them.
     """
     started = time.perf_counter()
     outcome: Outcome
     try:
-        async with asyncio.timeout(timeout):
-            outcome = await channel.send(envelope)
+        if deadlines is None:
+            async with asyncio.timeout(timeout):
+                outcome = await channel.send(envelope)
+        else:
+            outcome = await _send_by(deadlines, channel, envelope, timeout)
     except TimeoutError:
         outcome = TransientFailure(error_class="timeout", error=f"no answer within {timeout:.0f} s")
     except Exception as error:
         log.exception("channel raised id=%d channel=%s", envelope.message_id, envelope.channel)
         outcome = TransientFailure(error_class="internal", error=f"{type(error).__name__}: {error}")
-    return Attempt(outcome=outcome, duration_ms=(time.perf_counter() - started) * 1000)
+    return _build_attempt(outcome, (time.perf_counter() - started) * 1000)  # Attempt(...)
+
+
+async def _send_by(
+    deadlines: SendDeadlines, channel: Channel, envelope: Envelope, timeout: float
+) -> Outcome:
+    task = deadlines.task
+    cancelling = task.cancelling()
+    deadlines.start(timeout)
+    try:
+        outcome = await channel.send(envelope)
+    except asyncio.CancelledError:
+        # our cancel alone becomes a timeout; one from elsewhere (shutdown) goes on
+        if deadlines.expired and task.uncancel() <= cancelling:
+            raise TimeoutError from None
+        raise
+    finally:
+        deadlines.stop()
+    if deadlines.expired:  # the channel swallowed our cancel: take the request back
+        task.uncancel()
+    return outcome
 
 
 async def write_effect(

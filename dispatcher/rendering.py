@@ -17,6 +17,9 @@ Per channel:
   every variable is escaped for the inside of a JSON string; at most 3993 bytes
   once encoded; its ``Topic`` is derived from the template and key variables.
 - inapp: a JSON object (``title``, ``body``, ``url``) escaped like push.
+- sms: plain text from ``sms/<name>.txt.j2``, stripped, not empty, in at most
+  ``sms_max_segments`` segments (:mod:`outbox.dispatcher.sms_text`;
+  :class:`~outbox.dispatcher.channels.base.RenderedSms`).
 - any other channel (a plugin's): plain text from ``<channel>/<name>.txt.j2``,
   stripped, not empty, at most :data:`TEXT_OUTPUT_LIMIT` characters
   (:class:`~outbox.dispatcher.channels.base.RenderedText`).
@@ -36,10 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import json
 from collections.abc import Mapping
+from json.decoder import WHITESPACE  # type: ignore[attr-defined]
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from outbox import vars_depth_exceeds
@@ -54,15 +58,18 @@ from outbox.dispatcher._stored_vars import (
     stored_vars,
     stored_vars_problem,
 )
+from outbox.dispatcher._values import value_builder
 from outbox.dispatcher.channels.base import (
     Rendered,
     RenderedEmail,
     RenderedInApp,
     RenderedPush,
+    RenderedSms,
     RenderedTelegram,
     RenderedText,
 )
 from outbox.dispatcher.html_text import extract_title, html_to_text
+from outbox.dispatcher.sms_text import count_segments
 
 __all__ = [
     "EMAIL_SIZE_LIMIT",
@@ -93,11 +100,18 @@ EMAIL_SIZE_LIMIT = 1024 * 1024
 """Bytes of rendered HTML plus text one email may carry (SMTP servers commonly
 refuse 10-25 MB including attachments; a notification is far below this)."""
 
+SMS_TEXT_LIMIT = 1600
+"""Characters Twilio accepts in one message body (10 segments of GSM-7)."""
+
+DEFAULT_SMS_MAX_SEGMENTS = 4
+"""As ``OUTBOX_SMS_MAX_SEGMENTS``'s default."""
+
 RENDER_OUTPUT_LIMITS = {
     "email": EMAIL_SIZE_LIMIT,
     "telegram": 2 * TELEGRAM_MAX_PARTS * markdown.TELEGRAM_LIMIT,
     "push": 16 * PUSH_PAYLOAD_LIMIT,
     "inapp": 16 * PUSH_PAYLOAD_LIMIT,
+    "sms": 16 * SMS_TEXT_LIMIT,
 }
 """Characters one template of a channel may produce before rendering stops. Each is
 above what the channel's own check (bytes of an email, Telegram parts, push bytes)
@@ -110,6 +124,38 @@ OFFLOAD_CONCURRENCY = 2
 vars being decoded and rendered (a few MB each at most)."""
 
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_TOPIC_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
+"""What ``json.dumps(..., ensure_ascii=False, sort_keys=True, default=str)`` builds on
+every call, built once."""
+_decode_json = json.JSONDecoder().raw_decode
+_json_space = WHITESPACE.match
+
+
+# CPython's C encoder for _COMPACT_JSON, made once instead of on every call; no
+# circular check: what it encodes was just decoded from JSON text
+_c_compact = (
+    c_make_encoder(
+        None, _COMPACT_JSON.default, encode_basestring, None, ":", ",", False, False, True
+    )
+    if c_make_encoder is not None
+    else None
+)
+
+
+def _compact_json(value: object) -> str:
+    """``_COMPACT_JSON.encode(value)`` for a value decoded from JSON."""
+    if _c_compact is not None:
+        return "".join(_c_compact(value, 0))
+    return _COMPACT_JSON.encode(value)
+
+
+def _decode_document(text: str) -> Any:
+    """``json.loads(text)`` for a str, minus its per-call checks (same errors)."""
+    document, end = _decode_json(text, _json_space(text, 0).end())
+    if _json_space(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return document
+
 
 TOPIC_KEYS = ("approval_id", "broker_ticket", "instrument")
 """Variables that identify what a push message is about, for its ``Topic``."""
@@ -125,20 +171,23 @@ def render(
     lane: str,
     platform_base_url: str,
     ack_url: str | None = None,
+    sms_max_segments: int = DEFAULT_SMS_MAX_SEGMENTS,
 ) -> Rendered:
     """Render ``template`` with ``vars`` for ``channel``.
 
     ``message_id``, ``lane`` and ``platform_base_url`` are available to templates
-    under those names and take precedence over variables of the same name. So is
+    under those names and take precedence over variables of the same name, as
+    does the function ``platform_url`` (a variable of that name is dropped). So is
     ``ack_url``, the acknowledgement link of an alert; it is undefined for any other
     message (a producer's var of that name is dropped: only the dispatcher signs
     links).
     Raises :class:`~outbox.TemplateRenderError` for anything that prevents a valid
     message: vars nested deeper than :data:`~outbox.MAX_VARS_DEPTH`, unknown
     template, missing variable, a template error or a sandbox violation, output over
-    the channel's budget, MarkdownV2 that would not parse, a push payload too large.
+    the channel's budget, MarkdownV2 that would not parse, a push payload too large,
+    an SMS longer than ``sms_max_segments`` segments.
     """
-    if not isinstance(vars, Mapping):
+    if type(vars) is not dict and not isinstance(vars, Mapping):
         raise TemplateRenderError(f"{template} ({channel}): vars must be a JSON object")
     if vars_depth_exceeds(vars):
         raise TemplateRenderError(f"{template} ({channel}): {TOO_DEEP}")
@@ -148,13 +197,16 @@ def render(
         "lane": lane,
         "platform_base_url": platform_base_url,
     }
+    # platform_url() is the renderer's too: a var of that name never hides it (a
+    # call with a constant path is computed when the template is compiled anyway)
+    context.pop("platform_url", None)
     if ack_url is None:
         context.pop("ack_url", None)
     else:
         context["ack_url"] = ack_url
     try:
         catalog.validate(channel, template, vars)
-        envs = environments(catalog)
+        envs = environments(catalog, platform_base_url)
         if channel == "email":
             return _render_email(catalog, envs, template, context)
         if channel == "telegram":
@@ -163,6 +215,8 @@ def render(
             return _render_inapp(catalog, envs, template, context)
         if channel == "push":
             return _render_push(catalog, envs, template, context)
+        if channel == "sms":
+            return _render_sms(catalog, envs, template, context, sms_max_segments)
         return _render_text(catalog, envs, channel, template, context)
     except TemplateRenderError:
         raise
@@ -224,7 +278,7 @@ def _render_push(
         envs.push, catalog.files("push", template).main, context, limit=RENDER_OUTPUT_LIMITS["push"]
     )
     try:
-        payload = json.loads(raw)
+        payload = _decode_document(raw)
     except ValueError as error:
         raise TemplateRenderError(
             f"{template} (push): the template is not JSON: {error}"
@@ -238,14 +292,16 @@ def _render_push(
         # replaces the shown notification (outbox-sw.js), as the Topic replaces an
         # undelivered one at the push service. A template's own tag wins.
         payload["data"]["tag"] = topic
-    body = _COMPACT_JSON.encode(payload).encode("utf-8")
+    body = _compact_json(payload).encode("utf-8")
     if len(body) > PUSH_PAYLOAD_LIMIT:
         raise TemplateRenderError(
             f"{template} (push): the payload is {len(body)} bytes; Web Push allows at most"
             f" {PUSH_PAYLOAD_LIMIT} (shorten the variables or the template)"
         )
-    return RenderedPush(payload=payload, body=body, topic=topic)
+    return _build_push(payload=payload, body=body, topic=topic)
 
+
+_build_push = value_builder(RenderedPush)  # RenderedPush(...)
 
 INAPP_ITEM_LIMIT = PUSH_PAYLOAD_LIMIT
 """Bytes of an inbox item's JSON: a notification, not a document (the push budget)."""
@@ -302,6 +358,24 @@ def _render_text(
     return RenderedText(text=text)
 
 
+def _render_sms(
+    catalog: TemplateCatalog,
+    envs: Environments,
+    template: str,
+    context: Any,
+    max_segments: int,
+) -> RenderedSms:
+    text = _render_text(catalog, envs, "sms", template, context).text
+    cost = count_segments(text)
+    if cost.segments > max_segments or len(text) > SMS_TEXT_LIMIT:
+        raise TemplateRenderError(
+            f"{template} (sms): the text needs {cost.segments} segments ({cost.units}"
+            f" {cost.encoding} units), more than the {max_segments} allowed"
+            " (OUTBOX_SMS_MAX_SEGMENTS)"
+        )
+    return RenderedSms(text=text, encoding=cost.encoding, segments=cost.segments)
+
+
 def _push_problem(payload: object) -> str | None:
     """Describe what is wrong with a push payload's shape; None when nothing is."""
     if not isinstance(payload, dict):
@@ -329,9 +403,35 @@ def push_topic(template: str, vars: Mapping[str, Any]) -> str | None:
     keys = [[key, vars[key]] for key in TOPIC_KEYS if key in vars]
     if not keys:
         return None
-    material = json.dumps([template, keys], ensure_ascii=False, sort_keys=True, default=str)
+    # alerts about one instrument or ticket share their topic: text keys are remembered
+    # (only text: 1, 1.0 and True are equal keys of a dict, not equal JSON)
+    memo: tuple[str, ...] = (template,)
+    textual = True
+    for key, value in keys:
+        if type(value) is not str:
+            textual = False
+            break
+        memo += (key, value)
+    if textual and (found := _topics.get(memo)) is not None:
+        return found
+    material = _TOPIC_JSON.encode([template, keys])
     digest = hashlib.sha256(material.encode("utf-8")).digest()
-    return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
+    topic = base64.urlsafe_b64encode(digest[:24]).decode("ascii")
+    if textual:
+        if len(_topics) >= _TOPICS_KEPT:
+            _topics.clear()
+        _topics[memo] = topic
+    return topic
+
+
+_TOPICS_KEPT = 4096
+_topics: dict[tuple[str, ...], str] = {}
+"""Topics of recent (template, key texts); cleared when full."""
+
+
+RECENT_RENDERS = 256
+"""Renders a :class:`RenderCache` keeps before it knows they are asked for again:
+the messages of one fan-out are claimed together, well within this many."""
 
 
 class RenderCache:
@@ -341,17 +441,31 @@ class RenderCache:
     for every recipient; rendering is pure, so the result can be shared. The key is
     the channel, the template and ``vars_key`` (the text of the message's jsonb,
     which PostgreSQL writes in one canonical form), plus ``message_id`` and
-    ``lane`` when the template reads them. Failures are not cached. When full, the
-    cache starts over (cheaper than keeping an LRU order on every hit).
+    ``lane`` when the template reads them. Failures are not cached. A render is
+    kept among the last :data:`RECENT_RENDERS` first; asked for again, among
+    ``max_entries`` that were: the renders of messages with vars of their own (most
+    messages) are let go young, which spares the garbage collector. When full, each
+    starts over (cheaper than keeping an LRU order on every hit).
     """
 
     def __init__(
-        self, catalog: TemplateCatalog, *, platform_base_url: str, max_entries: int = 2048
+        self,
+        catalog: TemplateCatalog,
+        *,
+        platform_base_url: str,
+        max_entries: int = 2048,
+        sms_max_segments: int = DEFAULT_SMS_MAX_SEGMENTS,
     ) -> None:
         self.catalog = catalog
         self.platform_base_url = platform_base_url
+        self.sms_max_segments = sms_max_segments
         self.max_entries = max_entries
         self._rendered: dict[tuple[object, ...], Rendered] = {}
+        """Renders asked for more than once."""
+        self._recent: dict[tuple[object, ...], Rendered] = {}
+        """The latest renders asked for once: most vars are a single message's."""
+        self._context_used: dict[tuple[str, str], frozenset[str]] = {}
+        """(channel, template) -> the renderer's names it reads (see the key)."""
         self._offload = asyncio.Semaphore(OFFLOAD_CONCURRENCY)
         self.hits = 0
 
@@ -382,23 +496,15 @@ class RenderCache:
             except TemplateRenderError as error:
                 raise TemplateRenderError(f"{template} ({channel}): {error}") from None
             vars_key = None
-        uncached = functools.partial(
-            render,
-            self.catalog,
-            channel,
-            template,
-            vars,
-            message_id=message_id,
-            lane=lane,
-            platform_base_url=self.platform_base_url,
-            ack_url=ack_url,
-        )
         if vars_key is None or ack_url is not None:  # a link is for one message only
-            return uncached()
-        try:
-            used = self.catalog.variables(channel, template).context
-        except OutboxError as error:
-            raise TemplateRenderError(f"{template} ({channel}): {error}") from error
+            return self._render(channel, template, vars, message_id, lane, ack_url)
+        used = self._context_used.get((channel, template))
+        if used is None:
+            try:
+                used = self.catalog.variables(channel, template).context
+            except OutboxError as error:
+                raise TemplateRenderError(f"{template} ({channel}): {error}") from error
+            self._context_used[channel, template] = used
         key = (
             channel,
             template,
@@ -407,14 +513,39 @@ class RenderCache:
             lane if "lane" in used else None,
         )
         found = self._rendered.get(key)
+        if found is None and (found := self._recent.pop(key, None)) is not None:
+            if len(self._rendered) >= self.max_entries:  # rendered twice: worth keeping
+                self._rendered.clear()
+            self._rendered[key] = found
         if found is not None:
             self.hits += 1
             return found
-        found = uncached()
-        if len(self._rendered) >= self.max_entries:
-            self._rendered.clear()
-        self._rendered[key] = found
+        found = self._render(channel, template, vars, message_id, lane, None)
+        if len(self._recent) >= RECENT_RENDERS:
+            self._recent.clear()
+        self._recent[key] = found
         return found
+
+    def _render(
+        self,
+        channel: str,
+        template: str,
+        vars: Mapping[str, Any],
+        message_id: int,
+        lane: str,
+        ack_url: str | None,
+    ) -> Rendered:
+        return render(
+            self.catalog,
+            channel,
+            template,
+            vars,
+            message_id=message_id,
+            lane=lane,
+            platform_base_url=self.platform_base_url,
+            ack_url=ack_url,
+            sms_max_segments=self.sms_max_segments,
+        )
 
     async def render_async(
         self,

@@ -39,6 +39,16 @@ DEFAULT_PUSH_ALLOWED_HOSTS = (
 
 
 DEFAULT_API_PUBLIC_URL = "http://127.0.0.1:8000"
+DEFAULT_SMS_API_URL = "https://api.twilio.com"
+DEFAULT_SMS_MAX_SEGMENTS = 4
+"""Four segments: 612 GSM-7 characters or 268 UCS-2 code units, more than any
+built-in alert needs; a longer text is a template or producer bug that would bill
+the platform per segment."""
+MAX_SMS_SEGMENTS = 10
+"""Twilio refuses bodies over 1600 characters (10 segments of GSM-7)."""
+_TWILIO_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_TWILIO_MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 DEFAULT_ACK_LINK_TTL = 7 * 86400.0
 MAX_ACK_LINK_TTL = 90 * 86400.0
 """A link in a mailbox stays usable that long at most: past it, the alert is old news."""
@@ -273,6 +283,19 @@ class Settings:
     telegram_bot_token: Secret = field(default_factory=lambda: Secret(""))
     telegram_api_url: str = "https://api.telegram.org"
 
+    sms_api_url: str = DEFAULT_SMS_API_URL
+    """The Twilio REST API's base URL (a stand-in's in tests); no trailing slash."""
+    sms_account_sid: str = ""
+    sms_auth_token: Secret = field(default_factory=lambda: Secret(""))
+    """Signs Twilio's status callbacks too (the API verifies them with it)."""
+    sms_from: str = ""
+    """The sender: an E.164 number, or a Messaging Service SID (``MG`` + 32 hex)."""
+    sms_max_segments: int = DEFAULT_SMS_MAX_SEGMENTS
+    sms_timeout_seconds: float = 10.0
+
+    mailgun_webhook_signing_key: Secret = field(default_factory=lambda: Secret(""))
+    """Mailgun's HTTP webhook signing key: verifies the email bounce webhook."""
+
     vapid_private_key: Secret = field(default_factory=lambda: Secret(""))
     vapid_public_key: str = ""
     vapid_subject: str = "mailto:alerts@localhost"
@@ -290,6 +313,11 @@ class Settings:
     api_public_url: str = DEFAULT_API_PUBLIC_URL
     """Where recipients and providers reach the API (links in messages); no trailing
     slash."""
+    api_public_url_configured: bool | None = None
+    """Whether ``OUTBOX_API_PUBLIC_URL`` was set, rather than defaulted to loopback:
+    provider webhooks (Twilio's status callbacks) are only asked for, and only
+    accepted, at an address the operator named. None: decided from the URL (any
+    other than the default counts as set)."""
     ack_secret: Secret = field(default_factory=lambda: Secret(""))
     """Signs acknowledgement links; when empty, ``api_jwt_secret`` does (through a
     derived key, see :meth:`ack_signing_key`)."""
@@ -341,6 +369,10 @@ class Settings:
             raise ConfigurationError(f"OUTBOX_API_PUBLIC_URL is refused: {problem}")
         # frozen: the one normalisation, so every link is built on the same spelling
         object.__setattr__(self, "api_public_url", self.api_public_url.rstrip("/"))
+        if self.api_public_url_configured is None:
+            configured = self.api_public_url != DEFAULT_API_PUBLIC_URL
+            object.__setattr__(self, "api_public_url_configured", configured)
+        self._check_sms()
         if not (math.isfinite(self.ack_link_ttl) and 0 < self.ack_link_ttl <= MAX_ACK_LINK_TTL):
             raise ConfigurationError(
                 "OUTBOX_ACK_LINK_TTL must be positive seconds, at most"
@@ -352,6 +384,48 @@ class Settings:
                 f"OUTBOX_ACK_SECRET is {secret_bytes} bytes; at least {MIN_ACK_SECRET_BYTES}"
                 ' are required (e.g. python -c "import secrets; print(secrets.token_urlsafe(48))")'
             )
+
+    def _check_sms(self) -> None:
+        problem = public_url_problem(self.sms_api_url)
+        if problem is not None:
+            raise ConfigurationError(f"OUTBOX_SMS_API_URL is refused: {problem}")
+        api = urlsplit(self.sms_api_url)
+        if api.scheme.lower() == "http" and api.hostname not in ("127.0.0.1", "::1", "localhost"):
+            # basic auth carries the auth token: in the clear only on this machine
+            raise ConfigurationError(
+                "OUTBOX_SMS_API_URL must be https:// (http:// on loopback only)"
+            )
+        object.__setattr__(self, "sms_api_url", self.sms_api_url.rstrip("/"))
+        if self.sms_account_sid and not _TWILIO_ACCOUNT_SID.match(self.sms_account_sid):
+            raise ConfigurationError(
+                "OUTBOX_SMS_ACCOUNT_SID must be a Twilio account SID: AC and 32 hex digits"
+            )
+        if self.sms_from and not (
+            _E164.match(self.sms_from) or _TWILIO_MESSAGING_SERVICE_SID.match(self.sms_from)
+        ):
+            raise ConfigurationError(
+                "OUTBOX_SMS_FROM must be an E.164 number (+ and 7 to 15 digits) or a"
+                f" Messaging Service SID (MG and 32 hex digits), not {self.sms_from!r}"
+            )
+        if not 1 <= self.sms_max_segments <= MAX_SMS_SEGMENTS:
+            raise ConfigurationError(
+                f"OUTBOX_SMS_MAX_SEGMENTS must be 1 to {MAX_SMS_SEGMENTS},"
+                f" not {self.sms_max_segments}"
+            )
+        if not (math.isfinite(self.sms_timeout_seconds) and self.sms_timeout_seconds > 0):
+            raise ConfigurationError("OUTBOX_SMS_TIMEOUT_SECONDS must be positive")
+
+    @property
+    def sms_configured(self) -> bool:
+        """Whether the SMS channel has an account, a token and a sender."""
+        return bool(self.sms_account_sid and self.sms_auth_token and self.sms_from)
+
+    @property
+    def sms_status_callback_url(self) -> str | None:
+        """Where Twilio posts delivery reports, or None without a configured public URL."""
+        if not self.api_public_url_configured:
+            return None
+        return f"{self.api_public_url}/api/v1/webhooks/sms"
 
     @property
     def allowed_senders(self) -> tuple[str, ...]:
@@ -409,6 +483,13 @@ class Settings:
             telegram_api_url=(get("OUTBOX_TELEGRAM_API_URL") or "https://api.telegram.org").rstrip(
                 "/"
             ),
+            sms_api_url=(get("OUTBOX_SMS_API_URL") or "").strip() or DEFAULT_SMS_API_URL,
+            sms_account_sid=(get("OUTBOX_SMS_ACCOUNT_SID") or "").strip(),
+            sms_auth_token=Secret(get("OUTBOX_SMS_AUTH_TOKEN") or ""),
+            sms_from=(get("OUTBOX_SMS_FROM") or "").strip(),
+            sms_max_segments=_int(env, "OUTBOX_SMS_MAX_SEGMENTS", DEFAULT_SMS_MAX_SEGMENTS, 1),
+            sms_timeout_seconds=_float(env, "OUTBOX_SMS_TIMEOUT_SECONDS", 10.0, 0.1),
+            mailgun_webhook_signing_key=Secret(get("OUTBOX_MAILGUN_WEBHOOK_SIGNING_KEY") or ""),
             vapid_private_key=Secret(get("OUTBOX_VAPID_PRIVATE_KEY") or ""),
             vapid_public_key=get("OUTBOX_VAPID_PUBLIC_KEY") or "",
             vapid_subject=get("OUTBOX_VAPID_SUBJECT") or "mailto:alerts@localhost",
@@ -425,6 +506,7 @@ class Settings:
             ).rstrip("/"),
             # validated and stripped of a trailing slash in __post_init__
             api_public_url=(get("OUTBOX_API_PUBLIC_URL") or "").strip() or DEFAULT_API_PUBLIC_URL,
+            api_public_url_configured=bool((get("OUTBOX_API_PUBLIC_URL") or "").strip()),
             ack_secret=Secret(get("OUTBOX_ACK_SECRET") or ""),
             ack_link_ttl=_float(env, "OUTBOX_ACK_LINK_TTL", DEFAULT_ACK_LINK_TTL),
             retry_delays=_delays(get("OUTBOX_RETRY_DELAYS") or "1,2,4,8,16"),

@@ -32,15 +32,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from json.encoder import encode_basestring
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound, meta
+from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound, meta, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import pass_context
+from jinja2.visitor import NodeTransformer
 
 from outbox._errors import (
     ConfigurationError,
@@ -97,6 +99,81 @@ def platform_url(context: Context, path: str = "/") -> str:
     if not isinstance(base, str) or not base:
         raise TemplateError("platform_url() needs platform_base_url from the renderer")
     return base.rstrip("/") + "/" + str(path).lstrip("/")
+
+
+_RENDERER_NAMES = frozenset({"platform_url", "platform_base_url"})
+"""Names a template must not assign for its ``platform_url`` calls to be folded."""
+
+
+class _FoldPlatformUrls(NodeTransformer):
+    """Replaces ``platform_url('<constant>')`` with the URL it returns for one base URL.
+
+    A call inside a macro or a ``{% call %}`` block is left alone: a macro imported
+    without context cannot see the base URL, and must go on failing the same way.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
+        return node
+
+    def visit_CallBlock(self, node: nodes.CallBlock) -> nodes.Node:
+        return node
+
+    def visit_Call(self, node: nodes.Call) -> nodes.Node:
+        if (
+            isinstance(node.node, nodes.Name)
+            and node.node.name == "platform_url"
+            and len(node.args) == 1
+            and isinstance(node.args[0], nodes.Const)
+            and type(node.args[0].value) is str
+            and not (node.kwargs or node.dyn_args or node.dyn_kwargs)
+        ):
+            url = self.base.rstrip("/") + "/" + node.args[0].value.lstrip("/")
+            return nodes.Const(url, lineno=node.lineno)
+        return self.generic_visit(node)
+
+
+def _assigns_renderer_names(tree: nodes.Template) -> bool:
+    """Whether the template binds ``platform_url`` or ``platform_base_url`` itself."""
+    for name in tree.find_all(nodes.Name):
+        if name.ctx != "load" and name.name in _RENDERER_NAMES:
+            return True
+    for macro in tree.find_all(nodes.Macro):
+        if macro.name in _RENDERER_NAMES:
+            return True
+    for imported in tree.find_all(nodes.Import):
+        if imported.target in _RENDERER_NAMES:
+            return True
+    for from_import in tree.find_all(nodes.FromImport):
+        for imported_name in from_import.names:
+            alias = imported_name if isinstance(imported_name, str) else imported_name[1]
+            if alias in _RENDERER_NAMES:
+                return True
+    return False
+
+
+class _RendererEnvironment(ImmutableSandboxedEnvironment):
+    """The renderer's environment for one ``platform_base_url``.
+
+    A call ``platform_url('/a/constant/path')`` returns the same URL for every
+    message, so it is computed once, when the template is compiled (and, being a
+    constant, escaped for the channel then too), instead of going through the
+    sandbox's call checks on every render. Any other call is made as before.
+    """
+
+    def __init__(self, *, platform_base_url: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.platform_base_url = platform_base_url
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        if _assigns_renderer_names(tree):
+            return tree
+        folded = _FoldPlatformUrls(self.platform_base_url).visit(tree)
+        assert isinstance(folded, nodes.Template)
+        return folded
 
 
 class _CatalogLoader(BaseLoader):
@@ -215,26 +292,48 @@ class TemplateCatalog:
         autoescape: bool = False,
         finalize: Callable[[object], object] | None = None,
         filters: Mapping[str, Callable[..., Any]] | None = None,
+        platform_base_url: str | None = None,
+        json_strings: bool = False,
     ) -> ImmutableSandboxedEnvironment:
         """Build a sandboxed, strict environment over this catalog's folders.
 
         Every ``{{ ... }}`` output goes through :func:`format_value`, then through
-        ``finalize`` (a channel's escaping). Whitespace handling is Jinja's default
+        ``finalize`` (a channel's escaping); with ``json_strings``, through the
+        escaping of the inside of a JSON string literal (as ``json.dumps`` writes it;
+        ``finalize`` is then not used). Whitespace handling is Jinja's default
         (no ``trim_blocks``): in Telegram text a line break after ``{% endif %}``
         is kept; use ``{%- ... -%}`` to remove whitespace on purpose.
+
+        With ``platform_base_url`` (a renderer's), ``platform_url('<a constant>')``
+        is computed when a template is compiled, for that base URL (a template
+        that assigns ``platform_url`` or ``platform_base_url`` itself is compiled
+        as written); the renderer then passes the same base URL to every render.
         """
         channel_finalize = finalize
 
-        def finalize_output(value: object) -> object:
-            shown = value if type(value) is str else format_value(value)
-            return channel_finalize(shown) if channel_finalize is not None else shown
+        if json_strings:  # one call per output: a push message has a dozen of them
 
-        env = ImmutableSandboxedEnvironment(
-            loader=self._loader,
-            undefined=StrictUndefined,
-            autoescape=autoescape,
-            finalize=finalize_output,
-            auto_reload=False,
+            def finalize_output(value: object) -> object:
+                shown = value if type(value) is str else str(format_value(value))
+                return encode_basestring(shown)[1:-1]
+
+        else:
+
+            def finalize_output(value: object) -> object:
+                shown = value if type(value) is str else format_value(value)
+                return channel_finalize(shown) if channel_finalize is not None else shown
+
+        options: dict[str, Any] = {
+            "loader": self._loader,
+            "undefined": StrictUndefined,
+            "autoescape": autoescape,
+            "finalize": finalize_output,
+            "auto_reload": False,
+        }
+        env = (
+            _RendererEnvironment(platform_base_url=platform_base_url, **options)
+            if platform_base_url  # empty: platform_url() fails at render, as it should
+            else ImmutableSandboxedEnvironment(**options)
         )
         env.filters["path_segment"] = path_segment
         env.filters.update(filters or {})
@@ -295,11 +394,11 @@ class TemplateCatalog:
         required variable absent from ``vars`` (the names the renderer provides
         itself never count). Touches no database.
         """
-        if not isinstance(vars, Mapping):
+        if type(vars) is not dict and not isinstance(vars, Mapping):
             raise InvalidMessage(f"vars must be a mapping, not {type(vars).__name__}")
-        missing = self.variables(channel, template).required - vars.keys()
-        if missing:
-            raise MissingTemplateVariables(channel, template, missing)
+        required = self.variables(channel, template).required
+        if not vars.keys() >= required:
+            raise MissingTemplateVariables(channel, template, required - vars.keys())
 
     def _analyse(self, loader_names: Iterable[str]) -> TemplateVariables:
         required: set[str] = set()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-ChannelName = Literal["email", "telegram", "push", "inapp"]
-CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push", "inapp")
-"""The built-in delivery channels (plugins may register more). ``outbox_0010`` seeds
-``sms`` in the database already; it joins this list with its channel module."""
+ChannelName = Literal["email", "telegram", "push", "inapp", "sms"]
+CHANNELS: tuple[ChannelName, ...] = ("email", "telegram", "push", "inapp", "sms")
+"""The built-in delivery channels, the rows ``outbox_0010`` seeds (plugins may
+register more)."""
 
 CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 """What a channel name may be (``outbox.channel``'s check): it names a template

@@ -716,3 +716,14 @@ WITH closed AS (
 SELECT EXISTS (SELECT 1 FROM outbox.channel_state
                 WHERE channel = %(channel)s AND failures > 0)
        AND NOT EXISTS (SELECT 1 FROM closed)
+
+-- api_sms_delivery_report --
+-- A verified Twilio status callback: log delivered/undelivered for the message sent
+-- with that SID (idempotent; NULL when no message was); permanent marks the number.
+SELECT outbox.record_delivery_report('sms', %(provider_id)s, %(delivered)s, %(error_code)s,
+                                     %(permanent)s)
+
+-- api_email_bounce --
+-- A verified bounce or complaint from the mail provider: mark every user with that
+-- address undeliverable on email (how many were marked; 0 when repeated).
+SELECT outbox.mark_address_undeliverable('email', %(address)s, %(reason)s)

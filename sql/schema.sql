@@ -131,12 +131,17 @@ ALTER TABLE outbox.message SET (
 -- it, and no later enqueue can shorten, reset or take over the key before then.
 -- ---------------------------------------------------------------------------
 CREATE TABLE outbox.idempotency_key (
-    key        text        PRIMARY KEY,
+    key        text        NOT NULL,
     message_id bigint      NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL,
+    -- the login role that used the key: keys are per producer (outbox_0011)
+    producer   oid         NOT NULL,
+    CONSTRAINT idempotency_key_pkey PRIMARY KEY (producer, key),
     CONSTRAINT idempotency_key_length CHECK (key <> '' AND length(key) <= 255)
 );
+COMMENT ON COLUMN outbox.idempotency_key.producer IS
+    'The login role that used the key (its oid, as outbox.message.enqueued_by): keys are per producer';
 CREATE INDEX idempotency_key_expires_idx ON outbox.idempotency_key (expires_at);
 
 -- ---------------------------------------------------------------------------
@@ -498,9 +503,13 @@ BEGIN
     END IF;
 
     IF enqueue.idempotency_key IS NOT NULL THEN
+        -- Keys belong to the producer (the login role) that used them: another team
+        -- cannot take a key first and so swallow this one's message, nor learn the id
+        -- of a message it did not write.
+        v_producer := to_regrole(quote_ident(session_user));
         SELECT k.message_id INTO v_existing
           FROM outbox.idempotency_key k
-         WHERE k.key = enqueue.idempotency_key
+         WHERE k.producer = v_producer AND k.key = enqueue.idempotency_key
            AND k.expires_at > now();
         IF FOUND THEN
             -- a repeat is checked like a first call (only repeats pay this probe)
@@ -516,7 +525,7 @@ BEGIN
         -- A newer message withdraws the pending ones it collapses with: same user, same
         -- key, same producer (the login role: one team cannot withdraw another's
         -- alerts by guessing a key). Never one in flight, already sent or dead.
-        v_producer := to_regrole(quote_ident(session_user));
+        v_producer := coalesce(v_producer, to_regrole(quote_ident(session_user)));
         WITH gone AS (
             DELETE FROM outbox.message m
              WHERE m.user_id = enqueue.user_id AND m.collapse_key = enqueue.collapse_key
@@ -553,9 +562,9 @@ BEGIN
         -- the unique index makes us wait for it, and then the first one wins. A key
         -- is taken over only once its own window has passed: the caller's window
         -- counts for a new key, never against one that is still in force.
-        INSERT INTO outbox.idempotency_key AS k (key, message_id, expires_at)
-        VALUES (enqueue.idempotency_key, v_id, now() + v_window)
-        ON CONFLICT (key) DO UPDATE
+        INSERT INTO outbox.idempotency_key AS k (key, message_id, expires_at, producer)
+        VALUES (enqueue.idempotency_key, v_id, now() + v_window, v_producer)
+        ON CONFLICT (producer, key) DO UPDATE
             SET message_id = excluded.message_id, created_at = now(),
                 expires_at = excluded.expires_at
             WHERE k.expires_at <= now()
@@ -563,7 +572,8 @@ BEGIN
         IF v_existing IS NULL THEN
             DELETE FROM outbox.message m WHERE m.id = v_id;
             SELECT k.message_id INTO v_existing
-              FROM outbox.idempotency_key k WHERE k.key = enqueue.idempotency_key;
+              FROM outbox.idempotency_key k
+             WHERE k.producer = v_producer AND k.key = enqueue.idempotency_key;
             RETURN v_existing;
         END IF;
     END IF;

@@ -1,5 +1,6 @@
-"""Run the three loopback servers until Ctrl-C: ``python -m outbox.testing``.
+"""Run the loopback servers until Ctrl-C: ``python -m outbox.testing``.
 
+SMTP, the Telegram Bot API, Web Push and Twilio (HTTPS with the throwaway CA).
 Prints the ``OUTBOX_*`` variables that point a dispatcher at them, then a line for
 every message the servers accept.
 """
@@ -12,6 +13,8 @@ from outbox.testing.fixtures import SENDER, TELEGRAM_TOKEN
 from outbox.testing.push import PushServer, VapidKeys
 from outbox.testing.smtp import SmtpServer
 from outbox.testing.telegram import TelegramServer
+from outbox.testing.tls import loopback_certificate
+from outbox.testing.twilio import TwilioServer
 
 
 def main() -> None:
@@ -21,6 +24,7 @@ def main() -> None:
         SmtpServer() as smtp,
         TelegramServer(token=TELEGRAM_TOKEN) as telegram,
         PushServer() as push,
+        TwilioServer(tls=True) as twilio,
     ):
         browser = push.subscribe(application_server_key=keys.public_raw)
         print(f"OUTBOX_SMTP_HOST={smtp.host}")
@@ -31,20 +35,29 @@ def main() -> None:
         print(f"OUTBOX_VAPID_PRIVATE_KEY={keys.private_raw}")
         print(f"OUTBOX_VAPID_PUBLIC_KEY={keys.public_raw}")
         print(f"OUTBOX_PUSH_ALLOWED_HOSTS={push.host}")
-        print("OUTBOX_CHANNEL_PLUGINS=push=outbox.testing.plugins:push_channel")
+        for name, value in twilio.environment().items():
+            print(f"{name}={value}")
+        print(
+            "OUTBOX_CHANNEL_PLUGINS=push=outbox.testing.plugins:push_channel,"
+            "sms=outbox.testing.plugins:sms_channel"
+        )
+        print(f"OUTBOX_TEST_TLS_DIR={loopback_certificate().directory}")
         print(f"# a push subscription: {browser.info}")
-        seen = (0, 0, 0)
+        seen = (0, 0, 0, 0)
         try:
             while True:
                 time.sleep(0.5)
                 mails, chats, pushes = smtp.messages, telegram.messages, push.messages
+                texts = twilio.messages
                 for mail in mails[seen[0] :]:
                     print(f"email    {mail.rcpt_tos[0]}: {mail.message['Subject']}")
                 for chat in chats[seen[1] :]:
                     print(f"telegram {chat.chat_id}: {chat.plain_text[:70]!r}")
                 for received in pushes[seen[2] :]:
                     print(f"push     {received.json().get('title')!r}")
-                seen = (len(mails), len(chats), len(pushes))
+                for text in texts[seen[3] :]:
+                    print(f"sms      {text.to}: {text.body[:70]!r}")
+                seen = (len(mails), len(chats), len(pushes), len(texts))
         except KeyboardInterrupt:
             pass
 

@@ -14,6 +14,7 @@ from outbox.dispatcher.channels.base import (
     Rendered,
     RenderedEmail,
     RenderedPush,
+    RenderedSms,
     RenderedTelegram,
 )
 from outbox.vocabulary import ChannelName, LaneName
@@ -85,6 +86,29 @@ def push_envelope(
         "price_alert",
         Recipient(user_id="u1", push_subscriptions=tuple(subscriptions)),
         RenderedPush(payload=payload, body=body, topic=topic),
+        message_id=message_id,
+        lane=lane,
+        attempt=attempt,
+    )
+
+
+def sms_envelope(
+    number: str | None = "+15005550006",
+    text: str = "URGENT: the stop loss on your BUY EURUSD position could not be closed.",
+    *,
+    message_id: int | None = None,
+    lane: Lane = "transactional",
+    attempt: int = 1,
+) -> Envelope:
+    """An SMS envelope for user ``u1``; segments are counted as the renderer does."""
+    from outbox.dispatcher.sms_text import count_segments
+
+    cost = count_segments(text)
+    return _envelope(
+        "sms",
+        "position_failure_sl",
+        Recipient(user_id="u1", addresses={} if number is None else {"sms": number}),
+        RenderedSms(text=text, encoding=cost.encoding, segments=cost.segments),
         message_id=message_id,
         lane=lane,
         attempt=attempt,

@@ -2,7 +2,7 @@
 
 ::
 
-    env = dispatcher_environment(smtp=smtp, telegram=telegram, vapid=keys)
+    env = dispatcher_environment(smtp=smtp, telegram=telegram, vapid=keys, twilio=twilio)
     spawn_dispatcher(**env)
 
 The subprocess builds its channels through :mod:`outbox.testing.plugins` (the
@@ -16,10 +16,11 @@ from outbox.testing.push import VapidKeys
 from outbox.testing.smtp import SmtpServer
 from outbox.testing.telegram import TelegramServer
 from outbox.testing.tls import shared_environment
+from outbox.testing.twilio import TwilioServer
 
 PLUGINS = ",".join(
     f"{channel}=outbox.testing.plugins:{channel}_channel"
-    for channel in ("email", "telegram", "push")
+    for channel in ("email", "telegram", "push", "sms")
 )
 VAPID_SUBJECT = "mailto:ops@outbox.test"
 
@@ -32,6 +33,7 @@ def dispatcher_environment(
     telegram: TelegramServer | None = None,
     vapid: VapidKeys | None = None,
     push_allowed_hosts: tuple[str, ...] = ("127.0.0.1",),
+    twilio: TwilioServer | None = None,
 ) -> dict[str, str]:
     """Environment for ``outbox dispatch`` delivering to the given servers."""
     env = {
@@ -58,6 +60,8 @@ def dispatcher_environment(
             "OUTBOX_TELEGRAM_BOT_TOKEN": telegram.token,
             "OUTBOX_TELEGRAM_API_URL": telegram.url,
         }
+    if twilio is not None:
+        env |= twilio.environment()
     if vapid is not None:
         env |= {
             "OUTBOX_VAPID_PRIVATE_KEY": vapid.private_raw,

@@ -5,7 +5,8 @@ settings alone, so it cannot be handed a test certificate or the permission to u
 ``http://`` push endpoints. Point it at these factories instead::
 
     OUTBOX_CHANNEL_PLUGINS="email=outbox.testing.plugins:email_channel,\
-telegram=outbox.testing.plugins:telegram_channel,push=outbox.testing.plugins:push_channel"
+telegram=outbox.testing.plugins:telegram_channel,push=outbox.testing.plugins:push_channel,\
+sms=outbox.testing.plugins:sms_channel"
 
 Each one is the production channel with one loopback-only difference: TLS trusts the
 throwaway CA of :mod:`outbox.testing.tls` (and nothing else), and push accepts
@@ -24,6 +25,7 @@ import httpx
 from outbox._settings import Settings
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.sms import SmsChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
 from outbox.testing.chat import ChatChannel
 from outbox.testing.tls import client_context
@@ -46,6 +48,11 @@ def push_channel(settings: Settings) -> PushChannel:
         transport=httpx.AsyncHTTPTransport(verify=client_context()),
         allow_insecure_http=True,
     )
+
+
+def sms_channel(settings: Settings) -> SmsChannel:
+    """The production SMS channel, trusting the loopback CA (the Twilio stand-in)."""
+    return SmsChannel(settings, transport=httpx.AsyncHTTPTransport(verify=client_context()))
 
 
 def chat_channel(settings: Settings) -> ChatChannel:

@@ -1,4 +1,4 @@
-"""Delivery channels: email (SMTP), Telegram (Bot API), Web Push and the in-app inbox.
+"""Delivery channels: email (SMTP), Telegram (Bot API), Web Push, SMS (Twilio), in-app.
 
 :func:`build_channels` builds the configured ones. A deployment can replace a
 channel with its own implementation of :class:`~outbox.dispatcher.channels.base.Channel`,
@@ -59,6 +59,10 @@ def build_channels(
         from outbox.dispatcher.channels.push import PushChannel
 
         channels["push"] = PushChannel(settings)
+    if "sms" not in channels:
+        from outbox.dispatcher.channels.sms import SmsChannel
+
+        channels["sms"] = SmsChannel(settings)
     if "inapp" not in channels:
         from outbox.dispatcher.channels.inapp import InAppChannel
 

@@ -81,7 +81,23 @@ class RenderedText:
     text: str
 
 
-Rendered = RenderedEmail | RenderedTelegram | RenderedPush | RenderedInApp | RenderedText
+@dataclass(frozen=True, kw_only=True)
+class RenderedSms:
+    """An SMS body from ``sms/<name>.txt.j2``, with what it costs to send.
+
+    ``segments`` is at most the configured cap (``OUTBOX_SMS_MAX_SEGMENTS``): a
+    longer text is a render error, never a surprise on the bill.
+    """
+
+    text: str
+    encoding: str
+    """``GSM-7`` or ``UCS-2`` (:mod:`outbox.dispatcher.sms_text`)."""
+    segments: int
+
+
+Rendered = (
+    RenderedEmail | RenderedTelegram | RenderedPush | RenderedInApp | RenderedText | RenderedSms
+)
 
 
 # --- recipients ---------------------------------------------------------------

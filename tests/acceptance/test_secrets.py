@@ -1,15 +1,17 @@
 """No secret leaks: a full run with distinctive secrets, then grep everything.
 
-The SMTP password, the bot token, the VAPID private key and the JWT secret are set
-to distinctive values. A dispatcher subprocess (debug logging, metrics port) and
-the API subprocess run against real loopback servers through successes and
-failures: sent messages, an SMTP 550, an SMTP login refused after the password
-changed on the server, Telegram 500 and "chat not found", an expired push
-subscription, API calls with good, forged and missing tokens. Then every place a
-secret could end up is searched for each secret and its encodings: both processes'
-output, the CLI's output, the API's answers, every row of ``outbox.attempt``,
-``outbox.message``, ``outbox.channel_state`` and the dead letters, and the metrics
-of both processes.
+The SMTP password, the bot token, the VAPID private key, the JWT secret, the Twilio
+auth token and the Mailgun webhook signing key are set to distinctive values. A
+dispatcher subprocess (debug logging, metrics port) and the API subprocess run
+against real loopback servers through successes and failures: sent messages, an
+SMTP 550, an SMTP login refused after the password changed on the server, Telegram
+500 and "chat not found", an expired push subscription, an SMS sent through the
+Twilio stand-in (with its signed status callbacks) and one refused as an invalid
+number, API calls with good, forged and missing tokens, forged webhooks. Then every
+place a secret could end up is searched for each secret and its encodings: both
+processes' output, the CLI's output, the API's answers, every row of
+``outbox.attempt``, ``outbox.message``, ``outbox.channel_state`` and the dead
+letters, and the metrics of both processes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from outbox.testing.push import PushServer, VapidKeys
 from outbox.testing.smtp import SmtpServer
 from outbox.testing.telegram import TelegramServer
 from outbox.testing.tls import loopback_certificate
+from outbox.testing.twilio import TwilioServer, twilio_signature
 from tests.acceptance.conftest import ROOT, wait_until
 from tests.support.pg_cluster import free_port
 
@@ -42,6 +45,8 @@ SMTP_USER = "outbox-mailer"
 SMTP_PASSWORD = "smtp-Pw-7f3a9c1e-NEVER-SHOW"
 BOT_TOKEN = "987654321:AAH-botToken-Zq8x7w6v5u4t3s2r1p0o"
 JWT_SECRET = "jwt-Signing-Key-4e5f6a7b8c9d0e1f-NEVER-SHOW"
+TWILIO_TOKEN = "twilio-AuthToken-9a8b7c6d5e4f-NEVER-SHOW"
+MAILGUN_KEY = "mailgun-SigningKey-1a2b3c4d5e6f-NEVER-SHOW"
 SENDER = "alerts@outbox.test"
 ALERT = {
     "instrument": "EURUSD",
@@ -78,6 +83,12 @@ def servers(tmp_path: Path) -> Iterator[tuple[SmtpServer, TelegramServer, PushSe
         push.stop()
 
 
+@pytest.fixture
+def twilio() -> Iterator[TwilioServer]:
+    with TwilioServer(auth_token=TWILIO_TOKEN, tls=True) as server:
+        yield server
+
+
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen([OUTBOX, *args], env=env, cwd=ROOT, stdout=out, stderr=out)
@@ -103,6 +114,7 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
     database_url: str,
     admin: psycopg.Connection[Any],
     servers: tuple[SmtpServer, TelegramServer, PushServer],
+    twilio: TwilioServer,
     tmp_path: Path,
 ) -> None:
     smtp, telegram, push = servers
@@ -112,7 +124,11 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
         "bot token": BOT_TOKEN,
         "VAPID private key": keys.private_raw,
         "JWT secret": JWT_SECRET,
+        "Twilio auth token": TWILIO_TOKEN,
+        "Mailgun signing key": MAILGUN_KEY,
     }
+    metrics_port, api_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -136,7 +152,12 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
         "OUTBOX_POLL_INTERVAL": "0.2",
         # plain SMTP (AUTH allowed) and Telegram on loopback; push over TLS with the test CA
         "OUTBOX_TEST_CA_FILE": str(loopback_certificate().ca_file),
-        "OUTBOX_CHANNEL_PLUGINS": "push=tests.support.ca_plugins:push_channel",
+        "OUTBOX_CHANNEL_PLUGINS": (
+            "push=tests.support.ca_plugins:push_channel,sms=tests.support.ca_plugins:sms_channel"
+        ),
+        **twilio.environment(),
+        "OUTBOX_API_PUBLIC_URL": api_url,  # Twilio's status callbacks come to the API
+        "OUTBOX_MAILGUN_WEBHOOK_SIGNING_KEY": MAILGUN_KEY,
     }
     good = push.subscribe(application_server_key=keys.public_raw)
     gone = push.subscribe(application_server_key=keys.public_raw)
@@ -147,6 +168,9 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
     outbox.upsert_recipient(admin, "good", email="good@example.com", telegram_chat_id=100)
     outbox.upsert_recipient(admin, "bounce", email="bounce@example.com", telegram_chat_id=500)
     outbox.upsert_recipient(admin, "lost", telegram_chat_id=404)
+    outbox.upsert_recipient(admin, "texted", phone="+447700900001")
+    outbox.upsert_recipient(admin, "wrong", phone="+447700900002")
+    twilio.invalid_number("+447700900002")
     outbox.add_push_subscription(admin, "good", good.info)
     outbox.add_push_subscription(admin, "lost", gone.info)
     for user, channel in [
@@ -157,16 +181,19 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
         ("bounce", "telegram"),
         ("lost", "telegram"),
         ("lost", "push"),
+        ("texted", "sms"),
+        ("wrong", "sms"),
     ]:
         outbox.enqueue(
             admin, user_id=user, channel=channel, template="price_alert", vars=ALERT, fallback=[]
         )
 
-    metrics_port, api_port = free_port(), free_port()
+    # the API first: Twilio's status callbacks are not retried
+    api = start(["-v", "api", "--port", str(api_port)], env, tmp_path / "api.log")
+    wait_until(lambda: _get(f"{api_url}/health") == 200, 30, "the API")
     dispatcher = start(
         ["-v", "dispatch", "--metrics-port", str(metrics_port)], env, tmp_path / "dispatcher.log"
     )
-    api = start(["-v", "api", "--port", str(api_port)], env, tmp_path / "api.log")
     answers: list[str] = []
     try:
         wait_until(
@@ -194,8 +221,34 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
             "a refused SMTP login",
         )
 
-        api_url = f"http://127.0.0.1:{api_port}"
         wait_until(lambda: _get(f"{api_url}/health") == 200, 30, "the API")
+        webhook_answers: list[str] = []
+        # Twilio's signed callbacks reach the API; forged webhooks of both kinds do not
+        [texted] = twilio.wait_for_callbacks(2, timeout=30)[-1:]
+        assert texted.status == 204, twilio.callbacks
+        callback_url = f"{api_url}/api/v1/webhooks/sms"
+        form = {"MessageSid": texted.message_sid, "MessageStatus": "undelivered"}
+        for signature in ("", twilio_signature(callback_url, form, "a-guessed-token")):
+            response = httpx.post(
+                callback_url, data=form, headers={"X-Twilio-Signature": signature}, timeout=10
+            )
+            webhook_answers.append(f"{response.status_code} {response.headers} {response.text}")
+            assert response.status_code == 403
+        bounce = {
+            "signature": {
+                "timestamp": str(int(time.time())),
+                "token": "t" * 50,
+                "signature": "0" * 64,
+            },
+            "event-data": {
+                "event": "failed",
+                "severity": "permanent",
+                "recipient": "good@example.com",
+            },
+        }
+        response = httpx.post(f"{api_url}/api/v1/webhooks/email/mailgun", json=bounce, timeout=10)
+        webhook_answers.append(f"{response.status_code} {response.headers} {response.text}")
+        assert response.status_code == 403
         body = {
             "user_id": "good",
             "channel": "telegram",
@@ -214,6 +267,7 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
             answers.append(f"{response.status_code} {response.headers} {response.text}")
         statuses = [int(a.split()[0]) for a in answers]
         assert statuses == [200, 401, 403, 401], answers
+        answers += webhook_answers
         telegram.fail(100, 500, times=None)  # the API's provider error text, too
         response = httpx.post(
             f"{api_url}/api/v1/messaging/test",
@@ -276,7 +330,14 @@ def test_no_secret_appears_in_logs_errors_rows_or_metrics_over_a_full_run(
     }
     # the run did exercise the failure paths whose texts we search
     classes = {r[0] for r in admin.execute("SELECT DISTINCT error_class FROM outbox.attempt")}
-    assert {"smtp_5xx", "smtp_auth", "telegram_5xx", "telegram_chat_not_found"} <= classes
+    assert {
+        "smtp_5xx",
+        "smtp_auth",
+        "telegram_5xx",
+        "telegram_chat_not_found",
+        "sms_invalid_number",
+    } <= classes
+    assert len(twilio.messages) == 1
     assert len(smtp.messages) >= 1 and len(push.messages) == 1
     assert "DEBUG" in places["dispatcher output"], "the dispatcher did not log at debug level"
     leaks = [

@@ -20,12 +20,14 @@ from outbox._settings import Secret, Settings
 from outbox.api import create_app
 from outbox.dispatcher.channels.email import EmailChannel
 from outbox.dispatcher.channels.push import PushChannel
+from outbox.dispatcher.channels.sms import SmsChannel
 from outbox.dispatcher.channels.telegram import TelegramChannel
 from outbox.testing import fixtures as server_fixtures
 from outbox.testing.fixtures import SMTP_PASSWORD, TELEGRAM_TOKEN
 from outbox.testing.push import PushServer, VapidKeys
 from outbox.testing.smtp import SmtpServer
 from outbox.testing.telegram import TelegramServer
+from outbox.testing.twilio import TwilioServer
 
 # the loopback servers' fixtures, visible to this module's tests
 loopback_settings = server_fixtures.loopback_settings
@@ -145,6 +147,31 @@ async def test_an_owner_sends_a_telegram_message_now(
     assert response.status_code == 200, response.text
     [message] = telegram_server.messages
     assert str(message.chat_id) == "4242" and "EURUSD" in message.plain_text
+
+
+async def test_an_owner_sends_an_sms_now_through_twilio(
+    settings: Settings, users: None, admin: psycopg.Connection[Any]
+) -> None:
+    admin.execute("SELECT outbox.set_address('u1', 'sms', '+447700900123')")
+    with TwilioServer(tls=True) as twilio:
+
+        def channels(settings: Settings) -> dict[str, SmsChannel]:
+            transport = httpx.AsyncHTTPTransport(verify=twilio.client_tls_context())
+            configured = replace(settings, **twilio.settings_overrides())
+            return {"sms": SmsChannel(configured, transport=transport)}
+
+        async with client_for(create_app(settings, channel_factory=channels)) as client:
+            response = await client.post(URL, json=body(channel="sms"), headers=bearer())
+
+    assert response.status_code == 200, response.text
+    [sms] = twilio.messages
+    assert sms.to == "+447700900123"
+    assert sms.body.startswith("Manual trade entry required: the approved BUY EURUSD trade")
+    assert sms.status_callback is None  # no public URL configured: no report asked for
+    message_id = response.json()["message_id"]
+    assert attempts(admin) == [
+        (message_id, "sms", "u1", "position_failure_entry", "sent", None, True)
+    ]
 
 
 async def test_an_owner_sends_a_web_push_now(
@@ -301,7 +328,7 @@ async def test_an_undeliverable_email_address_counts_as_no_address(
     "payload",
     [
         pytest.param({k: v for k, v in body().items() if k != "template_vars"}, id="missing"),
-        pytest.param(body(channel="sms"), id="unknown channel"),
+        pytest.param(body(channel="fax"), id="unknown channel"),
         pytest.param({**body(), "template_vars": ["not", "an", "object"]}, id="vars not object"),
         pytest.param({**body(), "user_id": ""}, id="empty user id"),
     ],
@@ -313,6 +340,13 @@ async def test_a_body_that_fails_the_schema_gets_422(
     response = await client.post(URL, json=payload, headers=bearer())
 
     assert response.status_code == 422, response.text
+
+
+async def test_inapp_is_not_a_provider_to_test(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post(URL, json=body(channel="inapp"), headers=bearer())
+
+    assert response.status_code == 400, response.text
+    assert "enqueue a message instead" in response.text
 
 
 async def test_a_body_over_64_kib_gets_413(client: AsyncTestClient[Litestar]) -> None:

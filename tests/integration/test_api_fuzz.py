@@ -41,7 +41,14 @@ def api_schema(database_url: str, admin: psycopg.Connection[Any]) -> Iterator[An
         " outbox.set_address('u1', 'telegram', '42')"
     )
     app = create_app(
-        Settings(database_url=database_url, api_jwt_secret=Secret(SECRET)),
+        Settings(
+            database_url=database_url,
+            api_jwt_secret=Secret(SECRET),
+            # the providers' webhooks configured: they answer 400/403, not 503
+            api_public_url="https://outbox.example",
+            sms_auth_token=Secret("twilio-auth-token-for-fuzzing"),
+            mailgun_webhook_signing_key=Secret("mailgun-signing-key-for-fuzzing"),
+        ),
         channels={name: RecordingChannel(name) for name in ("email", "telegram", "push")},
         rate_limit_per_minute=100_000,
     )
@@ -71,6 +78,10 @@ def test_the_api_answers_every_generated_request_as_its_schema_documents(
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
             continue  # nothing to break in a request without parameters or body
+        if mode is GenerationMode.NEGATIVE and operation.path.startswith("/api/v1/webhooks/"):
+            # the providers' bodies are not described (the signature is their schema):
+            # nothing to break either; tests/integration/test_webhooks.py sends bad ones
+            continue
         run = given(operation.as_strategy(generation_mode=mode))(check)
         settings(
             max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck)

@@ -177,7 +177,7 @@ def test_invalid_enqueue_leaves_the_transaction_usable_and_writes_nothing(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"channel": "sms"}, "unknown channel"),
+        ({"channel": "fax"}, "unknown channel"),
         ({"lane": "urgent"}, "unknown lane"),
         ({"user_id": ""}, "user_id must not be empty"),
         ({"user_id": 42}, "user_id must be a string"),

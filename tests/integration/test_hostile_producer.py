@@ -68,37 +68,68 @@ def message_count(admin: psycopg.Connection[Any]) -> int:
 # ------------------------------------------------------------------ idempotency keys
 
 
+def test_a_producer_cannot_squat_another_producers_key(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any]
+) -> None:
+    # The attacker guesses the victim's key scheme and uses the key first. Keys were
+    # one namespace before outbox_0011: the victim's alert was then never written and
+    # its enqueue returned the attacker's message id.
+    producer_a, producer_b = login_as("outbox_producer"), login_as("outbox_producer")
+    with producer_a() as victim, producer_b() as attacker:
+        (squatted,) = (
+            attacker.execute(ENQUEUE + ")", {"user": "x", "key": "sl-T-1"}).fetchone() or ()
+        )
+        (alert,) = (
+            victim.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone() or ()
+        )
+        assert alert != squatted
+        # each producer's repeat still finds its own message, and writes nothing
+        assert victim.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone() == (
+            alert,
+        )
+        assert attacker.execute(ENQUEUE + ")", {"user": "x", "key": "sl-T-1"}).fetchone() == (
+            squatted,
+        )
+    assert admin.execute("SELECT id, user_id FROM outbox.message ORDER BY id").fetchall() == [
+        (squatted, "x"),
+        (alert, "victim"),
+    ]
+    keys = admin.execute(
+        "SELECT k.message_id, r.rolname FROM outbox.idempotency_key k"
+        " JOIN pg_roles r ON r.oid = k.producer ORDER BY k.message_id"
+    ).fetchall()
+    assert [message_id for message_id, _ in keys] == [squatted, alert]
+    assert keys[0][1] != keys[1][1]
+
+
 @pytest.mark.parametrize("window", ["-1 day", "0 seconds", "-1 second", "31 days"])
-def test_a_producer_cannot_take_over_another_producers_key_with_any_window(
+def test_a_window_out_of_range_is_refused_and_takes_over_nothing(
     login_as: Callable[[str], Login], admin: psycopg.Connection[Any], window: str
 ) -> None:
-    producer_a, producer_b = login_as("outbox_producer"), login_as("outbox_producer")
-    with producer_a() as a, producer_b() as b:
-        (theirs,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone() or ()
+    with login_as("outbox_producer")() as a:
+        (first,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone() or ()
         with pytest.raises(errors.InvalidParameterValue, match=r"dedup_window .* between 1 second"):
-            b.execute(
+            a.execute(
                 ENQUEUE + ", dedup_window => %(window)s)",
-                {"user": "attacker", "key": "sl-T-1", "window": window},
+                {"user": "other", "key": "sl-T-1", "window": window},
             )
-        # the victim's next enqueue still finds its own message; nothing else was written
         again = a.execute(ENQUEUE + ")", {"user": "victim", "key": "sl-T-1"}).fetchone()
-    assert again == (theirs,)
+    assert again == (first,)
     assert admin.execute("SELECT user_id FROM outbox.message").fetchall() == [("victim",)]
-    assert admin.execute("SELECT message_id FROM outbox.idempotency_key").fetchall() == [(theirs,)]
+    assert admin.execute("SELECT message_id FROM outbox.idempotency_key").fetchall() == [(first,)]
 
 
 def test_a_later_shorter_window_cannot_shorten_a_key_in_force(
     login_as: Callable[[str], Login], admin: psycopg.Connection[Any]
 ) -> None:
-    producer_a, producer_b = login_as("outbox_producer"), login_as("outbox_producer")
-    with producer_a() as a, producer_b() as b:
-        (theirs,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() or ()
-        params = {"user": "attacker", "key": "k", "window": "1 second"}
+    with login_as("outbox_producer")() as a:
+        (first,) = a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() or ()
+        params = {"user": "other", "key": "k", "window": "1 second"}
         shorter = ENQUEUE + ", dedup_window => %(window)s)"
-        assert b.execute(shorter, params).fetchone() == (theirs,)
-        time.sleep(1.2)  # longer than the attacker's window, far shorter than the key's
-        assert b.execute(shorter, params).fetchone() == (theirs,)
-        assert a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() == (theirs,)
+        assert a.execute(shorter, params).fetchone() == (first,)
+        time.sleep(1.2)  # longer than the later call's window, far shorter than the key's
+        assert a.execute(shorter, params).fetchone() == (first,)
+        assert a.execute(ENQUEUE + ")", {"user": "victim", "key": "k"}).fetchone() == (first,)
     assert admin.execute("SELECT user_id FROM outbox.message").fetchall() == [("victim",)]
     (expires,) = (
         admin.execute("SELECT expires_at - created_at FROM outbox.idempotency_key").fetchone() or ()

@@ -277,6 +277,63 @@ def test_downgrading_outbox_0010_restores_outbox_0009_exactly(
         assert before[name] == after[name], f"{name} differ"
 
 
+def test_downgrading_outbox_0011_restores_outbox_0010_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0010")
+    upgrade(second_empty_database_url, "outbox_0011")
+    downgrade(second_empty_database_url, "outbox_0010")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
+def test_outbox_0011_gives_each_key_to_the_producer_of_its_message(
+    empty_database_url: str,
+) -> None:
+    upgrade(empty_database_url, "outbox_0010")
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE producer_0011_a; CREATE ROLE producer_0011_b")
+        try:
+            pending = conn.execute(
+                "SELECT outbox.enqueue('email', 'price_alert', 'u1', '{}', idempotency_key => 'p')"
+            ).fetchone()
+            delivered = conn.execute(
+                "SELECT outbox.enqueue('email', 'price_alert', 'u2', '{}', idempotency_key => 'd')"
+            ).fetchone()
+            assert pending is not None and delivered is not None
+            conn.execute(
+                "UPDATE outbox.message SET enqueued_by = 'producer_0011_a'::regrole WHERE id = %s",
+                pending,
+            )
+            # a delivered message is gone from outbox.message; its log row remains
+            conn.execute(
+                "INSERT INTO outbox.attempt (message_id, lane, channel, user_id, template, attempt,"
+                " outcome, enqueued_by) VALUES (%s, 'transactional', 'email', 'u2',"
+                " 'price_alert', 1, 'sent', 'producer_0011_b'::regrole)",
+                delivered,
+            )
+            conn.execute("DELETE FROM outbox.message WHERE id = %s", delivered)
+            upgrade(empty_database_url, "outbox_0011")
+            owners = conn.execute(
+                "SELECT key, producer::regrole::text FROM outbox.idempotency_key ORDER BY key"
+            ).fetchall()
+            assert owners == [("d", "producer_0011_b"), ("p", "producer_0011_a")]
+            # both producers now hold 'p'; the downgrade keeps the one used first
+            conn.execute(
+                "INSERT INTO outbox.idempotency_key (key, message_id, expires_at, producer,"
+                " created_at) VALUES ('p', 999, now() + interval '1 hour',"
+                " 'producer_0011_b'::regrole, now() + interval '1 second')"
+            )
+            downgrade(empty_database_url, "outbox_0010")
+            assert conn.execute(
+                "SELECT key, message_id FROM outbox.idempotency_key ORDER BY key"
+            ).fetchall() == [("d", delivered[0]), ("p", pending[0])]
+        finally:
+            conn.execute("DROP OWNED BY producer_0011_a, producer_0011_b")
+            conn.execute("DROP ROLE producer_0011_a; DROP ROLE producer_0011_b")
+
+
 RECIPIENTS_0009 = """
 INSERT INTO outbox.recipient (user_id, email, telegram_chat_id, email_undeliverable_at,
                               telegram_blocked_at, disabled_channels, fallback_order, timezone)

@@ -123,7 +123,8 @@ def test_a_producer_login_enqueues_through_the_python_api_and_nothing_else(
             with pytest.raises(errors.InsufficientPrivilege):
                 producer.execute(statement, {"theirs": theirs})
             producer.rollback()
-        # reusing another producer's idempotency key changes nothing of theirs
+        # another producer's idempotency key is not this one's: it writes its own
+        # message, learns nothing of theirs and changes nothing of theirs
         again = outbox.enqueue(
             producer,
             user_id="me",
@@ -134,11 +135,15 @@ def test_a_producer_login_enqueues_through_the_python_api_and_nothing_else(
         )
         producer.commit()
 
-    assert again == theirs
+    assert again not in (theirs, mine)
     rows = admin.execute(
         "SELECT id, user_id, status, vars->>'instrument' FROM outbox.message ORDER BY id"
     ).fetchall()
-    assert rows == [(theirs, "victim", "dead", "EURUSD"), (mine, "me", "pending", "EURUSD")]
+    assert rows == [
+        (theirs, "victim", "dead", "EURUSD"),
+        (mine, "me", "pending", "EURUSD"),
+        (again, "me", "pending", "HACK"),
+    ]
     assert admin.execute(
         "SELECT address, undeliverable_since FROM outbox.recipient_address"
     ).fetchall() == [("victim@example.com", None)]

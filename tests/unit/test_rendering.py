@@ -21,6 +21,7 @@ from outbox.dispatcher.channels.base import (
     RenderedEmail,
     RenderedInApp,
     RenderedPush,
+    RenderedSms,
     RenderedTelegram,
 )
 from outbox.dispatcher.rendering import (
@@ -117,6 +118,9 @@ def test_every_builtin_template_renders_as_its_reviewed_snapshot(channel: str, n
     elif isinstance(content, RenderedTelegram):
         parts = "\n----- next part -----\n".join(content.parts)
         matches_snapshot(f"telegram/{name}.md", parts + "\n")
+    elif isinstance(content, RenderedSms):
+        header = f"{content.encoding}, {content.segments} segment(s)"
+        matches_snapshot(f"sms/{name}.txt", f"{header}\n\n{content.text}\n")
     elif isinstance(content, RenderedInApp):
         item = {"title": content.title, "body": content.body, "url": content.url}
         matches_snapshot(
@@ -206,6 +210,40 @@ def test_the_renderers_own_names_win_over_variables_of_the_same_name() -> None:
     assert push.payload["data"]["url"] == f"{BASE_URL}/dashboard/positions"
 
 
+def test_a_var_named_platform_url_does_not_hide_the_renderers_function(tmp_path: Path) -> None:
+    catalog = extra(tmp_path, {"telegram/link.md.j2": "{{ platform_url(path) }}"})
+    for name, vars in (("price_alert", {}), ("link", {"path": "/p"})):
+        telegram = rendered("telegram", name, catalog, platform_url="https://evil.example", **vars)
+        assert "evil" not in "".join(telegram.parts)
+
+
+def test_platform_url_of_a_constant_reads_as_when_called_at_render(tmp_path: Path) -> None:
+    """Computed once when the template compiles, it is what the call would return:
+    escaped for the channel, for this renderer's base URL, and left to the call where
+    the template could change what it returns or cannot see the base URL.
+    """
+    catalog = extra(
+        tmp_path,
+        {
+            "telegram/fixed.md.j2": "{{ platform_url('/a_b') }} {{ platform_url(p) }}",
+            "telegram/own_base.md.j2": "{% set platform_base_url = 'x:' %}{{ platform_url('/a') }}",
+            "telegram/in_macro.md.j2": (
+                "{% macro link() %}{{ platform_url('/m') }}{% endmacro %}{{ link() }}"
+            ),
+        },
+    )
+    folded, called = rendered("telegram", "fixed", catalog, p="/a_b").parts[0].split(" ")
+    assert folded == called == r"https://platform\.example\.com/a\_b"
+    other = render(catalog, "telegram", "fixed", {"p": "/a_b"}, message_id=1, lane="campaign",
+                   platform_base_url="https://other.example/")  # fmt: skip
+    folded, called = other.parts[0].split(" ")
+    assert folded == called == r"https://other\.example/a\_b"
+    assert rendered("telegram", "own_base", catalog).parts == ("x:/a",)
+    # a macro's output is escaped again where it is output (as before this folding)
+    in_macro = rendered("telegram", "in_macro", catalog).parts
+    assert in_macro == (r"https://platform\\\.example\\\.com/m",)
+
+
 def test_push_payload_carries_title_body_icon_badge_and_a_platform_url() -> None:
     for name in SAMPLES:
         push = rendered("push", name)
@@ -256,6 +294,10 @@ def test_the_push_topic_is_stable_short_url_safe_and_specific() -> None:
     assert topic != rendered("push", "position_failure_sl", broker_ticket=1).topic
     assert topic != push_topic("position_failure_tp", SAMPLES["position_failure_sl"])
     assert push_topic("anything", {"other": 1}) is None
+    # remembered topics are per template and key: the same text under another key differs
+    assert push_topic("t", {"instrument": "X"}) == push_topic("t", {"instrument": "X"})
+    assert push_topic("t", {"instrument": "X"}) != push_topic("t", {"broker_ticket": "X"})
+    assert push_topic("t", {"instrument": "1"}) != push_topic("t", {"instrument": 1})
 
 
 def test_the_push_payload_tags_the_notification_with_its_topic() -> None:

@@ -24,6 +24,13 @@ REFUSED = [
     ("OUTBOX_SMTP_TLS", "ssl"),
     ("OUTBOX_SMTP_TLS", "STARTTLS please"),
     ("OUTBOX_RATE_LIMITS", "email=100"),
+    ("OUTBOX_SMS_ACCOUNT_SID", "AC123"),
+    ("OUTBOX_SMS_FROM", "0044 20 7946 0000"),
+    ("OUTBOX_SMS_MAX_SEGMENTS", "11"),
+    ("OUTBOX_SMS_MAX_SEGMENTS", "0"),
+    ("OUTBOX_SMS_API_URL", "ftp://api.twilio.com"),
+    ("OUTBOX_SMS_API_URL", "http://api.twilio.com"),
+    ("OUTBOX_SMS_TIMEOUT_SECONDS", "0"),
     ("OUTBOX_RATE_LIMITS", "Fax=1/s"),
     ("OUTBOX_RATE_LIMITS", "email=100/fortnight"),
     ("OUTBOX_RETRY_DELAYS", "1,two,4"),
@@ -250,6 +257,31 @@ def test_no_secret_or_key_shows_in_the_settings_repr() -> None:
         base64.urlsafe_b64encode(key).decode(),
     ):
         assert leak not in shown
+
+
+def test_sms_settings_are_read_and_the_auth_token_never_shows() -> None:
+    settings = Settings.from_env(
+        {
+            "OUTBOX_SMS_ACCOUNT_SID": "AC" + "0" * 32,
+            "OUTBOX_SMS_AUTH_TOKEN": "twilio-auth-token-value",
+            "OUTBOX_SMS_FROM": "+15005550006",
+            "OUTBOX_SMS_API_URL": "https://twilio.example/",
+            "OUTBOX_RATE_LIMITS": "sms=1/s",
+        }
+    )
+    assert settings.sms_configured
+    assert settings.sms_api_url == "https://twilio.example"
+    assert settings.sms_max_segments == 4
+    assert settings.rate_limits["sms"].per_second == 1.0
+    assert "twilio-auth-token-value" not in repr(settings)
+    # no public URL named: Twilio is not asked to call back a loopback default
+    assert settings.sms_status_callback_url is None
+    public = Settings.from_env({"OUTBOX_API_PUBLIC_URL": "https://outbox.example/"})
+    assert public.sms_status_callback_url == "https://outbox.example/api/v1/webhooks/sms"
+
+
+def test_a_messaging_service_sid_is_a_valid_sender() -> None:
+    assert Settings.from_env({"OUTBOX_SMS_FROM": "MG" + "a" * 32}).sms_from == "MG" + "a" * 32
 
 
 def test_any_channels_name_is_a_rate_limit_key() -> None:

@@ -85,7 +85,7 @@ def test_required_variables_read_from_the_templates_match_the_design(
 def test_the_listing_describes_each_template_as_json_ready_data(catalog: TemplateCatalog) -> None:
     described = catalog.info("position_failure_sl").as_dict()
     assert described["name"] == "position_failure_sl"
-    assert described["channels"] == ["email", "telegram", "push", "inapp"]
+    assert described["channels"] == ["email", "telegram", "push", "inapp", "sms"]
     assert described["required"] == sorted(DESIGN_VARIABLES["position_failure_sl"][0])
     assert described["optional"] == ["currency"]
     assert described["by_channel"]["push"]["optional"] == ["currency"]

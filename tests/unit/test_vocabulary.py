@@ -29,9 +29,8 @@ def test_the_built_in_channels_are_the_rows_the_schema_seeds() -> None:
     match = SEEDED.search(SCHEMA)
     assert match is not None, "schema.sql seeds no channels"
     seeded = re.findall(r"\('([a-z_]+)', true\)", match.group(1))
-    assert set(CHANNELS) <= set(seeded)
-    # sms is seeded by outbox_0010 and joins CHANNELS with its channel module
-    assert set(seeded) - set(CHANNELS) <= {"sms"}
+    # every built-in is seeded, sms included (its channel module is built in)
+    assert set(seeded) == set(CHANNELS)
     assert all(CHANNEL_NAME.match(name) for name in seeded)
 
 
