@@ -22,9 +22,11 @@ def message_columns(message_id: int, user_id: str = "u1") -> tuple[Any, ...]:
 
 
 def recipient_columns(user_id: str = "u1", email: str = "a@example.com") -> tuple[Any, ...]:
+    # the claim's recipient columns (sql/queries.sql, _recipient_columns)
     return (
-        user_id, email, 42, "Europe/Berlin", None, None, ["telegram"], False, None, False,
-        False, [["https://push.example.com/s/1", "p256dh", "auth"]],
+        user_id, "Europe/Berlin", None, None, ["telegram"], False, None,
+        [["email", email, True], ["telegram", "42", True]],
+        [["https://push.example.com/s/1", "p256dh", "auth"]],
     )  # fmt: skip
 
 
@@ -77,7 +79,7 @@ def test_json_columns_read_as_text_decode_to_the_same_values() -> None:
     """The claim returns a user's preferences and push subscriptions as JSON text."""
     message_text = (*message_columns(7)[:14], '[["", ["push", "email"]]]')
     recipient_text = (
-        *recipient_columns()[:11],
+        *recipient_columns()[:8],
         '[["https://push.example.com/s/1", "p256dh", "auth"]]',
     )
     [(message, recipient)] = ClaimDecoder().decode([message_text + recipient_text], TOKEN)
