@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.acceptance.conftest import OUTBOX, ROOT, wait_until
 from tests.support.file_recorder import FileRecorder
 from tests.support.pg_cluster import free_port
+from tests.support.recipients import seed_recipients
 
 ALERT_VARS = (
     "jsonb_build_object('instrument', 'EURUSD', 'condition', 'above',"
@@ -131,11 +132,7 @@ def supervise(database_url: str, recorder: FileRecorder, tmp_path: Path) -> Iter
 
 def enqueue(admin: psycopg.Connection[Any], count: int, first: int = 1) -> set[int]:
     """``count`` email alerts to users u1..u50, in one transaction; their ids."""
-    admin.execute(
-        "INSERT INTO outbox.recipient (user_id, email)"
-        " SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, 50) g"
-        " ON CONFLICT DO NOTHING"
-    )
+    seed_recipients(admin, 50, channels=("email",))  # again: the same addresses
     rows = admin.execute(
         "SELECT outbox.enqueue('email', 'price_alert', 'u' || (1 + g %% 50),"
         f" {ALERT_VARS}) FROM generate_series(%s::int, %s::int) g",
