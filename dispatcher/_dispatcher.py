@@ -166,6 +166,8 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         # set by a claim that leased anything: the urgent claim polls only while busy
         self._busy = asyncio.Event()
+        # the urgent claim's last batch was full: more is waiting than it takes
+        self._transactional_backlog = False
         # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
         # (it may have moved messages to their next channel, due now, which sends no
         # NOTIFY) or stop()
@@ -275,9 +277,12 @@ class Dispatcher:
             # draining a backlog (the last claim was a full batch), the urgent claim
             # takes the transactional lane (see _urgent_claims); otherwise, as after a
             # NOTIFY woke us, this claim takes every lane: waiting for the next poll
-            # would lengthen the wake-one path
+            # would lengthen the wake-one path. So does it while the urgent claim
+            # finds more than it takes: a transactional backlog goes first, in
+            # priority order, as the claim always sent it
             limit = min(room, self.options.batch_size)
-            scope: ClaimScope = "campaign" if self._urgent_on and draining else "all"
+            campaign_only = self._urgent_on and draining and not self._transactional_backlog
+            scope: ClaimScope = "campaign" if campaign_only else "all"
             claimed = await self._claim(limit, scope=scope)
             draining = claimed == limit
             if claimed is None:  # database unreachable: back off, keep trying
@@ -328,6 +333,7 @@ class Dispatcher:
             try:
                 # a third of an empty claim's cost, on both sides: ask before claiming
                 if not await self._store.urgent_due():
+                    self._transactional_backlog = False
                     continue
             except StoreError:
                 await self._sleep(1.0)  # database unreachable: the claim loop logs it
@@ -337,6 +343,7 @@ class Dispatcher:
             if claimed is None:
                 await self._sleep(1.0)
             full = claimed == limit
+            self._transactional_backlog = full
 
     @property
     def _urgent_on(self) -> bool:
