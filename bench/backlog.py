@@ -95,7 +95,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def time_claims(url: str, count: int) -> float:
     """Median milliseconds of one claim of 100 (each rolled back)."""
     timings = []
-    params = {"batch_size": 100, "lease_seconds": 30, "dispatcher_id": "bench"}
+    params = {
+        "batch_size": 100,
+        "priority_from": -32768,
+        "priority_below": 32768,
+        "expired_limit": 100,
+        "lease_seconds": 30,
+        "dispatcher_id": "bench",
+    }
     with psycopg.connect(url) as conn:
         for _ in range(count):
             started = time.perf_counter()

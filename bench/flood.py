@@ -17,11 +17,14 @@ its load and the versions. Targets: alert p99 <= 50 ms; every alert delivered.
 
 ``--breakdown`` splits each alert's latency in three: from its commit to the start
 of the claim that leased it (waiting for the next claim), the claim statement itself,
-and from the claim's end to the send. An ``AFTER UPDATE`` row trigger on
-``outbox.message``, created in the benchmark's own database and firing for the
-transactional lane only, writes ``now()`` (the claim's start) and
-``clock_timestamp()`` (the end of the claim statement, where after-row triggers run)
-for each alert it leases.
+and from the claim's end to the send. An ``AFTER UPDATE`` trigger on
+``outbox.message``, created in the benchmark's own database, writes for each alert a
+claim leases ``now()`` (the claim's start) and ``clock_timestamp()`` (the end of the
+claim statement, where after triggers run), and how many rows that claim leased, which tells the
+dispatcher's urgent claim (the transactional lane alone) from a regular batch. It is
+a statement trigger with transition tables (one call per claim, heartbeat or
+finish statement, the rows kept in memory for it): a cost that runs with and
+without the urgent claim alike, and only with ``--breakdown``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ from bench._common import (
 )
 
 P99_GOAL_MS = 50.0
+SMALL_CLAIM_ROWS = 25
+"""A claim of at most this many rows is the dispatcher's urgent claim (its default
+``--urgent-reserve``); a regular claim under the flood leases a batch of 100."""
 CAMPAIGN_VARS = {
     "instrument": "EURUSD",
     "condition": "above",
@@ -154,6 +160,8 @@ class Round:
     vacuums: int = 0
     """VACUUMs run by --vacuum-every-s."""
     """With --breakdown: 'to claim', 'claim', 'claim to send' of each alert in the flood."""
+    claim_rows: list[int] = field(default_factory=list)
+    """With --breakdown: how many rows the claim that leased each alert leased."""
 
 
 class AlertProducer(threading.Thread):
@@ -231,30 +239,38 @@ def enqueue_campaign(url: str, messages: int, users: int) -> tuple[int, int]:
 
 CLAIM_PROBE = """
 CREATE TABLE public.bench_alert_claim (
-    id bigint, claim_started timestamptz, claim_ended timestamptz, leased_by text
+    id bigint, claim_started timestamptz, claim_ended timestamptz, leased_by text,
+    claim_rows bigint
 );
 CREATE FUNCTION public.bench_note_alert_claim() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO public.bench_alert_claim VALUES (NEW.id, now(), clock_timestamp(), NEW.leased_by);
+    IF EXISTS (SELECT 1 FROM new_rows WHERE lane = 'transactional' AND status = 'sending') THEN
+        INSERT INTO public.bench_alert_claim
+        SELECT n.id, now(), clock_timestamp(), n.leased_by,
+               (SELECT count(*) FROM new_rows WHERE status = 'sending')
+          FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE n.lane = 'transactional' AND n.status = 'sending' AND o.status = 'pending';
+    END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER bench_note_alert_claim AFTER UPDATE ON outbox.message FOR EACH ROW
-    WHEN (NEW.lane = 'transactional' AND NEW.status = 'sending' AND OLD.status = 'pending')
-    EXECUTE FUNCTION public.bench_note_alert_claim();
+CREATE TRIGGER bench_note_alert_claim AFTER UPDATE ON outbox.message
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION public.bench_note_alert_claim();
 """
 
 
-def alert_claims(url: str) -> dict[int, tuple[float, float]]:
-    """Alert id -> (claim start, claim statement end), unix seconds, first claim only."""
+def alert_claims(url: str) -> dict[int, tuple[float, float, int]]:
+    """Alert id -> (claim start, claim statement end, rows the claim leased), unix
+    seconds, first claim only."""
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT id, extract(epoch FROM claim_started)::float8,"
-            " extract(epoch FROM claim_ended)::float8"
+            " extract(epoch FROM claim_ended)::float8, claim_rows"
             " FROM public.bench_alert_claim ORDER BY claim_ended"
         ).fetchall()
-    claims: dict[int, tuple[float, float]] = {}
-    for message_id, started, ended in rows:
-        claims.setdefault(int(message_id), (float(started), float(ended)))
+    claims: dict[int, tuple[float, float, int]] = {}
+    for message_id, started, ended, leased in rows:
+        claims.setdefault(int(message_id), (float(started), float(ended), int(leased)))
     return claims
 
 
@@ -427,7 +443,8 @@ def one_round(args: argparse.Namespace, number: int) -> Round:
             measured.latencies_ms.append((sent_at - committed_at) * 1000)
             measured.alert_offsets_s.append(committed_at - start)
             if message_id in claims:
-                started, ended = claims[message_id]
+                started, ended, leased = claims[message_id]
+                measured.claim_rows.append(leased)
                 parts = measured.breakdown_ms
                 parts.setdefault("to claim", []).append((started - committed_at) * 1000)
                 parts.setdefault("claim", []).append((ended - started) * 1000)
@@ -537,6 +554,13 @@ def main(argv: list[str]) -> int:
                 f"round {n}: the claim statement's p50 by quarter of the drain: "
                 + ", ".join(f"{percentile(q, 0.5):.1f}" for q in quarters)
                 + " ms"
+            )
+            small = [rows <= SMALL_CLAIM_ROWS for rows in r.claim_rows]
+            print(
+                f"round {n}: {sum(small)} of {len(small)} alerts leased by a claim of at most"
+                f" {SMALL_CLAIM_ROWS} rows (the urgent claim), {len(small) - sum(small)} in a"
+                f" larger batch (median {percentile([float(x) for x in r.claim_rows], 0.5):.0f}"
+                " rows a claim)"
             )
     p99 = summarize([percentile(r.latencies_ms, 0.99) for r in rounds])
     delivered = sum(r.alerts_delivered for r in rounds) / max(

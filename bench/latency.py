@@ -61,6 +61,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--load", type=int, default=1000, help="background messages per second in the loaded phase"
     )
     parser.add_argument("--dispatchers", type=int, default=2, help="(%(default)s)")
+    parser.add_argument(
+        "--dispatch-args",
+        default="",
+        help="extra flags for outbox dispatch, e.g. '--urgent-reserve 0' (the old claim loop)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.messages, args.rounds, args.load = 40, 1, 300
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, list[list[float]]]:
         )
         dispatchers = [
             subprocess.Popen(
-                [OUTBOX, "dispatch"],
+                [OUTBOX, "dispatch", *args.dispatch_args.split()],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,

@@ -20,6 +20,16 @@ together (``docs/architecture.md`` draws them):
 On SIGTERM/SIGINT: stop claiming, let in-flight sends finish (up to a grace
 period), write their outcomes, give back any lease still held, exit 0.
 
+The transactional lane has a path of its own (``_urgent_claims``): while anything
+is in flight, a claim of the transactional lane alone runs every
+``urgent_poll_seconds`` into any free slot and ``urgent_reserve`` more that the
+regular claim never fills, and while it drains a backlog the regular claim takes
+the campaign's part only.
+Under a campaign no dispatcher sleeps, so a stop-loss alert's commit wakes nobody;
+without this path it waited for a batch of campaign acknowledgements to free room
+for the next regular claim, and then rode in it with a batch of campaign rows
+whose claim grows slower as the campaign drains (``bench/RESULTS.md``, "flood").
+
 Durability: a claim commits without waiting for the WAL flush (``claim_batch``
 sets ``synchronous_commit`` off): a claim lost in a crash only returns its
 messages to pending, and since the WAL is flushed in order, no acknowledgement
@@ -51,7 +61,7 @@ from outbox.dispatcher._outcomes import fall_back_lanes
 from outbox.dispatcher._ready import ReadyQueue
 from outbox.dispatcher._retry import RetryPolicy
 from outbox.dispatcher._senders import Senders
-from outbox.dispatcher._store import Store, StoreError
+from outbox.dispatcher._store import ClaimScope, Store, StoreError
 from outbox.dispatcher._until_idle import UntilIdle
 from outbox.dispatcher._wakeup import Sleeper, Wakeup
 from outbox.dispatcher.channels.base import Channel
@@ -81,6 +91,12 @@ class DispatcherOptions:
     ack_max: int = 500
     shutdown_grace: float = 10.0
     send_timeout: float | None = None
+    urgent_reserve: int = 25
+    """In-flight slots beyond ``max_in_flight`` that only the urgent claim (the
+    transactional lane, see ``_urgent_claims``) fills; 0 turns the urgent claim off
+    (the regular claim then takes every lane, as before it existed)."""
+    urgent_poll_seconds: float = 0.01
+    """While anything is in flight, the urgent claim runs this often."""
 
 
 class Dispatcher:
@@ -148,6 +164,10 @@ class Dispatcher:
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)
         self._wakeup: Wakeup | None = None
         self._stopping = asyncio.Event()
+        # set by a claim that leased anything: the urgent claim polls only while busy
+        self._busy = asyncio.Event()
+        # the urgent claim's last batch was full: more is waiting than it takes
+        self._transactional_backlog = False
         # ends an idle wait: a NOTIFY, a listener reconnect, an acknowledgement flush
         # (it may have moved messages to their next channel, due now, which sends no
         # NOTIFY) or stop()
@@ -165,6 +185,7 @@ class Dispatcher:
         self._stopping.set()
         self._capacity.set()
         self._wake.set()
+        self._busy.set()
 
     async def run(self) -> None:
         """Dispatch until stopped (or, with ``until_idle``, until nothing is left)."""
@@ -191,9 +212,24 @@ class Dispatcher:
                 "no OUTBOX_ACK_SECRET or OUTBOX_API_JWT_SECRET: alerts (escalate_after)"
                 " are sent without an acknowledgement link"
             )
+        urgent = (
+            asyncio.create_task(self._urgent_claims(), name="outbox-urgent-claims")
+            if self._urgent_on
+            else None
+        )
         try:
             await self._claim_loop()
         finally:
+            if urgent is not None:
+                # not cancelled: a claim under way finishes and its leases are held,
+                # so that the shutdown gives them back
+                self.stop()
+                try:
+                    await asyncio.wait_for(urgent, timeout=15.0)
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+                except Exception:  # the shutdown must run whatever ended the task
+                    log.exception("urgent claims failed")
             await self._shutdown(acker, heartbeat, senders)
 
     async def _shutdown(
@@ -231,13 +267,24 @@ class Dispatcher:
         )
 
     async def _claim_loop(self) -> None:
+        draining = False
         while not self._stopping.is_set():
             room = self._max_in_flight - len(self._leases)
             if room < min(self.options.batch_size, self._max_in_flight // 2):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            claimed = await self._claim(min(room, self.options.batch_size))
+            # draining a backlog (the last claim was a full batch), the urgent claim
+            # takes the transactional lane (see _urgent_claims); otherwise, as after a
+            # NOTIFY woke us, this claim takes every lane: waiting for the next poll
+            # would lengthen the wake-one path. So does it while the urgent claim
+            # finds more than it takes: a transactional backlog goes first, in
+            # priority order, as the claim always sent it
+            limit = min(room, self.options.batch_size)
+            campaign_only = self._urgent_on and draining and not self._transactional_backlog
+            scope: ClaimScope = "campaign" if campaign_only else "all"
+            claimed = await self._claim(limit, scope=scope)
+            draining = claimed == limit
             if claimed is None:  # database unreachable: back off, keep trying
                 await self._sleep(1.0)
             elif claimed:
@@ -248,19 +295,81 @@ class Dispatcher:
             elif await self._idle():
                 return
 
-    async def _claim(self, limit: int) -> int | None:
+    async def _urgent_claims(self) -> None:
+        """Claim the transactional lane on its own, into the reserved slots.
+
+        Runs every ``urgent_poll_seconds`` while anything is in flight, whether or
+        not the regular claim loop is waiting for room: under load nobody sleeps on
+        LISTEN, so no NOTIFY tells us an alert was committed, and the regular claim
+        runs only once a batch of slots is free. While the regular claim drains a
+        backlog (it found a full batch last time) it takes the campaign's part
+        only: a transactional message claimed with a batch of
+        campaign rows waited for that statement (slower the more a campaign has
+        drained while vacuum is behind) and for its batch to be decoded. This claim
+        is bounded to the transactional priorities, so its index range stops before
+        the campaign's part of ``message_claim_idx``. It may fill any free slot and
+        ``urgent_reserve`` more, and claims again at once while it finds a full
+        batch, so a transactional backlog drains at the regular pace. A cheap
+        question (``urgent_due``) comes first: most polls find nothing. Idle, it
+        does not poll: a producer's NOTIFY wakes one sleeping dispatcher, whose
+        claim (``_idle``) takes every lane and starts the polling. Each claim is
+        fenced by its own lease token like any other.
+        """
+        full = False
+        while not self._stopping.is_set():
+            if not len(self._leases):
+                self._busy.clear()
+                await self._busy.wait()
+                continue
+            if not full:
+                # a plain sleep: _sleep's wait_for needs one more turn of a saturated
+                # event loop to wake (cancelling its inner wait), each a few ms here;
+                # stop() is noticed below and by the busy wait
+                await asyncio.sleep(self.options.urgent_poll_seconds)
+            full = False
+            room = self._max_in_flight + self.options.urgent_reserve - len(self._leases)
+            if self._stopping.is_set() or not len(self._leases) or room <= 0:
+                continue
+            try:
+                # a third of an empty claim's cost, on both sides: ask before claiming
+                if not await self._store.urgent_due():
+                    self._transactional_backlog = False
+                    continue
+            except StoreError:
+                await self._sleep(1.0)  # database unreachable: the claim loop logs it
+                continue
+            limit = min(room, self.options.batch_size)
+            claimed = await self._claim(limit, scope="transactional")
+            if claimed is None:
+                await self._sleep(1.0)
+            full = claimed == limit
+            self._transactional_backlog = full
+
+    @property
+    def _urgent_on(self) -> bool:
+        return self.options.urgent_reserve > 0
+
+    async def _claim(self, limit: int, *, scope: ClaimScope = "all") -> int | None:
         """Lease a batch and queue it for the senders; how many, or None (no database)."""
         token = uuid.uuid4()
         try:
-            rows = await self._store.claim(limit, token)
+            rows = await self._store.claim(limit, token, scope=scope)
         except StoreError as error:
-            log.warning("claim failed error=%s", error)
+            log.warning("claim failed scope=%s error=%s", scope, error)
             return None
         for message, recipient in self._decoder.decode(rows, token):
             self._leases.hold(message.lease)
             self._ready.push(message, recipient)
-        if rows and log.isEnabledFor(logging.DEBUG):
-            log.debug("claimed count=%d ids=%s..%s", len(rows), rows[0][0], rows[-1][0])
+        if rows:
+            self._busy.set()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "claimed count=%d ids=%s..%s scope=%s",
+                    len(rows),
+                    rows[0][0],
+                    rows[-1][0],
+                    scope,
+                )
         return len(rows)
 
     async def _idle(self) -> bool:

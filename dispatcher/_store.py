@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import psycopg_pool
@@ -42,6 +42,7 @@ from outbox.dispatcher._finishes import (
     FinishSent,
 )
 from outbox.dispatcher.delivery import clip_error, write_effect
+from outbox.vocabulary import PRIORITY_RANGES
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -57,6 +58,20 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, *UNAVAILABLE)
 """Everything a round trip can raise: for the few parts that run their own
 statements on a connection of their own (the listener, the limiter's locked
 transactions) and so cannot go through :class:`Store`."""
+
+
+URGENT_PRIORITY_BELOW = PRIORITY_RANGES["transactional"].stop
+"""An urgent claim takes pending messages of a priority below this: the transactional lane."""
+
+ClaimScope = Literal["all", "transactional", "campaign"]
+"""Which pending messages a claim takes; see :meth:`Store.claim`."""
+
+_SCOPES: dict[str, tuple[int, int]] = {
+    # priority_from, priority_below: every smallint, or one side of the lanes' border
+    "all": (-32768, 32768),
+    "transactional": (-32768, URGENT_PRIORITY_BELOW),
+    "campaign": (URGENT_PRIORITY_BELOW, 32768),
+}
 
 
 class StoreError(Exception):
@@ -95,7 +110,9 @@ class Store:
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
-            max_size=4,
+            # claim, urgent claim, acknowledgements and heartbeat can all be under
+            # way at once; one more for the limiter, the breaker and the sleeper row
+            max_size=5,
             open=False,
             kwargs={"autocommit": True, **connect_kwargs(settings)},
             configure=_configure,
@@ -119,8 +136,19 @@ class Store:
 
     # ------------------------------------------------------------------ claims
 
-    async def claim(self, limit: int, token: uuid.UUID) -> list[tuple[Any, ...]]:
-        """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``."""
+    async def claim(
+        self, limit: int, token: uuid.UUID, *, scope: ClaimScope = "all"
+    ) -> list[tuple[Any, ...]]:
+        """Lease up to ``limit`` due messages under ``token``; rows of ``claim_batch``.
+
+        ``scope``: ``"all"`` pending messages, expired leases and due escalations;
+        ``"transactional"`` (the urgent claim) that lane's pending messages and due
+        escalations, no expired leases: its index range of ``message_claim_idx``
+        ends before the campaign's part; ``"campaign"`` the rest (a busy
+        dispatcher's regular claim, while its urgent claim takes the
+        transactional lane; see ``Dispatcher._urgent_claims``).
+        """
+        priority_from, priority_below = _SCOPES[scope]
         async with self._connection("claim") as conn:
             cursor = conn.cursor()
             # json columns (a user's preferences and push subscriptions) as their text:
@@ -131,12 +159,21 @@ class Store:
                 QUERIES["claim_batch"],
                 {
                     "batch_size": limit,
+                    "priority_from": priority_from,
+                    "priority_below": priority_below,
+                    "expired_limit": 0 if scope == "transactional" else limit,
                     "lease_seconds": self.settings.lease_seconds,
                     "dispatcher_id": self.dispatcher_id,
                     "lease_token": str(token),
                 },
             )
             return list(await cursor.fetchall())
+
+    async def urgent_due(self) -> bool:
+        """Whether a transactional message is pending and due (``urgent_due``)."""
+        async with self._connection("urgent due") as conn:
+            row = await (await conn.execute(QUERIES["urgent_due"])).fetchone()
+        return bool(row and row[0])
 
     async def next_due(self) -> tuple[float | None, bool]:
         """Seconds until the next pending message is due (None: none pending), and

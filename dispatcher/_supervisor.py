@@ -488,6 +488,7 @@ def child_arguments(
     shutdown_grace: str,
     until_idle: bool,
     idle_horizon: str,
+    urgent_reserve: int = 25,
 ) -> tuple[str, ...]:
     """The ``outbox`` arguments that make a child the dispatcher the user asked for."""
     args: list[str] = ["-v"] if verbose else []
@@ -497,6 +498,8 @@ def child_arguments(
         str(concurrency),
         "--batch-size",
         str(batch_size),
+        "--urgent-reserve",
+        str(urgent_reserve),
         "--shutdown-grace",
         shutdown_grace,
         "--idle-horizon",

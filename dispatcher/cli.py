@@ -38,6 +38,14 @@ def register(commands: Any) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="sends in flight (32)")
     parser.add_argument("--batch-size", type=int, default=100, help="messages per claim (100)")
     parser.add_argument(
+        "--urgent-reserve",
+        type=int,
+        default=25,
+        metavar="N",
+        help="in-flight slots that only the transactional lane's own claim fills, so that an"
+        " alert is claimed while a campaign keeps the dispatcher busy (25; 0: off)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     parser.add_argument(
@@ -76,6 +84,9 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.concurrency < 1 or args.batch_size < 1:
         print("outbox: --concurrency and --batch-size must be at least 1", file=sys.stderr)
         return 2
+    if args.urgent_reserve < 0:
+        print("outbox: --urgent-reserve must be 0 or more", file=sys.stderr)
+        return 2
     args.idle_horizon_seconds = parse_duration(args.idle_horizon)
     args.shutdown_grace_seconds = parse_duration(args.shutdown_grace)
     if args.processes > 1 and args.supervised_fd is None:
@@ -94,6 +105,7 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             verbose=args.verbose,
             concurrency=args.concurrency,
             batch_size=args.batch_size,
+            urgent_reserve=args.urgent_reserve,
             shutdown_grace=args.shutdown_grace,
             until_idle=args.until_idle,
             idle_horizon=args.idle_horizon,
@@ -178,6 +190,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> int:
         options=DispatcherOptions(
             concurrency=args.concurrency,
             batch_size=args.batch_size,
+            urgent_reserve=args.urgent_reserve,
             until_idle=args.until_idle,
             idle_horizon=args.idle_horizon_seconds,
             shutdown_grace=args.shutdown_grace_seconds,

@@ -188,6 +188,11 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- jsonb's canonical text is also the dispatcher's render cache key. A text over
 -- 262144 bytes (outbox.MAX_VARS_BYTES: a row written past enqueue's check) comes
 -- back NULL: the dispatcher refuses it without receiving, holding or decoding it.
+-- %(priority_from)s <= priority < %(priority_below)s bounds the pending part (an
+-- index range of message_claim_idx): the dispatcher's urgent claim passes the
+-- transactional lane's (below 100) and %(expired_limit)s 0, so that its `due`
+-- select stops before the campaign's part of the index and its dead entries; a busy
+-- dispatcher's regular claim the campaign's (from 100), an idle one's every smallint.
 WITH async_commit AS (
     -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
     -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
@@ -200,6 +205,7 @@ WITH async_commit AS (
     -- pending and due, in claim order, through message_claim_idx
     SELECT m.id FROM outbox.message m, paused
      WHERE m.status = 'pending' AND m.next_attempt_at <= now()
+       AND m.priority >= %(priority_from)s AND m.priority < %(priority_below)s
        AND m.channel <> ALL (paused.channels)
      ORDER BY m.priority, m.next_attempt_at, m.id
      LIMIT %(batch_size)s
@@ -209,7 +215,7 @@ WITH async_commit AS (
     SELECT m.id FROM outbox.message m
      WHERE m.status = 'sending' AND m.leased_until < now()
      ORDER BY m.leased_until
-     LIMIT %(batch_size)s
+     LIMIT %(expired_limit)s
      FOR UPDATE OF m SKIP LOCKED
 ), escalate AS (
     -- alerts nobody acknowledged in time; the sent finish put the channel they
@@ -474,6 +480,17 @@ ON CONFLICT (dispatcher_id) DO UPDATE SET since = now()
 -- unregister_sleeper --
 -- Awake and busy: producers need not notify on our account.
 DELETE FROM outbox.sleeper WHERE dispatcher_id = %(dispatcher_id)s
+
+-- urgent_due --
+-- Is a pending message of the transactional lane (priorities 0-99) due now? The
+-- busy dispatcher's cheap question before its urgent claim: one descent into the
+-- head of message_claim_idx (3 buffers, 0.06 ms with a million campaign rows behind
+-- it). The bound is a literal, not a parameter: a prepared statement's generic plan
+-- cannot know that `priority < $1` is rare and scanned the whole table (400 ms).
+SELECT EXISTS (
+    SELECT 1 FROM outbox.message
+     WHERE status = 'pending' AND priority < 100 AND next_attempt_at <= now()
+)
 
 -- next_due --
 -- Seconds until the next pending message is due, and whether any is in flight.

@@ -132,7 +132,7 @@ def supervise(database_url: str, recorder: FileRecorder, tmp_path: Path) -> Iter
 
 def enqueue(admin: psycopg.Connection[Any], count: int, first: int = 1) -> set[int]:
     """``count`` email alerts to users u1..u50, in one transaction; their ids."""
-    seed_recipients(admin, 50, channels=("email",))
+    seed_recipients(admin, 50, channels=("email",))  # again: the same addresses
     rows = admin.execute(
         "SELECT outbox.enqueue('email', 'price_alert', 'u' || (1 + g %% 50),"
         f" {ALERT_VARS}) FROM generate_series(%s::int, %s::int) g",

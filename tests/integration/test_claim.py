@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from outbox._queries import QUERIES
+from outbox.dispatcher._store import URGENT_PRIORITY_BELOW
 
 
 def enqueue_many(conn: psycopg.Connection[Any], n: int, *, lane: str = "transactional") -> None:
@@ -27,6 +28,9 @@ def claim(
         QUERIES["claim_batch"],
         {
             "batch_size": n,
+            "priority_from": -32768,
+            "priority_below": 32768,
+            "expired_limit": n,
             "lease_seconds": 30,
             "dispatcher_id": who,
             "lease_token": str(token or uuid.uuid4()),
@@ -95,6 +99,9 @@ def test_the_claim_uses_the_partial_index(conn: psycopg.Connection[Any]) -> None
         "EXPLAIN (FORMAT JSON) " + QUERIES["claim_batch"],
         {
             "batch_size": 100,
+            "priority_from": -32768,
+            "priority_below": 32768,
+            "expired_limit": 100,
             "lease_seconds": 30,
             "dispatcher_id": "d",
             "lease_token": str(uuid.uuid4()),
@@ -192,3 +199,100 @@ def test_next_due_reads_the_claim_index_not_the_pending_rows(
     assert plan is not None
     scans = {(node["Node Type"], node.get("Relation Name")) for node in _nodes(plan[0][0]["Plan"])}
     assert ("Seq Scan", "message") not in scans
+
+
+def urgent_claim(conn: psycopg.Connection[Any], n: int) -> list[tuple[Any, ...]]:
+    """The dispatcher's urgent claim (``Store.claim(urgent=True)``)."""
+    return conn.execute(
+        QUERIES["claim_batch"],
+        {
+            "batch_size": n,
+            "priority_from": -32768,
+            "priority_below": URGENT_PRIORITY_BELOW,
+            "expired_limit": 0,
+            "lease_seconds": 30,
+            "dispatcher_id": "urgent",
+            "lease_token": str(uuid.uuid4()),
+        },
+    ).fetchall()
+
+
+def urgent_due(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(QUERIES["urgent_due"]).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_urgent_due_names_the_transactional_lane_as_a_literal() -> None:
+    """A literal, so that no generic plan of a prepared statement scans the table;
+    it must stay the lane's bound."""
+    assert f"priority < {URGENT_PRIORITY_BELOW} " in QUERIES["urgent_due"]
+
+
+def test_the_urgent_claim_takes_the_transactional_lane_alone(
+    conn: psycopg.Connection[Any],
+) -> None:
+    enqueue_many(conn, 1)
+    ((expired, *_),) = claim(conn, 1)
+    conn.execute(  # its dispatcher died: recovering it is the regular claim's business
+        "UPDATE outbox.message SET leased_until = now() - interval '1 second' WHERE id = %s",
+        [expired],
+    )
+    enqueue_many(conn, 5, lane="campaign")
+    enqueue_many(conn, 2)
+    conn.commit()
+    assert urgent_due(conn)
+    urgent = urgent_claim(conn, 10)
+    assert sorted(row[1] for row in urgent) == ["transactional"] * 2
+    assert expired not in {row[0] for row in urgent}
+    assert not urgent_due(conn)  # the campaign's five are pending, and not its business
+    assert urgent_claim(conn, 10) == []
+    regular = claim(conn, 10)
+    assert sorted(row[1] for row in regular) == ["campaign"] * 5 + ["transactional"]
+    assert expired in {row[0] for row in regular}
+
+
+def test_the_urgent_claim_stops_before_the_campaigns_dead_index_entries(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """A drained campaign leaves dead entries at the head of its part of
+    message_claim_idx until vacuum runs; the regular claim reads past them, the urgent
+    claim's index scan ends at the first campaign priority."""
+    conn.execute("ALTER TABLE outbox.message SET (autovacuum_enabled = false)")
+    enqueue_many(conn, 6000, lane="campaign")
+    conn.commit()
+    conn.execute("ANALYZE outbox.message")
+    for _ in range(50):  # claimed and acknowledged (deleted), as a dispatcher does
+        ids = [row[0] for row in claim(conn, 100)]
+        conn.execute("DELETE FROM outbox.message WHERE id = ANY(%s)", [ids])
+        conn.commit()
+    enqueue_many(conn, 1)
+    conn.commit()
+
+    def claim_index_blocks(priority_below: int) -> int:
+        plan = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + QUERIES["claim_batch"],
+            {
+                "batch_size": 100,
+                "priority_from": -32768,
+                "priority_below": priority_below,
+                "expired_limit": 0,
+                "lease_seconds": 30,
+                "dispatcher_id": "d",
+                "lease_token": str(uuid.uuid4()),
+            },
+        ).fetchone()
+        conn.rollback()
+        assert plan is not None
+        scans = [
+            node
+            for node in _nodes(plan[0][0]["Plan"])
+            if node.get("Index Name") == "message_claim_idx"
+        ]
+        assert len(scans) == 1
+        return int(scans[0]["Shared Hit Blocks"]) + int(scans[0]["Shared Read Blocks"])
+
+    urgent = claim_index_blocks(URGENT_PRIORITY_BELOW)
+    regular = claim_index_blocks(32768)
+    assert urgent <= 4, urgent
+    assert regular > 4 * urgent, (regular, urgent)

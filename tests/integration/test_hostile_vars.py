@@ -267,6 +267,9 @@ def test_the_claim_withholds_vars_over_256_kib_of_json_text_and_sends_the_rest(
         QUERIES["claim_batch"],
         {
             "batch_size": 10,
+            "priority_from": -32768,
+            "priority_below": 32768,
+            "expired_limit": 10,
             "lease_seconds": 30,
             "dispatcher_id": "d",
             "lease_token": str(uuid.uuid4()),

@@ -51,6 +51,7 @@ def test_the_children_run_the_same_dispatcher_the_user_asked_for() -> None:
         shutdown_grace="3s",
         until_idle=True,
         idle_horizon="5s",
+        urgent_reserve=10,
     )
     assert args == (
         "-v",
@@ -59,6 +60,8 @@ def test_the_children_run_the_same_dispatcher_the_user_asked_for() -> None:
         "8",
         "--batch-size",
         "50",
+        "--urgent-reserve",
+        "10",
         "--shutdown-grace",
         "3s",
         "--idle-horizon",
