@@ -296,7 +296,7 @@ class Dispatcher:
                 return
 
     async def _urgent_claims(self) -> None:
-        """Claim the transactional lane on its own, into the reserved slots.
+        """Claim the transactional lane on its own, into free and reserved slots.
 
         Runs every ``urgent_poll_seconds`` while anything is in flight, whether or
         not the regular claim loop is waiting for room: under load nobody sleeps on
