@@ -97,8 +97,20 @@ def test_a_dispatcher_notices_a_silent_database_connection_reconnects_and_delive
     assert process.poll() is None, "the dispatcher must survive a silent connection"
     assert detected < DETECTION_BOUND, f"took {detected:.1f} s to notice and deliver"
     assert proxy.accepted > accepted_before, "no reconnection through the healthy path"
-    log = (tmp_path / "dispatcher-0.log").read_text()
-    assert "did not answer within 5 s" in log or "listener lost" in log, log[-3000:]
+    # The delivery may have gone through a connection the pool opened after the cut
+    # (the healthy path) before any silenced one was used again; the silenced ones
+    # must still be noticed: the listener's health check finds its own within the bound.
+    log_path = tmp_path / "dispatcher-0.log"
+
+    def noticed() -> bool:
+        log = log_path.read_text()
+        return "did not answer within 5 s" in log or "listener lost" in log
+
+    remaining = max(DETECTION_BOUND - (time.monotonic() - started), 0.5)
+    try:
+        wait_until(noticed, remaining, "the dispatcher to notice the silent connections")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{log_path.read_text()[-3000:]}") from None
     print(f"half-open: detected and delivered {detected:.1f} s after the cut")
 
     ids = [r["message_id"] for r in recorder.records]
