@@ -275,12 +275,9 @@ SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
 r.user_id, r.timezone, r.quiet_hours_start, r.quiet_hours_end, r.disabled_channels,
 r.campaign_opt_out, r.fallback_order,
 -- [[channel, address, usable], ...]: usable unless the provider refused the address
--- or the user turned the channel off there (outbox.recipient_address's primary key)
-coalesce((SELECT json_agg(json_build_array(a.channel, a.address,
-                                           a.undeliverable_since IS NULL
-                                           AND a.disabled_since IS NULL))
-            FROM outbox.recipient_address a WHERE a.user_id = r.user_id), '[]')
-    AS addresses,
+-- or the user turned the channel off there; outbox.recipient_address aggregated by
+-- triggers into the recipient row (outbox_0012), not per message here
+coalesce(r.addresses, '[]') AS addresses,
 coalesce((SELECT json_agg(json_build_array(s.endpoint, s.p256dh, s.auth) ORDER BY s.id)
             FROM outbox.push_subscription s WHERE s.user_id = r.user_id), '[]')
     AS subscriptions

@@ -206,6 +206,8 @@ CREATE TABLE outbox.recipient (
     fallback_order         text[],
     created_at             timestamptz NOT NULL DEFAULT now(),
     updated_at             timestamptz NOT NULL DEFAULT now(),
+    -- outbox.recipient_address as the claim returns it, kept by triggers (outbox_0012)
+    addresses              json        NOT NULL DEFAULT '[]',
     CONSTRAINT recipient_user_id_check CHECK (user_id <> '' AND length(user_id) <= 255),
     CONSTRAINT recipient_quiet_hours_pair CHECK (
         (quiet_hours_start IS NULL) = (quiet_hours_end IS NULL)
@@ -279,6 +281,71 @@ COMMENT ON COLUMN outbox.recipient_address.disabled_since IS
     'The user blocked the bot (telegram) or answered STOP (sms); cleared by a new address';
 -- Delivery reports name an address (an email bounce), not a user.
 CREATE INDEX recipient_address_lookup_idx ON outbox.recipient_address (channel, lower(address));
+
+-- Each recipient row carries its addresses as the claim returns them (outbox_0012):
+-- the claim reads one column instead of aggregating address rows per message.
+-- outbox.recipient_address stays the truth; the cache cannot drift or be forged.
+COMMENT ON COLUMN outbox.recipient.addresses IS
+    'The user''s outbox.recipient_address rows as the claim returns them, [[channel, '
+    'address, usable], ...]: computed by a trigger, whatever a statement writes here';
+
+CREATE FUNCTION outbox._recipient_addresses() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- BEFORE INSERT OR UPDATE ON outbox.recipient: the cache from the truth. Runs with
+-- the row locked, and (READ COMMITTED) its query takes a fresh snapshot: it sees
+-- every address committed before the lock was granted.
+BEGIN
+    NEW.addresses := coalesce(
+        (SELECT json_agg(json_build_array(a.channel, a.address,
+                                          a.undeliverable_since IS NULL
+                                          AND a.disabled_since IS NULL)
+                         ORDER BY a.channel)
+           FROM outbox.recipient_address a WHERE a.user_id = NEW.user_id),
+        '[]');
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION outbox._recipient_addresses() IS
+    'Trigger: outbox.recipient.addresses from outbox.recipient_address';
+CREATE TRIGGER recipient_addresses_cache
+    BEFORE INSERT OR UPDATE ON outbox.recipient
+    FOR EACH ROW EXECUTE FUNCTION outbox._recipient_addresses();
+
+CREATE FUNCTION outbox._touch_recipient() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+-- AFTER a change of outbox.recipient_address: update the recipient row, whose
+-- BEFORE trigger recomputes its addresses. A recipient being deleted (the cascade
+-- that deletes its addresses) is not found: nothing to do.
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE outbox.recipient r SET addresses = '[]' WHERE json_array_length(r.addresses) > 0;
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        UPDATE outbox.recipient r SET addresses = '[]' WHERE r.user_id = OLD.user_id;
+    END IF;
+    IF TG_OP <> 'DELETE' AND (TG_OP = 'INSERT' OR NEW.user_id <> OLD.user_id) THEN
+        UPDATE outbox.recipient r SET addresses = '[]' WHERE r.user_id = NEW.user_id;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION outbox._touch_recipient() IS
+    'Trigger: a changed address recomputes its recipient''s outbox.recipient.addresses';
+CREATE TRIGGER recipient_address_touch
+    AFTER INSERT OR UPDATE OR DELETE ON outbox.recipient_address
+    FOR EACH ROW EXECUTE FUNCTION outbox._touch_recipient();
+CREATE TRIGGER recipient_address_truncate
+    AFTER TRUNCATE ON outbox.recipient_address
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._touch_recipient();
+
+REVOKE ALL ON FUNCTION outbox._recipient_addresses(), outbox._touch_recipient() FROM PUBLIC;
 
 CREATE TABLE outbox.preference (
     user_id    text        NOT NULL,
@@ -1446,6 +1513,10 @@ GRANT EXECUTE ON FUNCTION
 GRANT CREATE ON SCHEMA outbox TO outbox_owner;
 ALTER FUNCTION outbox._check_recipient_channels() OWNER TO outbox_owner;
 ALTER FUNCTION outbox.register_channel(text) OWNER TO outbox_owner;
+-- outbox_0012: the address cache's triggers read the addresses and write that column alone
+GRANT SELECT (user_id, addresses), UPDATE (addresses) ON outbox.recipient TO outbox_owner;
+ALTER FUNCTION outbox._recipient_addresses() OWNER TO outbox_owner;
+ALTER FUNCTION outbox._touch_recipient() OWNER TO outbox_owner;
 ALTER FUNCTION outbox.set_address(text, text, text) OWNER TO outbox_owner;
 ALTER FUNCTION outbox.record_delivery_report(text, text, boolean, text, boolean)
     OWNER TO outbox_owner;

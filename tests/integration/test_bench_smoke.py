@@ -1,6 +1,6 @@
 """Every benchmark still runs: ``python -m bench NAME --quick`` against the test server.
 
-The six run side by side (each is mostly waiting on subprocesses and the database),
+The seven run side by side (each is mostly waiting on subprocesses and the database),
 so the whole smoke test takes about as long as the slowest one. Their figures mean
 nothing at these counts; what is checked is that each one completes, prints its
 tables and its targets, and exits 0.
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "backlog": "Claim cost",
     "channels": "Limits held across",
     "memory": "Dispatcher memory",
+    "claims": "Claim cost, outbox_0009 against head",
 }
 
 

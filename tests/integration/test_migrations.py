@@ -33,6 +33,16 @@ CATALOG_QUERIES = {
         SELECT c.relname, c.relkind, c.relacl::text, c.reloptions, obj_description(c.oid),
                CASE c.relkind WHEN 'v' THEN pg_get_viewdef(c.oid) END
           FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace ORDER BY 1""",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'outbox'::regnamespace AND NOT t.tgisinternal ORDER BY 1, 2""",
+    "column_privileges_and_comments": """
+        SELECT a.attrelid::regclass::text, a.attname, a.attacl::text,
+               col_description(a.attrelid, a.attnum)
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         WHERE c.relnamespace = 'outbox'::regnamespace AND a.attnum > 0
+           AND NOT a.attisdropped ORDER BY 1, 2""",
     "schema": """
         SELECT nspname, nspacl::text, obj_description(oid) FROM pg_namespace
          WHERE nspname = 'outbox'""",
@@ -405,3 +415,14 @@ def test_outbox_0010_moves_every_address_and_state_and_its_downgrade_brings_them
     assert [row[:5] + row[6:] for row in after] == [row[:5] + row[6:] for row in before]
     assert [row[5] for row in after] == [["push"], ["push"], ["push"], ["push"], ["push"]]
     assert messages == (0,)
+
+
+def test_downgrading_outbox_0012_restores_outbox_0011_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0011")
+    upgrade(second_empty_database_url, "outbox_0012")
+    downgrade(second_empty_database_url, "outbox_0011")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
