@@ -185,6 +185,12 @@ class Store:
             return None, False
         return (float(row[0]) if row[0] is not None else None), bool(row[1])
 
+    async def pause_ends(self) -> float | None:
+        """Seconds until the first channel pause ends (None: no channel is paused)."""
+        async with self._connection("pause ends") as conn:
+            row = await (await conn.execute(QUERIES["pause_ends"])).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     async def deferred_summary(self) -> tuple[int, datetime | None]:
         """How many messages are pending, and when the first is due."""
         async with self._connection("deferred summary") as conn:

@@ -512,6 +512,11 @@ SELECT CAST(extract(epoch FROM min(
   FROM priorities p
  WHERE p.priority IS NOT NULL
 
+-- pause_ends --
+-- Seconds until the first pause of a channel (an open breaker) ends; NULL: none.
+SELECT CAST(extract(epoch FROM min(paused_until) - now()) AS float8)
+  FROM outbox.channel_state WHERE paused_until > now()
+
 -- deferred_summary --
 -- What an until-idle run leaves behind: pending messages and when the first is due.
 SELECT count(*), min(next_attempt_at) FROM outbox.message WHERE status = 'pending'

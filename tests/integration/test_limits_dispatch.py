@@ -119,3 +119,44 @@ async def test_a_breaker_tripped_by_another_replica_is_closed_by_this_ones_deliv
                 == [(0, None, None)]
             )
         )
+
+
+async def test_an_idle_dispatcher_does_not_claim_in_a_loop_while_a_paused_channel_has_a_backlog(
+    database_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    """Due messages on a paused channel are due but not claimable: the dispatcher waits
+    for the pause's end (or its poll), not a claim after a claim (it made about 165
+    transactions a second before)."""
+    admin.execute(
+        "SELECT outbox.set_address('u' || g, 'email', 'u' || g || '@example.com')"
+        " FROM generate_series(1, 20) g"
+    )
+    admin.execute(
+        "INSERT INTO outbox.channel_state (channel, failures, paused_until, last_error)"
+        " VALUES ('email', 3, now() + interval '3 seconds', 'connection refused')"
+    )
+    for g in range(1, 21):
+        enqueue(admin, f"u{g}", "email")
+    channel = RecordingChannel("email")
+    settings = replace(Settings(database_url=database_url, rate_limits={}), poll_interval=1.0)
+
+    def transactions() -> int:
+        row = admin.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        ).fetchone()
+        admin.execute("SELECT pg_stat_clear_snapshot()")
+        assert row is not None
+        return int(row[0])
+
+    async with running(Dispatcher(settings, {"email": channel})):
+        await asyncio.sleep(0.5)  # started, claimed nothing, went idle
+        before = transactions()
+        await asyncio.sleep(1.5)
+        during = transactions() - before
+        assert channel.sent == [], "a paused channel was claimed"
+        # the pause ends about 3 s after it began: delivered without a NOTIFY
+        await wait_for(lambda: len(channel.sent) == 20, timeout=10)
+    # the admin's own statements count too (two per transactions() call); a loop
+    # would be hundreds
+    assert during < 40, f"{during} transactions in 1.5 s while the channel was paused"
