@@ -104,6 +104,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra flags for outbox dispatch, e.g. '--batch-size 200'",
     )
     parser.add_argument(
+        "--outbox-processes",
+        choices=("supervisor", "replicas"),
+        default="supervisor",
+        help="outbox's rows with more than one process: one 'outbox dispatch --processes N'"
+        " (supervisor) or N separate 'outbox dispatch' replicas (%(default)s)",
+    )
+    parser.add_argument(
         "--pgqueuer-batch-sizes",
         default="10,100",
         help="pgqueuer dequeue batches, one row each (%(default)s; its default is 10)",
@@ -209,18 +216,30 @@ def seed(system: str, url: str, count: int, args: argparse.Namespace) -> None:
 def worker_argvs(row: str, processes: int, url: str, args: argparse.Namespace) -> list[list[str]]:
     """The command line of each worker process of one run (``python -m bench._worker``).
 
-    outbox's ``processes`` are that many ``outbox dispatch --until-idle`` processes,
-    each its own replica. Once ``outbox dispatch --processes N`` exists, its row is
-    ``[["outbox", "--until-idle", "--processes", str(processes), ...]]`` (one
-    supervisor): the worker's CPU figure counts its children (``bench._worker``).
+    outbox with one process is ``outbox dispatch --until-idle``; with more, one
+    ``outbox dispatch --processes N --until-idle`` (a supervisor and N dispatcher
+    processes, as an operator runs them), whose worker counts its children's CPU
+    (``bench._worker``, ``outbox-supervised``).
     """
     system = system_of(row)
+    if system == "outbox" and processes > 1 and args.outbox_processes == "supervisor":
+        return [["outbox-supervised", str(processes), "--until-idle", *args.dispatch_args.split()]]
     if system == "outbox":
         return [["outbox", "--until-idle", *args.dispatch_args.split()]] * processes
     if system == "pgqueuer":
         batch = row.split(" b", 1)[1]
         return [["pgqueuer", url, batch, args.pgqueuer_driver]] * processes
     return [["procrastinate", url, str(args.procrastinate_concurrency)]] * processes
+
+
+PAUSE_PUSH = """
+INSERT INTO outbox.channel_state (channel, paused_until) VALUES ('push', now() + interval '1 hour')
+ON CONFLICT (channel) DO UPDATE SET paused_until = excluded.paused_until
+"""
+"""Holds a supervisor's children at the start line: a paused channel's messages are
+not claimed, and a dispatcher waits (for the pause's end, a NOTIFY or its poll)."""
+START = "UPDATE outbox.channel_state SET paused_until = NULL, failures = 0; NOTIFY outbox_wakeup"
+"""The start: the channel open again, every sleeping dispatcher woken."""
 
 
 def left_over(system: str, url: str) -> int:
@@ -249,10 +268,18 @@ def one_run(
     log_dir = Path(args.keep_logs) if args.keep_logs else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    workers = Workers(worker_argvs(row, processes, url, args), env, log_dir)
+    argvs = worker_argvs(row, processes, url, args)
+    gated = argvs[0][0] == "outbox-supervised"
+    if gated:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(PAUSE_PUSH)
+    workers = Workers(argvs, env, log_dir)
     try:
-        workers.ready()
+        workers.ready(timeout=120.0)
         started = workers.go()
+        if gated:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(START)
         finished = workers.wait(timeout=max(600.0, count / 50))
     except BaseException:
         workers.kill()
