@@ -136,7 +136,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep-logs", metavar="DIR", help="write worker logs here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.count, args.rounds, args.processes = min(args.count, 500), 1, "1"
+        # both process counts: the two-process row runs the supervisor (outbox dispatch
+        # --processes 2), a path of its own
+        args.count, args.rounds, args.processes = min(args.count, 500), 1, "1,2"
     return args
 
 
