@@ -21,6 +21,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from outbox._queries import QUERIES
 from outbox.dispatcher._routing import RecipientRecord
 from outbox.dispatcher._values import value_builder
+from outbox.dispatcher.channels._redaction import describe_raised
 from outbox.dispatcher.channels.base import (
     Channel,
     DeletePushSubscription,
@@ -263,9 +264,18 @@ async def send(
             outcome = await _send_by(deadlines, channel, envelope, timeout)
     except TimeoutError:
         outcome = TransientFailure(error_class="timeout", error=f"no answer within {timeout:.0f} s")
-    except Exception as error:
-        log.exception("channel raised id=%d channel=%s", envelope.message_id, envelope.channel)
-        outcome = TransientFailure(error_class="internal", error=f"{type(error).__name__}: {error}")
+    except Exception as raised:
+        # its text may carry a request URL with a token in it: stored and logged
+        # with every URL cut to its host (the row and the log are read by operators)
+        error, trace = describe_raised(raised)
+        log.error(
+            "channel raised id=%d channel=%s error=%s\n%s",
+            envelope.message_id,
+            envelope.channel,
+            error,
+            trace.rstrip(),
+        )
+        outcome = TransientFailure(error_class="internal", error=error)
     return _build_attempt(outcome, (time.perf_counter() - started) * 1000)  # Attempt(...)
 
 

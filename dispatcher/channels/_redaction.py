@@ -9,6 +9,8 @@ defence, not the only one.
 
 from __future__ import annotations
 
+import re
+import traceback
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -41,3 +43,24 @@ def describe_error(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     message = str(exc).strip()
     name = type(exc).__name__
     return redact(f"{name}: {message}" if message else name, secrets)
+
+
+_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@\s'\"<>]*@)?([^/\s'\"<>?#]*)[^\s'\"<>]*")
+
+
+def scrub_urls(text: str) -> str:
+    """Every URL in ``text`` cut to its scheme and host: credentials (``user:pass@``),
+    paths and queries are where tokens travel (a Telegram bot token is a path
+    segment; API keys ride in queries), and a channel that raised (a plugin's, say)
+    told us no secrets to mask.
+    """
+    return _URL.sub(lambda m: f"{m.group(1)}{m.group(2)}/…", text)
+
+
+def describe_raised(exc: BaseException) -> tuple[str, str]:
+    """For an exception a channel let escape: ``(error, traceback)``, URLs scrubbed
+    and the error bounded, fit for ``outbox.attempt`` and the log respectively.
+    """
+    error = redact(scrub_urls(f"{type(exc).__name__}: {exc}".strip().rstrip(":")))
+    trace = scrub_urls("".join(traceback.format_exception(exc)))
+    return error, trace
