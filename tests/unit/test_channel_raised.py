@@ -72,4 +72,5 @@ async def test_the_error_of_a_raising_channel_keeps_the_host_and_drops_the_rest(
 def test_scrubbing_leaves_text_without_urls_alone() -> None:
     text = "SMTP 550 5.1.1 <u1@example.com>: mailbox unavailable"
     assert scrub_urls(text) == text
-    assert scrub_urls("at http://127.0.0.1:8025 (connect)") == "at http://127.0.0.1:8025/… (connect)"
+    scrubbed = scrub_urls("at http://127.0.0.1:8025 (connect)")
+    assert scrubbed == "at http://127.0.0.1:8025/… (connect)"
