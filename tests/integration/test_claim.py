@@ -294,5 +294,8 @@ def test_the_urgent_claim_stops_before_the_campaigns_dead_index_entries(
 
     urgent = claim_index_blocks(URGENT_PRIORITY_BELOW)
     regular = claim_index_blocks(32768)
-    assert urgent <= 4, urgent
+    # a few blocks: the index's root and the leaf with the one transactional entry
+    # (PostgreSQL 15 reads 3, 18 reads 9); the regular claim reads the dead entries
+    # too (65 and 43 blocks there)
+    assert urgent <= 12, urgent
     assert regular > 4 * urgent, (regular, urgent)

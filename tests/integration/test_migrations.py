@@ -19,9 +19,13 @@ CATALOG_QUERIES = {
                column_default, is_identity, identity_generation
           FROM information_schema.columns WHERE table_schema = 'outbox'
          ORDER BY 1, 3""",
+    # NOT NULL constraints (PostgreSQL 18 keeps them in pg_constraint, named after the
+    # table at creation: a table rebuilt by a migration gets "..._not_null1") are
+    # compared as the columns' nullability above, not by name
     "constraints": """
         SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
-          FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace ORDER BY 1, 2""",
+          FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace AND contype <> 'n'
+         ORDER BY 1, 2""",
     "indexes": """
         SELECT tablename, indexname, indexdef FROM pg_indexes
          WHERE schemaname = 'outbox' ORDER BY 1, 2""",
