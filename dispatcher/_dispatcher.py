@@ -53,6 +53,7 @@ from outbox._settings import Settings
 from outbox._templates import TemplateCatalog
 from outbox.dispatcher._acknowledger import Acknowledger
 from outbox.dispatcher._claimed import ClaimDecoder
+from outbox.dispatcher._clock import DatabaseClock
 from outbox.dispatcher._finishes import AckBatch, AckResult, FinishSent
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
@@ -148,6 +149,7 @@ class Dispatcher:
         limited: set[str] = {c for c in limits if c != "telegram_chat"}
         if "telegram_chat" in limits:
             limited.add("telegram")
+        self._clock = DatabaseClock()
         self._senders = Senders(
             ready=self._ready,
             leases=self._leases,
@@ -163,6 +165,7 @@ class Dispatcher:
             send_timeout=options.send_timeout or settings.lease_seconds * 0.8,
             fall_back_lanes=fall_back_lanes(settings.fallback_on_failure),
             ack_url=settings.ack_url,
+            clock=self._clock.now,
         )
         self._sleeper = Sleeper(self._store, poll_interval=settings.poll_interval)
         self._until_idle = UntilIdle(self._store, horizon=options.idle_horizon)
@@ -194,6 +197,12 @@ class Dispatcher:
     async def run(self) -> None:
         """Dispatch until stopped (or, with ``until_idle``, until nothing is left)."""
         await self._store.open()
+        # not reachable yet: the claim loop waits for it; measured again later
+        with contextlib.suppress(StoreError):
+            await self._clock.sync(self._store.database_now)
+        clock = asyncio.create_task(
+            self._clock.keep_synced(self._store.database_now, (StoreError,)), name="outbox-clock"
+        )
         if self.settings.listen:
             # LISTEN needs a session: behind PgBouncer in transaction mode, a direct URL
             listen_url = self.settings.listen_database_url or self.settings.database_url
@@ -234,6 +243,7 @@ class Dispatcher:
                     pass
                 except Exception:  # the shutdown must run whatever ended the task
                     log.exception("urgent claims failed")
+            clock.cancel()
             await self._shutdown(acker, heartbeat, senders)
 
     async def _shutdown(

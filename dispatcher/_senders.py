@@ -18,12 +18,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from outbox._errors import OutboxError, TemplateRenderError
 from outbox.dispatcher import delivery
 from outbox.dispatcher._acknowledger import Acknowledger
 from outbox.dispatcher._claimed import Claimed
+from outbox.dispatcher._clock import local_now
 from outbox.dispatcher._finishes import Finish
 from outbox.dispatcher._leases import LeaseBook
 from outbox.dispatcher._limits import CircuitBreaker, RateLimiter
@@ -104,6 +105,7 @@ class Senders:
         send_timeout: float,
         fall_back_lanes: frozenset[str] = frozenset(),
         ack_url: Callable[[int], str | None] | None = None,
+        clock: Callable[[], datetime] = local_now,
     ) -> None:
         self._ready = ready
         self._leases = leases
@@ -118,6 +120,8 @@ class Senders:
         self._fall_back_lanes = fall_back_lanes
         """Lanes whose messages go to their next channel when they die on one."""
         self._ack_url = ack_url
+        self._clock = clock
+        """The database's time (``DatabaseClock.now``): expiry and quiet hours."""
         """Signs an alert's acknowledgement link (None: no key configured, no link)."""
         self._slots = SendSlots(concurrency)
         self._stopping = False
@@ -205,7 +209,7 @@ class Senders:
         recipient: RecipientRecord | None,
         deadlines: delivery.SendDeadlines | None,
     ) -> Finish:
-        held_back = presend(message, recipient, now=datetime.now(UTC), configured=self.channels)
+        held_back = presend(message, recipient, now=self._clock(), configured=self.channels)
         if held_back is not None:
             return held_back
         assert recipient is not None  # presend finishes an unknown recipient

@@ -185,6 +185,14 @@ class Store:
             return None, False
         return (float(row[0]) if row[0] is not None else None), bool(row[1])
 
+    async def database_now(self) -> datetime:
+        """The database server's clock (``clock_timestamp()``)."""
+        async with self._connection("database clock") as conn:
+            row = await (await conn.execute(QUERIES["database_now"])).fetchone()
+        if row is None:
+            raise StoreUnavailable("the database did not say what time it is")
+        return row[0]  # type: ignore[no-any-return]
+
     async def pause_ends(self) -> float | None:
         """Seconds until the first channel pause ends (None: no channel is paused)."""
         async with self._connection("pause ends") as conn:

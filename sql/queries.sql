@@ -512,6 +512,10 @@ SELECT CAST(extract(epoch FROM min(
   FROM priorities p
  WHERE p.priority IS NOT NULL
 
+-- database_now --
+-- The server's clock now (not the transaction's start): the dispatcher's clock offset.
+SELECT clock_timestamp()
+
 -- pause_ends --
 -- Seconds until the first pause of a channel (an open breaker) ends; NULL: none.
 SELECT CAST(extract(epoch FROM min(paused_until) - now()) AS float8)

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
 from outbox import Settings
@@ -160,3 +161,51 @@ async def test_an_idle_dispatcher_does_not_claim_in_a_loop_while_a_paused_channe
     # the admin's own statements count too (two per transactions() call); a loop
     # would be hundreds
     assert during < 40, f"{during} transactions in 1.5 s while the channel was paused"
+
+
+async def test_expiry_follows_the_databases_clock_when_the_hosts_clock_is_off(
+    database_url: str, admin: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatcher host whose clock runs an hour fast (no NTP in the container) would
+    expire an alert the producer gave 30 minutes, and one an hour slow would send an
+    alert expired 30 minutes ago. Expiry follows the database's clock."""
+    from datetime import UTC, datetime, timedelta
+
+    from outbox.dispatcher import _clock
+
+    admin.execute("SELECT outbox.set_address('u1', 'email', 'u1@example.com')")
+    fresh = admin.execute(
+        "SELECT outbox.enqueue('email', 'position_failure_entry', 'u1', %s,"
+        " expires_at => now() + interval '30 minutes')",
+        [Jsonb(ENTRY)],
+    ).fetchone()
+    stale = admin.execute(
+        "SELECT outbox.enqueue('email', 'position_failure_entry', 'u1', %s,"
+        " expires_at => now() + interval '2 seconds')",
+        [Jsonb(ENTRY)],
+    ).fetchone()
+    assert fresh is not None and stale is not None
+    time.sleep(2.5)  # the second one expires, by the database's clock
+    channel = RecordingChannel("email")
+    settings = replace(Settings(database_url=database_url, rate_limits={}), poll_interval=0.2)
+    for skew in (timedelta(hours=1), timedelta(hours=-1)):
+        monkeypatch.setattr(_clock, "local_now", lambda skew=skew: datetime.now(UTC) + skew)
+        admin.execute("UPDATE outbox.message SET next_attempt_at = now()")
+        async with running(Dispatcher(settings, {"email": channel})):
+            await wait_for(
+                lambda: admin.execute("SELECT count(*) FROM outbox.message").fetchone() == (0,)
+            )
+        outcomes = admin.execute(
+            "SELECT message_id, outcome FROM outbox.attempt ORDER BY message_id"
+        ).fetchall()
+        assert outcomes == [(fresh[0], "sent"), (stale[0], "expired")], (skew, outcomes)
+        # again, the other way round
+        admin.execute("DELETE FROM outbox.attempt")
+        for message_id, expires in ((fresh[0], "30 minutes"), (stale[0], "-30 seconds")):
+            admin.execute(
+                "INSERT INTO outbox.message (id, lane, priority, channel, user_id, template,"
+                " vars, expires_at) OVERRIDING SYSTEM VALUE"
+                " VALUES (%s, 'transactional', 0, 'email', 'u1', 'position_failure_entry',"
+                " %s, now() + CAST(%s AS interval))",
+                [message_id, Jsonb(ENTRY), expires],
+            )
