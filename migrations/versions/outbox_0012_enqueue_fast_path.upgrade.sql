@@ -1,15 +1,19 @@
 -- outbox_0012: outbox.enqueue at a lower price for the common call (issue 18).
 --
 -- PL/pgSQL prepares every expression of a function again in each transaction, and a
--- producer calls enqueue once per transaction: each of the dozen input-rule IFs, the
--- DECLARE initialiser and the separate sleeper look-up cost it their start-up on
--- every call (measured, transactions of one order insert plus the call, committed
--- one by one in a server-side loop: about 62 us of enqueue over the order insert
--- alone, 46 us with this revision, 12-14 us for a plain insert of the same row).
--- A call without options now asks all the input rules in one expression and, if
--- they hold, inserts and looks up the sleeper to wake in one statement. Anything
--- else (an option, a rule broken, a NULL argument) goes the long way, unchanged:
--- every rule, its message and its error code are as before.
+-- producer calls enqueue once per transaction: each of the dozen input-rule IFs and
+-- the DECLARE initialiser cost it their start-up on every call, and the template
+-- rule's bounded repeat ({1,100}) cost the regex engine more than all of them. A call
+-- without options now asks all the input rules in one expression and, if they hold,
+-- inserts and looks up the sleeper to wake in one statement. Anything else (an
+-- option, a rule broken, a NULL argument) goes the long way, unchanged: every rule,
+-- its message and its error code are as before.
+--
+-- Measured (backend CPU per committed transaction of one order insert plus the call,
+-- server-side loop, synchronous_commit off): the call cost 63 us over the order insert
+-- alone, 40-42 us with this revision; a plain insert of the same row costs 12 us into
+-- a table with outbox.message's columns, identity key and claim index, 25-29 us into
+-- outbox.message itself (its three CHECK constraints and four more partial indexes).
 
 CREATE OR REPLACE FUNCTION outbox.enqueue(
     channel text,
