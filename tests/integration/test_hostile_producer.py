@@ -317,7 +317,7 @@ def test_the_python_api_refuses_send_at_more_than_a_year_ahead(
 
 # ------------------------------------------------------------- the short way (0012)
 
-# Since outbox_0012 a call without options is checked by one expression and takes a
+# Since outbox_0013 a call without options is checked by one expression and takes a
 # short way; anything else takes the long way, one rule after the other. A send_at in
 # the past changes nothing about the message (it is due now) but takes the long way:
 # both ways must accept and refuse the same calls, with the same error.

@@ -288,12 +288,12 @@ def test_downgrading_outbox_0011_restores_outbox_0010_exactly(
         assert before[name] == after[name], f"{name} differ"
 
 
-def test_downgrading_outbox_0012_restores_outbox_0011_exactly(
+def test_downgrading_outbox_0013_restores_outbox_0012_exactly(
     empty_database_url: str, second_empty_database_url: str
 ) -> None:
-    upgrade(empty_database_url, "outbox_0011")
-    upgrade(second_empty_database_url, "outbox_0012")
-    downgrade(second_empty_database_url, "outbox_0011")
+    upgrade(empty_database_url, "outbox_0012")
+    upgrade(second_empty_database_url, "outbox_0013")
+    downgrade(second_empty_database_url, "outbox_0012")
     before, after = catalog(empty_database_url), catalog(second_empty_database_url)
     for name in CATALOG_QUERIES:
         assert before[name] == after[name], f"{name} differ"

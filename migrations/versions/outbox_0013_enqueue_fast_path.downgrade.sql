@@ -1,4 +1,4 @@
--- outbox_0012 downgrade: outbox.enqueue as outbox_0011 defined it. Frozen.
+-- outbox_0013 downgrade: outbox.enqueue as outbox_0011 defined it (outbox_0012 left it alone). Frozen.
 
 CREATE OR REPLACE FUNCTION outbox.enqueue(
     channel text,

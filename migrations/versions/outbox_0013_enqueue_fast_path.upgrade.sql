@@ -1,4 +1,4 @@
--- outbox_0012: outbox.enqueue at a lower price for the common call (issue 18).
+-- outbox_0013: outbox.enqueue at a lower price for the common call (issue 18).
 --
 -- PL/pgSQL prepares every expression of a function again in each transaction, and a
 -- producer calls enqueue once per transaction: each of the dozen input-rule IFs and

@@ -1,7 +1,7 @@
 """outbox.enqueue: one expression and one statement for the common call.
 
-Revision ID: outbox_0012
-Revises: outbox_0011
+Revision ID: outbox_0013
+Revises: outbox_0012
 Create Date: 2026-12-05
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from outbox._migrate import run_sql_file
 
-revision = "outbox_0012"
-down_revision = "outbox_0011"
+revision = "outbox_0013"
+down_revision = "outbox_0012"
 branch_labels = None
 depends_on = None
 
