@@ -1,19 +1,29 @@
 """``python -m bench producer``: what the outbox costs the trading code's transactions.
 
-Three transactions, each run by 1, 8 and 32 concurrent connections for ``--seconds``
-(pgbench, so the client is not the bottleneck), with dispatchers running:
+Section ``dispatch`` (issue 18: "a producer at the price of a plain insert"): three
+transactions, each run by 8 and 32 concurrent connections (``--clients``) for
+``--seconds`` (pgbench, so the client is not the bottleneck), once with no dispatcher
+and once with one running (``--dispatchers 0,1``):
 
 - ``business``: one business-row insert (an order) and commit;
-- ``two_rows``: the same insert plus a second plain order insert, for reference: what
-  any second statement in the transaction costs on this machine;
-- ``enqueue``: the same insert plus ``outbox.enqueue(...)``;
-- ``naive``: the same as ``enqueue`` plus a ``pg_notify`` in every transaction, the
-  wakeup the design rejects (NOTIFY takes a global lock at commit).
+- ``plain_insert``: the same insert plus a plain insert of the row ``enqueue`` writes
+  into ``bench_message``, a table of ``outbox.message``'s shape (its columns and
+  defaults, an identity key and an index equal to the claim index
+  ``message_claim_idx``): the price of the reference, what any outbox table costs;
+- ``enqueue``: the same insert plus ``outbox.enqueue(...)`` (its input rules, its
+  channel check, its wakeup of a sleeping dispatcher, ``outbox.message``'s own
+  constraints and indexes);
+- ``naive`` (only with ``--variants``): ``enqueue`` plus a ``pg_notify`` in every
+  transaction, the wakeup the design rejects (NOTIFY takes a global lock at commit).
 
 Variants are interleaved within each round so that noise from the shared machine
-lands on all of them alike.
+lands on all of them alike; ratios are taken per round (same round, connections and
+dispatchers) and their median is the figure. With a dispatcher, every run starts
+from an empty queue (it drains ``outbox.message``); ``bench_message`` and, without a
+dispatcher, ``outbox.message`` are emptied before every run.
 
-Target: ``enqueue`` reaches at least 0.85 of the ``business`` rate at 32 connections.
+Goal: ``enqueue`` / ``plain_insert`` at least 0.95 at 32 connections with a
+dispatcher running.
 
 Then what the second wave's options cost a producer (section ``revisions``): two
 databases side by side, one at the previous schema revision (``--previous``,
@@ -75,7 +85,8 @@ from bench._common import (
 from outbox._migrate import VERSION_TABLE, alembic_config, upgrade
 
 USERS = 1000
-VARIANTS = ("business", "two_rows", "enqueue", "naive")
+VARIANTS = ("business", "plain_insert", "enqueue", "naive")
+GOAL = 0.95  # enqueue / plain insert at 32 connections with a dispatcher (issue 18)
 BUSINESS = """\\set uid random(1, {users})
 \\set px random(100000, 200000)
 BEGIN;
@@ -135,8 +146,15 @@ BEGIN
              VALUES ('u' || (1 + g % {users}), 'EURUSD', 'buy', 1.0, 1 + g / 1e6);
     END LOOP;
 END $$"""
-SECOND_ROW = """INSERT INTO bench_order (account, instrument, side, volume, price)
-     VALUES ('u' || :uid, 'EURUSD', 'sell', 1.0, :px / 100000.0);
+# the row enqueue writes (its defaults: vars' shape, status, now(), enqueued_by), as a
+# plain insert into a table of outbox.message's shape
+PLAIN_INSERT = """INSERT INTO bench_message (lane, priority, channel, user_id, template, vars,
+                           next_attempt_at)
+     VALUES ('transactional', 0, 'push', 'u' || :uid, 'price_alert',
+             jsonb_build_object('instrument', 'EURUSD', 'condition', 'above',
+                                'trigger_price', (:px / 100000.0)::text,
+                                'current_price', ((:px + 20) / 100000.0)::text),
+             now());
 """
 
 
@@ -147,15 +165,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(parser)
-    parser.add_argument("--clients", default="1,8,32", help="connection counts (%(default)s)")
+    parser.add_argument("--clients", default="8,32", help="connection counts (%(default)s)")
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="duration of each run (%(default)s)"
     )
     parser.add_argument(
         "--dispatchers",
-        type=int,
-        default=1,
-        help="outbox dispatch processes running meanwhile (%(default)s)",
+        default="0,1",
+        help="outbox dispatch processes running meanwhile, one setting after the other "
+        "(%(default)s)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="business,plain_insert,enqueue",
+        help=f"the dispatch section's transactions, of {','.join(VARIANTS)} (%(default)s)",
     )
     parser.add_argument(
         "--env",
@@ -167,7 +190,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default="dispatch,revisions",
-        help="what to run: dispatch (the four transactions with dispatchers running), "
+        help="what to run: dispatch (business, plain insert and enqueue, with and without "
+        "a dispatcher), "
         "revisions (--previous against --head) (%(default)s)",
     )
     parser.add_argument(
@@ -212,12 +236,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.clients, args.seconds, args.rounds = "1,8", 1.0, 1
+        args.clients, args.seconds, args.rounds = "8", 1.0, 1
         args.revision_clients, args.revision_seconds, args.revision_rounds = "8", 1.0, 1
         args.loop_calls, args.loop_repeats = 200, 1
     if args.head == "heads":
         args.head = newest_revision(args.database_url)
     args.names = {PREVIOUS: args.previous, HEAD: args.head}
+    args.dispatcher_counts = [int(n) for n in args.dispatchers.split(",") if n.strip()]
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variant_list) - set(VARIANTS) or "business" not in args.variant_list:
+        parser.error(f"--variants: business and any of {', '.join(VARIANTS)}")
     args.sections = {part.strip() for part in args.sections.split(",") if part.strip()}
     unknown = args.sections - {"dispatch", "revisions"}
     if unknown or not args.sections:
@@ -228,7 +256,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def scripts(folder: Path) -> dict[str, Path]:
     texts = {
         "business": BUSINESS.format(users=USERS, extra=""),
-        "two_rows": BUSINESS.format(users=USERS, extra=SECOND_ROW),
+        "plain_insert": BUSINESS.format(users=USERS, extra=PLAIN_INSERT),
         "enqueue": BUSINESS.format(users=USERS, extra=ENQUEUE),
         "naive": BUSINESS.format(users=USERS, extra=ENQUEUE + NOTIFY),
     }
@@ -278,6 +306,23 @@ def prepare(url: str) -> None:
             " volume numeric NOT NULL, price numeric NOT NULL,"
             " created_at timestamptz NOT NULL DEFAULT now())"
         )
+        # The reference for enqueue: outbox.message's columns and defaults, an identity
+        # key and the claim index, without the function, its checks and the other
+        # indexes and constraints (what the outbox adds to a plain outbox table).
+        conn.execute("CREATE TABLE bench_message (LIKE outbox.message INCLUDING DEFAULTS)")
+        conn.execute(
+            "ALTER TABLE bench_message ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY,"
+            " ADD PRIMARY KEY (id)"
+        )
+        claim = scalar(
+            url,
+            "SELECT pg_get_indexdef('outbox.message_claim_idx'::regclass)",
+        )
+        conn.execute(
+            str(claim)
+            .replace("INDEX message_claim_idx", "INDEX bench_message_claim_idx")
+            .replace("ON outbox.message", "ON public.bench_message")
+        )
 
 
 def wait_drained(url: str, timeout: float = 120.0) -> None:
@@ -292,53 +337,76 @@ def wait_drained(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError("the dispatchers did not drain the queue between runs")
 
 
-def run(args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:
+Run = tuple[str, int, int]  # (variant, clients, dispatchers)
+
+
+def start_dispatchers(url: str, count: int, env_items: list[str]) -> list[subprocess.Popen[bytes]]:
+    env = dispatcher_env(url, **dict(item.split("=", 1) for item in env_items))
+    processes = [
+        subprocess.Popen(
+            [OUTBOX, "dispatch"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+    if processes:
+        time.sleep(1.0)  # let them start and fall asleep
+    return processes
+
+
+def stop_dispatchers(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(args: argparse.Namespace) -> dict[Run, list[float]]:
+    """tps per round by (variant, clients, dispatchers)."""
     if shutil.which("pgbench") is None:
         raise SystemExit("bench producer needs pgbench (PostgreSQL's client tools) on PATH")
     client_counts = [int(c) for c in args.clients.split(",") if c]
-    rates: dict[tuple[str, int], list[float]] = {}
+    rates: dict[Run, list[float]] = {}
     with fresh_database(args.database_url, "producer") as url, tempfile.TemporaryDirectory() as tmp:
         prepare(url)
         paths = scripts(Path(tmp))
-        env = dispatcher_env(url, **dict(item.split("=", 1) for item in args.env))
-        dispatchers = [
-            subprocess.Popen(
-                [OUTBOX, "dispatch"],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(args.dispatchers)
-        ]
-        try:
-            time.sleep(1.0)  # let them start and fall asleep
-            for round_ in range(1, args.rounds + 1):
-                for clients in client_counts:
-                    for variant in VARIANTS:
-                        if dispatchers:
-                            wait_drained(url)
-                        else:
+        for count in args.dispatcher_counts:
+            dispatchers = start_dispatchers(url, count, args.env)
+            try:
+                for round_ in range(1, args.rounds + 1):
+                    for clients in client_counts:
+                        for variant in args.variant_list:
+                            if dispatchers:
+                                wait_drained(url)
+                                tables = ["bench_message"]
+                            else:
+                                tables = ["bench_message", "outbox.message"]
                             with psycopg.connect(url, autocommit=True) as conn:
-                                conn.execute("TRUNCATE outbox.message")
-                        vacuum(
-                            url, "bench_order", "outbox.message", "outbox.attempt", "outbox.sleeper"
-                        )
-                        tps = pgbench(url, paths[variant], clients, args.seconds)
-                        rates.setdefault((variant, clients), []).append(tps)
-                        print(
-                            f"  round {round_}: {variant:8s} x{clients:<3d} {tps:8,.0f} tps",
-                            flush=True,
-                        )
-        finally:
-            for process in dispatchers:
-                process.terminate()
-            for process in dispatchers:
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                                conn.execute(f"TRUNCATE {', '.join(tables)}")
+                            vacuum(
+                                url,
+                                "bench_order",
+                                "bench_message",
+                                "outbox.message",
+                                "outbox.attempt",
+                                "outbox.sleeper",
+                            )
+                            tps = pgbench(url, paths[variant], clients, args.seconds)
+                            rates.setdefault((variant, clients, count), []).append(tps)
+                            print(
+                                f"  round {round_}: {count} dispatcher(s) {variant:12s}"
+                                f" x{clients:<3d} {tps:8,.0f} tps",
+                                flush=True,
+                            )
+            finally:
+                stop_dispatchers(dispatchers)
     return rates
 
 
@@ -645,55 +713,85 @@ def revision_tables(
     return text, lines, {name: verdict for name, (verdict, _) in found.items()}
 
 
+def ratios_of(rates: dict[Run, list[float]], top: Run, bottom: Run) -> list[float]:
+    """``top`` / ``bottom``, round by round (the runs of one round are interleaved)."""
+    return [t / b for t, b in zip(rates[top], rates[bottom], strict=True)]
+
+
+def goal_line(rates: dict[Run, list[float]]) -> tuple[str, Target | None]:
+    """The issue's goal, from the median of the per-round ratios."""
+    dispatched = sorted({d for _, _, d in rates if d > 0})
+    clients = 32
+    variants = {v for v, _, _ in rates}
+    if (
+        not dispatched
+        or not {"enqueue", "plain_insert"} <= variants
+        or clients not in {c for _, c, _ in rates}
+    ):
+        return (
+            "goal: not measured (needs enqueue and plain_insert at 32 clients with a dispatcher)",
+            None,
+        )
+    count = dispatched[0]
+    ratios = ratios_of(rates, ("enqueue", clients, count), ("plain_insert", clients, count))
+    median = statistics.median(ratios)
+    met = median >= GOAL
+    line = (
+        f"enqueue / plain insert at {clients} clients with a dispatcher "
+        f">= {GOAL}: {'met' if met else 'missed'} (median of per-round ratios "
+        f"{median:.3f}; rounds {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
+    target = Target(
+        f"enqueue / plain insert at {clients} connections, {count} dispatcher(s)", median, GOAL
+    )
+    return line, target
+
+
 def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, list[float]]]:
-    """The four transactions with dispatchers running: table, target, figures."""
+    """Business, plain insert and enqueue, with and without a dispatcher."""
     rates = run(args)
     rows = []
-    targets = []
-    for clients in sorted({c for _, c in rates}):
-        business = summarize(rates[("business", clients)])
-        for variant in VARIANTS:
-            rate = summarize(rates[(variant, clients)])
-            ratios = [
-                r / b
-                for r, b in zip(
-                    rates[(variant, clients)], rates[("business", clients)], strict=True
-                )
-            ]
-            rows.append(
-                [
-                    variant,
-                    clients,
-                    rate.cell(),
-                    f"{rate.spread:.0%}",
-                    f"{rate.median / business.median:.2f}",
-                    f"{min(ratios):.2f}..{max(ratios):.2f}",
-                ]
-            )
-        if clients == 32 or clients == max(c for _, c in rates):
-            enqueue = summarize(rates[("enqueue", clients)])
-            targets.append(
-                Target(
-                    f"enqueue / business at {clients} connections",
-                    enqueue.median / business.median,
-                    0.85,
-                )
-            )
+    for count in args.dispatcher_counts:
+        for clients in sorted({c for _, c, _ in rates}):
+            for variant in args.variant_list:
+                key = (variant, clients, count)
+                rate = summarize(rates[key])
+                cells: list[object] = [variant, clients, count, rate.cell(), f"{rate.spread:.0%}"]
+                for base in ("business", "plain_insert"):
+                    if (
+                        variant == base
+                        or variant == "business"
+                        or (base == "plain_insert" and variant != "enqueue" and variant != "naive")
+                        or (base, clients, count) not in rates
+                    ):
+                        cells += ["", ""]
+                        continue
+                    ratios = ratios_of(rates, key, (base, clients, count))
+                    cells += [
+                        f"{statistics.median(ratios):.3f}",
+                        " ".join(f"{r:.3f}" for r in ratios),
+                    ]
+                rows.append(cells)
     print(
         table(
             [
                 "transaction",
                 "connections",
+                "dispatchers",
                 "tps median (min..max)",
                 "spread",
                 "/ business",
-                "per-round ratio",
+                "per round",
+                "/ plain insert",
+                "per round",
             ],
             rows,
-            "Producer transactions",
+            "Producer transactions (ratios: median of the per-round ratios)",
         )
     )
-    return targets, {f"{v}x{c}": r for (v, c), r in rates.items()}
+    line, target = goal_line(rates)
+    print(f"\n{line}")
+    return ([target] if target else []), {f"{v}x{c}d{d}": r for (v, c, d), r in rates.items()}
 
 
 def revisions_section(args: argparse.Namespace) -> dict[str, object]:
@@ -729,8 +827,8 @@ def main(argv: list[str]) -> int:
     plan = []
     if "dispatch" in args.sections:
         plan.append(
-            f"dispatch: {args.seconds:g} s per run, clients {args.clients}, "
-            f"{args.dispatchers} dispatcher(s) running, rounds {args.rounds}"
+            f"dispatch: {', '.join(args.variant_list)}; {args.seconds:g} s per run, "
+            f"clients {args.clients}, dispatchers {args.dispatchers}, rounds {args.rounds}"
         )
     if "revisions" in args.sections:
         plan.append(

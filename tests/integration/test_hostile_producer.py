@@ -313,3 +313,89 @@ def test_the_python_api_refuses_send_at_more_than_a_year_ahead(
         conn, user_id="u1", channel="email", template="price_alert", vars=ALERT, send_at=soon
     )
     assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (1,)
+
+
+# ------------------------------------------------------------- the short way (0012)
+
+# Since outbox_0013 a call without options is checked by one expression and takes a
+# short way; anything else takes the long way, one rule after the other. A send_at in
+# the past changes nothing about the message (it is due now) but takes the long way:
+# both ways must accept and refuse the same calls, with the same error.
+BOTH_WAYS = """SELECT outbox.enqueue(channel => %(channel)s, template => %(template)s,
+    user_id => %(user_id)s, vars => %(vars)s::jsonb, lane => %(lane)s,
+    priority => %(priority)s::smallint, dedup_window => %(window)s::interval{extra})"""
+LONG_WAY = ", send_at => now() - interval '1 second'"
+VALID = {
+    "channel": "push",
+    "template": "price_alert",
+    "user_id": "u1",
+    "vars": '{"a": "b"}',
+    "lane": "transactional",
+    "priority": None,
+    "window": "24 hours",
+}
+EDGES: list[dict[str, Any]] = [
+    {},
+    {"channel": "sms"},
+    {"channel": "nope"},
+    {"channel": "PUSH"},
+    {"channel": None},
+    {"channel": ""},
+    {"template": "a" * 100},
+    {"template": "a" * 101},
+    {"template": "Price_alert"},
+    {"template": ""},
+    {"template": None},
+    {"user_id": "x" * 255},
+    {"user_id": "x" * 256},
+    {"user_id": ""},
+    {"user_id": None},
+    {"vars": None},
+    {"vars": "{}"},
+    {"vars": "[]"},
+    {"vars": '"text"'},
+    {"vars": "null"},
+    {"vars": "1"},
+    *({"vars": '{"k": "' + "x" * n + '"}'} for n in (230, 238, 242, 246, 250, 300)),
+    {"vars": nested(32)},
+    {"vars": nested(33)},
+    {"lane": "campaign"},
+    {"lane": "bogus"},
+    {"lane": None},
+    *({"priority": p} for p in (-1, 0, 99, 100)),
+    *({"lane": "campaign", "priority": p} for p in (99, 100, 199, 200)),
+    *({"window": w} for w in ("0 seconds", "1 second", "30 days", "31 days", "-1 day", None)),
+]
+
+
+def outcome(producer: psycopg.Connection[Any], call: dict[str, Any], extra: str) -> object:
+    """What one call did: wrote a row, or raised an error (its code and message)."""
+    try:
+        row = producer.execute(BOTH_WAYS.format(extra=extra), {**VALID, **call}).fetchone()
+    except psycopg.Error as error:
+        return (error.sqlstate, str(error).splitlines()[0])
+    assert row is not None and row[0] is not None
+    return ("written", None)
+
+
+def test_the_short_and_the_long_way_accept_and_refuse_the_same_calls(
+    login_as: Callable[[str], Login], admin: psycopg.Connection[Any]
+) -> None:
+    refused = 0
+    with login_as("outbox_producer")() as producer:
+        for call in EDGES:
+            short, long = outcome(producer, call, ""), outcome(producer, call, LONG_WAY)
+            assert short == long, call
+            refused += short[0] != "written"  # type: ignore[index]
+    # the edges are edges: some on each side
+    assert 0 < refused < len(EDGES)
+    rows = admin.execute(
+        "SELECT lane, priority, channel, user_id, template, vars, fallback, status, attempts,"
+        " idempotency_key, expires_at, collapse_key, escalate_after, enqueued_by,"
+        " next_attempt_at - created_at < interval '1 second'"
+        "  FROM outbox.message ORDER BY id"
+    ).fetchall()
+    # the two ways wrote the same rows, one after the other
+    assert len(rows) == 2 * (len(EDGES) - refused)
+    assert rows[0::2] == rows[1::2]
+    assert all(row[-1] for row in rows)

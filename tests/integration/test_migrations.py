@@ -302,6 +302,17 @@ def test_downgrading_outbox_0011_restores_outbox_0010_exactly(
         assert before[name] == after[name], f"{name} differ"
 
 
+def test_downgrading_outbox_0013_restores_outbox_0012_exactly(
+    empty_database_url: str, second_empty_database_url: str
+) -> None:
+    upgrade(empty_database_url, "outbox_0012")
+    upgrade(second_empty_database_url, "outbox_0013")
+    downgrade(second_empty_database_url, "outbox_0012")
+    before, after = catalog(empty_database_url), catalog(second_empty_database_url)
+    for name in CATALOG_QUERIES:
+        assert before[name] == after[name], f"{name} differ"
+
+
 def test_outbox_0011_gives_each_key_to_the_producer_of_its_message(
     empty_database_url: str,
 ) -> None:
