@@ -374,13 +374,22 @@ class _Dispatchers:
             if entry is None:
                 continue
             name, process = entry
+            stacks = ""
             try:
                 code = process.wait(30)
             except subprocess.TimeoutExpired:
+                # where is it stuck? the dispatcher prints every thread's stack on
+                # SIGUSR1 (faulthandler), into its log; the report carries the tail
+                process.send_signal(signal.SIGUSR1)
+                time.sleep(2)
                 process.kill()
                 code = process.wait(10)
+                log = (self.workdir / f"{name}.log").read_text(errors="replace")
+                stacks = "\n    its log's end (stacks at SIGUSR1):\n" + "\n".join(
+                    "      " + line for line in log.splitlines()[-60:]
+                )
             if code != 0:
-                self.unexpected.append(f"{name} exited with {code} at SIGTERM")
+                self.unexpected.append(f"{name} exited with {code} at SIGTERM{stacks}")
             self.slots[slot] = None
 
 

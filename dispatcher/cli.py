@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -164,6 +165,10 @@ async def _main(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # `kill -USR1 <pid>`: every thread's stack on stderr, even with the event loop
+    # stuck in a call that never returns (what a dispatcher that ignores SIGTERM is
+    # doing); faulthandler writes from the signal handler, not from the loop
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     link = None
     if args.supervised_fd is not None:
         from outbox.dispatcher._supervisor import SupervisorLink

@@ -95,3 +95,24 @@ def test_a_dispatcher_whose_output_nobody_reads_keeps_delivering(
         assert process.stdout is not None and process.stderr is not None
         process.stdout.close()
         process.stderr.close()
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_dispatcher_goes_on(
+    admin: psycopg.Connection[Any], spawn_dispatcher: Spawn, recorder: FileRecorder, tmp_path: Path
+) -> None:
+    """For a dispatcher that will not stop: `kill -USR1` shows where it is stuck, from
+    a signal handler (faulthandler), so even a blocked event loop answers."""
+    import signal
+
+    process = spawn_dispatcher()
+    log = tmp_path / "dispatcher-0.log"
+    wait_until(lambda: "dispatcher started" in log.read_text(), 30, "the dispatcher to start")
+    process.send_signal(signal.SIGUSR1)
+    wait_until(lambda: "most recent call first" in log.read_text(), 10, "the stacks")
+    text = log.read_text()
+    assert "Current thread" in text or "Thread 0x" in text, text[-2000:]
+    assert "outbox" in text.split("most recent call first", 1)[1], text[-2000:]
+    enqueue(admin, 3)  # still delivering
+    wait_until(lambda: recorder.count() == 3, 30, "deliveries after the dump")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
