@@ -70,6 +70,13 @@ from outbox.dispatcher.rendering import RenderCache
 
 log = logging.getLogger("outbox.dispatcher")
 
+SHUTDOWN_DATABASE_SECONDS = 10.0
+"""At shutdown, how long writing the last outcomes, giving leases back and leaving
+``outbox.sleeper`` may take together. A database that does not answer meanwhile
+(gone silent, restarting) must not keep the process past its orchestrator's grace
+period into a SIGKILL: what is not written by then is left to the leases, which
+expire, and the messages are sent again (at least once, as after a crash)."""
+
 UNCLAIMABLE_RETRY_SECONDS = 0.05
 """How soon to claim again when a due message was not claimable and no channel is
 paused (another replica's claim held it): its lease is being written right now."""
@@ -254,12 +261,25 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
         self._ready.clear()
-        await self._acker.flush()
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_DATABASE_SECONDS
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._acker.flush()
+        except TimeoutError:
+            log.warning(
+                "shutdown: outcomes not written within %gs; their leases expire and the"
+                " messages are sent again",
+                SHUTDOWN_DATABASE_SECONDS,
+            )
         acker.cancel()
         heartbeat.cancel()
         await asyncio.gather(acker, heartbeat, return_exceptions=True)
-        await self._leases.release_all()
-        await self._sleeper.set(False)
+        try:
+            async with asyncio.timeout_at(max(deadline, asyncio.get_running_loop().time() + 1)):
+                await self._leases.release_all()
+                await self._sleeper.set(False)
+        except TimeoutError:
+            log.warning("shutdown: leases not given back in time; they expire")
         if self._wakeup is not None:
             await self._wakeup.close()
         for name, channel in self.channels.items():
