@@ -56,8 +56,8 @@ async def test_a_dispatcher_stops_in_bounded_time_when_the_database_goes_silent(
     admin.execute(
         "SELECT outbox.enqueue_many('email', 'price_alert',"
         " ARRAY(SELECT 'u' || g FROM generate_series(1, 20) g),"
-        " ARRAY['{\"instrument\": \"EURUSD\", \"trigger_price\": \"1\","
-        " \"current_price\": \"1\", \"condition\": \"above\"}'::jsonb])"
+        ' ARRAY[\'{"instrument": "EURUSD", "trigger_price": "1",'
+        ' "current_price": "1", "condition": "above"}\'::jsonb])'
     )
     channel = RecordingChannel("email", delay=1.0)
     settings = replace(
