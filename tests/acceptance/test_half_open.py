@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -46,12 +46,6 @@ def proxy(database_url: str, pg_server: Any) -> Iterator[TcpProxy]:
         yield running
 
 
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
-    return urlunsplit((parts.scheme, f"{netloc}:{proxy.port}", parts.path, parts.query, ""))
-
-
 def enqueue(admin: psycopg.Connection[Any], first: int, last: int) -> None:
     admin.execute(
         "SELECT outbox.enqueue_many('email', 'price_alert',"
@@ -75,7 +69,7 @@ def test_a_dispatcher_notices_a_silent_database_connection_reconnects_and_delive
         " FROM generate_series(1, 100) g"
     )
     process = spawn_dispatcher(
-        OUTBOX_DATABASE_URL=through(proxy, database_url),
+        OUTBOX_DATABASE_URL=proxy.url(database_url),
         OUTBOX_DB_TIMEOUT=str(DB_TIMEOUT),
     )
     enqueue(admin, 1, 10)

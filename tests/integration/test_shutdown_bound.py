@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -39,12 +39,6 @@ def proxy(database_url: str, pg_server: Any) -> Iterator[TcpProxy]:
         yield running
 
 
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
-    return urlunsplit((parts.scheme, f"{netloc}:{proxy.port}", parts.path, parts.query, ""))
-
-
 @pytest.mark.timeout(120)
 async def test_a_dispatcher_stops_in_bounded_time_when_the_database_goes_silent(
     database_url: str, admin: psycopg.Connection[Any], proxy: TcpProxy
@@ -61,7 +55,7 @@ async def test_a_dispatcher_stops_in_bounded_time_when_the_database_goes_silent(
     )
     channel = RecordingChannel("email", delay=1.0)
     settings = replace(
-        Settings(database_url=through(proxy, database_url), rate_limits={}),
+        Settings(database_url=proxy.url(database_url), rate_limits={}),
         db_timeout=DB_TIMEOUT,
         listen=False,
     )

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(eq=False)
@@ -51,6 +52,12 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
 
     # ------------------------------------------------------------------ control
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` with its host and port replaced by this proxy's (TCP)."""
+        parts = urlsplit(database_url)
+        netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+        return urlunsplit((parts.scheme, f"{netloc}:{self.port}", parts.path, parts.query, ""))
 
     def start(self) -> TcpProxy:
         """Listen on a free loopback port (see :attr:`port`)."""
