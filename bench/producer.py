@@ -50,6 +50,15 @@ function's own cost. Ratios are per round; a verdict
 compares the median ratio with the noise (the largest deviation from 1 of the
 second-run / first-run ratios, or half the spread of the ratio's own rounds if
 that is larger).
+
+Last, what a dispatcher's lingering saves producers that commit steadily below
+saturation (section ``linger``): ``enqueue`` transactions at a fixed rate
+(``--linger-rate`` per second over ``--linger-clients`` connections, pgbench ``-R``,
+``--seconds`` per run) while one dispatcher runs with ``OUTBOX_LINGER_SECONDS=0``
+(it sleeps on LISTEN whenever a claim finds nothing, so most commits find it asleep
+and send a NOTIFY) and with the default, interleaved in every round. Reported: the
+producers' transaction latency (pgbench's average and standard deviation) and the
+NOTIFYs their commits sent per transaction (a listener counts them).
 """
 
 from __future__ import annotations
@@ -189,10 +198,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sections",
-        default="dispatch,revisions",
+        default="dispatch,revisions,linger",
         help="what to run: dispatch (business, plain insert and enqueue, with and without "
         "a dispatcher), "
-        "revisions (--previous against --head) (%(default)s)",
+        "revisions (--previous against --head), linger (producer latency at a fixed rate, "
+        "the dispatcher lingering or not) (%(default)s)",
+    )
+    parser.add_argument(
+        "--linger-rate",
+        type=int,
+        default=2000,
+        help="enqueue transactions per second in the linger section (%(default)s)",
+    )
+    parser.add_argument(
+        "--linger-clients",
+        type=int,
+        default=8,
+        help="pgbench connections in the linger section (%(default)s)",
     )
     parser.add_argument(
         "--previous",
@@ -239,6 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.clients, args.seconds, args.rounds = "8", 1.0, 1
         args.revision_clients, args.revision_seconds, args.revision_rounds = "8", 1.0, 1
         args.loop_calls, args.loop_repeats = 200, 1
+        args.linger_rate = 200
     if args.head == "heads":
         args.head = newest_revision(args.database_url)
     args.names = {PREVIOUS: args.previous, HEAD: args.head}
@@ -247,9 +270,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if set(args.variant_list) - set(VARIANTS) or "business" not in args.variant_list:
         parser.error(f"--variants: business and any of {', '.join(VARIANTS)}")
     args.sections = {part.strip() for part in args.sections.split(",") if part.strip()}
-    unknown = args.sections - {"dispatch", "revisions"}
+    unknown = args.sections - {"dispatch", "revisions", "linger"}
     if unknown or not args.sections:
-        parser.error(f"--sections: choose from dispatch, revisions (got {sorted(unknown)})")
+        parser.error(f"--sections: choose from dispatch, revisions, linger (got {sorted(unknown)})")
+    if args.linger_rate < 1 or args.linger_clients < 1:
+        parser.error("--linger-rate and --linger-clients: at least 1")
     return args
 
 
@@ -355,6 +380,126 @@ def start_dispatchers(url: str, count: int, env_items: list[str]) -> list[subpro
     if processes:
         time.sleep(1.0)  # let them start and fall asleep
     return processes
+
+
+_LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
+_LATENCY_SD = re.compile(r"^latency stddev = ([0-9.]+) ms", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+
+LINGERS = ("0", "default")
+"""The linger section's dispatcher settings: ``OUTBOX_LINGER_SECONDS=0``, and unset."""
+
+
+@dataclass
+class RateRun:
+    latency_ms: float
+    stddev_ms: float
+    notifies_per_commit: float
+
+
+def paced_enqueue(url: str, script: Path, args: argparse.Namespace) -> RateRun:
+    """``--linger-rate`` enqueue transactions per second for ``--seconds`` (pgbench
+    ``-R``): their latency, and the NOTIFYs their commits sent per transaction."""
+    command = [
+        "pgbench",
+        "-n",
+        "-M",
+        "prepared",
+        "-f",
+        str(script),
+        "-c",
+        str(args.linger_clients),
+        "-j",
+        str(min(args.linger_clients, 2)),
+        "-R",
+        str(args.linger_rate),
+        "-T",
+        str(max(1, round(args.seconds))),
+        url,
+    ]
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_wakeup")
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        notifies = sum(1 for _ in listener.notifies(timeout=0.5))
+    latency, stddev, processed = (
+        pattern.search(done.stdout) for pattern in (_LATENCY, _LATENCY_SD, _PROCESSED)
+    )
+    if done.returncode != 0 or not latency or not processed:
+        raise RuntimeError(f"pgbench failed: {done.stderr.strip() or done.stdout.strip()}")
+    commits = max(1, int(processed.group(1)))
+    return RateRun(
+        latency_ms=float(latency.group(1)),
+        stddev_ms=float(stddev.group(1)) if stddev else float("nan"),
+        notifies_per_commit=notifies / commits,
+    )
+
+
+def linger_section(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Producers' latency at a fixed rate, the dispatcher lingering (default) or not."""
+    if shutil.which("pgbench") is None:
+        raise SystemExit("bench producer needs pgbench (PostgreSQL's client tools) on PATH")
+    runs: dict[str, list[RateRun]] = {linger: [] for linger in LINGERS}
+    with fresh_database(args.database_url, "producer") as url, tempfile.TemporaryDirectory() as tmp:
+        prepare(url)
+        script = scripts(Path(tmp))["enqueue"]
+        for round_ in range(1, args.rounds + 1):
+            order = LINGERS if round_ % 2 else LINGERS[::-1]
+            for linger in order:
+                env = [] if linger == "default" else [f"OUTBOX_LINGER_SECONDS={linger}"]
+                dispatchers = start_dispatchers(url, 1, [*args.env, *env])
+                try:
+                    wait_drained(url)
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        conn.execute("TRUNCATE bench_order")
+                    vacuum(url, "bench_order", "outbox.message", "outbox.attempt")
+                    # asleep, as producers find it when the rate starts
+                    time.sleep(0.5)
+                    result = paced_enqueue(url, script, args)
+                    wait_drained(url)
+                finally:
+                    stop_dispatchers(dispatchers)
+                runs[linger].append(result)
+                print(
+                    f"  round {round_}: linger {linger:7s} {result.latency_ms:6.2f} ms"
+                    f" (sd {result.stddev_ms:.2f}), {result.notifies_per_commit:.3f}"
+                    " NOTIFY per commit",
+                    flush=True,
+                )
+    rows = []
+    for linger in LINGERS:
+        latency = summarize([r.latency_ms for r in runs[linger]])
+        stddev = summarize([r.stddev_ms for r in runs[linger]])
+        notifies = summarize([r.notifies_per_commit for r in runs[linger]])
+        ratios = [
+            r.latency_ms / base.latency_ms
+            for r, base in zip(runs[linger], runs[LINGERS[0]], strict=True)
+        ]
+        rows.append(
+            [
+                "0" if linger == "0" else "default (0.005)",
+                latency.cell("{:.2f}"),
+                stddev.cell("{:.2f}"),
+                f"{notifies.median:.3f}",
+                "" if linger == LINGERS[0] else f"{statistics.median(ratios):.3f}",
+                "" if linger == LINGERS[0] else " ".join(f"{r:.3f}" for r in ratios),
+            ]
+        )
+    print(
+        table(
+            [
+                "OUTBOX_LINGER_SECONDS",
+                "latency ms median (min..max)",
+                "stddev ms",
+                "NOTIFY per commit",
+                "latency / linger 0",
+                "per round",
+            ],
+            rows,
+            f"Producer latency at {args.linger_rate:,}/s over {args.linger_clients}"
+            " connections, one dispatcher (enqueue transactions, pgbench -R)",
+        )
+    )
+    return {f"linger={linger}": [r.latency_ms for r in results] for linger, results in runs.items()}
 
 
 def stop_dispatchers(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -837,6 +982,12 @@ def main(argv: list[str]) -> int:
             f"rounds {args.revision_rounds}; "
             f"loops of {args.loop_calls} calls, fastest of {args.loop_repeats} per round"
         )
+    if "linger" in args.sections:
+        plan.append(
+            f"linger: enqueue at {args.linger_rate}/s over {args.linger_clients} connections,"
+            f" one dispatcher lingering 0 s and the default, {args.seconds:g} s per run,"
+            f" rounds {args.rounds}"
+        )
     facts = print_header("producer", args, "\n".join(plan))
     targets: list[Target] = []
     payload: dict[str, object] = {
@@ -847,5 +998,7 @@ def main(argv: list[str]) -> int:
         targets, payload["tps"] = dispatch_section(args)
     if "revisions" in args.sections:
         payload["revisions"] = revisions_section(args)
+    if "linger" in args.sections:
+        payload["linger"] = linger_section(args)
     write_json(args.json, payload)
     return report(targets, check=args.check, quick=args.quick)

@@ -326,6 +326,12 @@ class Dispatcher:
                     # the senders first: this round trip is for producers' sake only
                     await asyncio.sleep(0)
                     await self._sleeper.set(False)
+                if not draining and self.settings.linger > 0:
+                    # Some arrived, fewer than a batch: producers are committing now.
+                    # Asleep on LISTEN, each of their commits would NOTIFY us (NOTIFY
+                    # serializes commits on one lock) and each claim would take a
+                    # few; a moment's wait takes what arrives meanwhile as one batch.
+                    await self._sleep(self.settings.linger)
             elif await self._idle():
                 return
 

@@ -50,6 +50,12 @@ _TWILIO_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _TWILIO_MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 DEFAULT_ACK_LINK_TTL = 7 * 86400.0
+DEFAULT_LINGER_SECONDS = 0.005
+"""``OUTBOX_LINGER_SECONDS``. While producers commit steadily, a dispatcher that
+went to sleep after every small claim would have each of their commits send it a
+NOTIFY (PostgreSQL serializes notifying commits on one lock) and would claim a few
+messages per transaction; lingering this long takes what arrived meanwhile as one
+batch, and no producer notifies (``bench/RESULTS.md``, "producer")."""
 MAX_ACK_LINK_TTL = 90 * 86400.0
 """A link in a mailbox stays usable that long at most: past it, the alert is old news."""
 MIN_ACK_SECRET_BYTES = 32
@@ -177,7 +183,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -185,8 +197,14 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number, not {raw!r}") from None
+    # float() takes "nan" and "inf": neither is a duration (a NaN passes every
+    # comparison below and would reach asyncio's timers)
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise ConfigurationError(f"{name} must be at least {minimum}, not {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name} must be at most {maximum}, not {value}")
     return value
 
 
@@ -328,6 +346,10 @@ class Settings:
     max_attempts: int = 5
     lease_seconds: float = 30.0
     poll_interval: float = 1.0
+    linger: float = DEFAULT_LINGER_SECONDS
+    """Seconds a dispatcher whose claim found some messages, but not a full batch,
+    waits before it claims again, instead of going to sleep on LISTEN (0: claims
+    again at once, and sleeps once a claim finds nothing)."""
     rate_limits: Mapping[str, RateLimit] = field(
         default_factory=lambda: parse_rate_limits(DEFAULT_RATE_LIMITS)
     )
@@ -513,6 +535,7 @@ class Settings:
             max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 5, 1),
             lease_seconds=_float(env, "OUTBOX_LEASE_SECONDS", 30.0, 1.0),
             poll_interval=_float(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
+            linger=_float(env, "OUTBOX_LINGER_SECONDS", DEFAULT_LINGER_SECONDS, 0.0, 1.0),
             rate_limits=parse_rate_limits(get("OUTBOX_RATE_LIMITS") or DEFAULT_RATE_LIMITS),
             dispatcher_id=get("OUTBOX_DISPATCHER_ID") or None,
             listen=_switch(env, "OUTBOX_LISTEN", True),
