@@ -14,7 +14,13 @@ and once with one running (``--dispatchers 0,1``):
   channel check, its wakeup of a sleeping dispatcher, ``outbox.message``'s own
   constraints and indexes);
 - ``naive`` (only with ``--variants``): ``enqueue`` plus a ``pg_notify`` in every
-  transaction, the wakeup the design rejects (NOTIFY takes a global lock at commit).
+  transaction, the wakeup the design rejects (NOTIFY takes a global lock at commit);
+- ``plain_consumed`` (only with ``--variants``): ``plain_insert`` while a bare
+  consumer process deletes what it inserts, 100 rows a statement in the claim
+  index's order (``FOR UPDATE SKIP LOCKED``), pausing 5 ms after a short batch: the
+  least any delivery does with the rows on the same cores (no recipient, no render,
+  no send, no attempt log), so ``enqueue`` with a dispatcher against it separates
+  what delivering costs the producers from what outbox adds.
 
 Variants are interleaved within each round so that noise from the shared machine
 lands on all of them alike; ratios are taken per round (same round, connections and
@@ -68,6 +74,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,7 +101,21 @@ from bench._common import (
 from outbox._migrate import VERSION_TABLE, alembic_config, upgrade
 
 USERS = 1000
-VARIANTS = ("business", "plain_insert", "enqueue", "naive")
+VARIANTS = ("business", "plain_insert", "enqueue", "naive", "plain_consumed")
+CONSUMER = """
+import sys, time
+import psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    while True:
+        deleted = conn.execute(
+            "DELETE FROM bench_message WHERE id IN (SELECT id FROM bench_message"
+            " WHERE status = 'pending' ORDER BY priority, next_attempt_at, id"
+            " LIMIT 100 FOR UPDATE SKIP LOCKED)"
+        ).rowcount
+        if deleted < 100:
+            time.sleep(0.005)
+"""
+"""``plain_consumed``'s consumer: the least a delivery does with the rows."""
 GOAL = 0.95  # enqueue / plain insert at 32 connections with a dispatcher (issue 18)
 BUSINESS = """\\set uid random(1, {users})
 \\set px random(100000, 200000)
@@ -284,6 +305,7 @@ def scripts(folder: Path) -> dict[str, Path]:
         "plain_insert": BUSINESS.format(users=USERS, extra=PLAIN_INSERT),
         "enqueue": BUSINESS.format(users=USERS, extra=ENQUEUE),
         "naive": BUSINESS.format(users=USERS, extra=ENQUEUE + NOTIFY),
+        "plain_consumed": BUSINESS.format(users=USERS, extra=PLAIN_INSERT),
     }
     paths = {}
     for name, text in texts.items():
@@ -543,7 +565,17 @@ def run(args: argparse.Namespace) -> dict[Run, list[float]]:
                                 "outbox.attempt",
                                 "outbox.sleeper",
                             )
-                            tps = pgbench(url, paths[variant], clients, args.seconds)
+                            consumer = (
+                                subprocess.Popen([sys.executable, "-c", CONSUMER, url])
+                                if variant == "plain_consumed"
+                                else None
+                            )
+                            try:
+                                tps = pgbench(url, paths[variant], clients, args.seconds)
+                            finally:
+                                if consumer is not None:
+                                    consumer.terminate()
+                                    consumer.wait(30)
                             rates.setdefault((variant, clients, count), []).append(tps)
                             print(
                                 f"  round {round_}: {count} dispatcher(s) {variant:12s}"
@@ -895,6 +927,7 @@ def goal_line(rates: dict[Run, list[float]]) -> tuple[str, Target | None]:
 def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, list[float]]]:
     """Business, plain insert and enqueue, with and without a dispatcher."""
     rates = run(args)
+    bases = [b for b in ("business", "plain_insert", "plain_consumed") if b in args.variant_list]
     rows = []
     for count in args.dispatcher_counts:
         for clients in sorted({c for _, c, _ in rates}):
@@ -902,11 +935,11 @@ def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, 
                 key = (variant, clients, count)
                 rate = summarize(rates[key])
                 cells: list[object] = [variant, clients, count, rate.cell(), f"{rate.spread:.0%}"]
-                for base in ("business", "plain_insert"):
+                for base in bases:
                     if (
                         variant == base
                         or variant == "business"
-                        or (base == "plain_insert" and variant != "enqueue" and variant != "naive")
+                        or (base != "business" and variant not in ("enqueue", "naive"))
                         or (base, clients, count) not in rates
                     ):
                         cells += ["", ""]
@@ -925,10 +958,11 @@ def dispatch_section(args: argparse.Namespace) -> tuple[list[Target], dict[str, 
                 "dispatchers",
                 "tps median (min..max)",
                 "spread",
-                "/ business",
-                "per round",
-                "/ plain insert",
-                "per round",
+                *(
+                    column
+                    for base in bases
+                    for column in (f"/ {base.replace('_', ' ')}", "per round")
+                ),
             ],
             rows,
             "Producer transactions (ratios: median of the per-round ratios)",
