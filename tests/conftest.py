@@ -146,3 +146,22 @@ def admin(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection for looking at and arranging the database."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture(autouse=True)
+def _outbox_logging_undone() -> Iterator[None]:
+    """A test that runs a CLI command in-process leaves outbox's log set-up behind: a
+    root handler whose writer thread holds the stream pytest captured for that test.
+    Undo it after the test, or later tests' records reach a closed stream."""
+    yield
+    import logging
+
+    from outbox import _logging
+
+    if _logging._listener is None:
+        return
+    _logging.stop_logging()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _logging.DroppingQueueHandler):
+            root.removeHandler(handler)
