@@ -30,11 +30,13 @@ without this path it waited for a batch of campaign acknowledgements to free roo
 for the next regular claim, and then rode in it with a batch of campaign rows
 whose claim grows slower as the campaign drains (``bench/RESULTS.md``, "flood").
 
-Durability: a claim commits without waiting for the WAL flush (``claim_batch``
-sets ``synchronous_commit`` off): a claim lost in a crash only returns its
-messages to pending, and since the WAL is flushed in order, no acknowledgement
-can be durable while the claim it depends on is not. It saves a disk flush on the
-way from commit to send (the pickup latency) and per claimed batch.
+Durability: a claim commits with the WAL flush before anything of it is sent. It
+used to commit without (``synchronous_commit`` off, a flush less on the pickup
+path): a claim lost in a PostgreSQL crash then put messages its dispatcher had
+already sent back to pending, and ``outbox.cancel`` withdrew such a message and
+answered true, a cancel that was not one (the chaos test caught it: the send
+happened 0.1 s after the crash, under a claim the crash had lost). The sleeper
+row still skips the flush: it is soft state, worthless after a crash.
 """
 
 from __future__ import annotations

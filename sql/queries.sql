@@ -193,11 +193,11 @@ SELECT outbox.purge_dead(CAST(%(older_than)s AS interval))
 -- transactional lane's (below 100) and %(expired_limit)s 0, so that its `due`
 -- select stops before the campaign's part of the index and its dead entries; a busy
 -- dispatcher's regular claim the campaign's (from 100), an idle one's every smallint.
-WITH async_commit AS (
-    -- like SET LOCAL: this claim's commit does not wait for the WAL flush (a claim
-    -- lost in a crash returns its messages to pending; see dispatcher/_dispatcher.py)
-    SELECT set_config('synchronous_commit', 'off', true)
-), paused AS (
+-- The claim commits with the session's synchronous_commit (on by default), not
+-- without the WAL flush: a claim lost in a crash would put messages its dispatcher
+-- already sent back to pending, where outbox.cancel withdraws them and says so
+-- (see dispatcher/_dispatcher.py, "Durability").
+WITH paused AS (
     -- channels whose circuit breaker is open
     SELECT coalesce(array_agg(channel), '{}') AS channels
       FROM outbox.channel_state WHERE paused_until > now()
@@ -266,7 +266,6 @@ SELECT c.id, c.lane, c.priority, c.channel, c.user_id, c.template,
   FROM claimed c
  -- OFFSET 0: the text is built once per row, not once per use
  CROSS JOIN LATERAL (SELECT CAST(c.vars AS text) AS text OFFSET 0) v
- CROSS JOIN async_commit
   LEFT JOIN outbox.recipient r ON r.user_id = c.user_id
 
 -- _recipient_columns --
