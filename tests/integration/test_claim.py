@@ -296,6 +296,8 @@ def test_the_urgent_claim_stops_before_the_campaigns_dead_index_entries(
     regular = claim_index_blocks(32768)
     # a few blocks: the index's root and the leaf with the one transactional entry
     # (PostgreSQL 15 reads 3, 18 reads 9); the regular claim reads the dead entries
-    # too (65 and 43 blocks there)
+    # too (65 and 43 blocks there while claims committed without the WAL flush; 33 on
+    # PostgreSQL 18 since they commit with it: hint bits wait for a commit's flush,
+    # so scans now mark more of the dead entries)
     assert urgent <= 12, urgent
-    assert regular > 4 * urgent, (regular, urgent)
+    assert regular >= 3 * urgent, (regular, urgent)
