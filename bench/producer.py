@@ -317,9 +317,9 @@ def scripts(folder: Path) -> dict[str, Path]:
 _TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
 
 
-def pgbench(url: str, script: Path, clients: int, seconds: float) -> float:
-    """Committed transactions per second."""
-    command = [
+def pgbench_command(url: str, script: Path, clients: int, seconds: float, *extra: str) -> list[str]:
+    """pgbench running ``script`` over ``clients`` prepared connections for ``seconds``."""
+    return [
         "pgbench",
         "-n",
         "-M",
@@ -330,10 +330,16 @@ def pgbench(url: str, script: Path, clients: int, seconds: float) -> float:
         str(clients),
         "-j",
         str(min(clients, 2)),
+        *extra,
         "-T",
         str(max(1, round(seconds))),
         url,
     ]
+
+
+def pgbench(url: str, script: Path, clients: int, seconds: float) -> float:
+    """Committed transactions per second."""
+    command = pgbench_command(url, script, clients, seconds)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = _TPS.search(done.stdout)
     if done.returncode != 0 or not found:
@@ -422,23 +428,9 @@ class RateRun:
 def paced_enqueue(url: str, script: Path, args: argparse.Namespace) -> RateRun:
     """``--linger-rate`` enqueue transactions per second for ``--seconds`` (pgbench
     ``-R``): their latency, and the NOTIFYs their commits sent per transaction."""
-    command = [
-        "pgbench",
-        "-n",
-        "-M",
-        "prepared",
-        "-f",
-        str(script),
-        "-c",
-        str(args.linger_clients),
-        "-j",
-        str(min(args.linger_clients, 2)),
-        "-R",
-        str(args.linger_rate),
-        "-T",
-        str(max(1, round(args.seconds))),
-        url,
-    ]
+    command = pgbench_command(
+        url, script, args.linger_clients, args.seconds, "-R", str(args.linger_rate)
+    )
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute("LISTEN outbox_wakeup")
         done = subprocess.run(command, capture_output=True, text=True, check=False)
